@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` (main job) and `make test` (whole suite).
+PYTHON ?= python3.11
+VENV ?= .venv
+WORKDIR ?= /tmp/realm_jax_demo
+SIZE ?= tiny
+BIN := $(VENV)/bin
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m realm_jax.main --mode=demo \
+	  --config=experiments/realm_facts.py:size=$(SIZE) --workdir=$(WORKDIR)
+
+test: venv
+	$(BIN)/python -m pytest -q -n 2 tests
+
+bench: venv
+	$(BIN)/python benchmarks/train_step.py --config=experiments/realm_facts.py:size=$(SIZE)
+
+clean:
+	rm -rf $(VENV) $(WORKDIR)

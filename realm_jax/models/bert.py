@@ -1,0 +1,193 @@
+"""A BERT encoder in Flax with HF-compatible parameter names.
+
+Parameter paths follow Hugging Face's Flax BERT (`embeddings/word_embeddings/embedding`,
+`encoder/layer/0/attention/self/query/kernel`, ...), so `bert-base-uncased`-style weights map
+onto it one to one. Compute dtype is configurable (bf16 or float32); parameters stay float32.
+Attention goes through `jax.nn.dot_product_attention`, which picks a fused kernel where one
+applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Named model sizes (hidden, layers, heads, intermediate); BERT's own shapes from `small` up.
+SIZES = {
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+    "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Shapes and numerics of one BERT tower."""
+
+  vocab_size: int
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  dtype: Any = jnp.float32  # compute dtype; parameters are always float32
+  remat: bool = False  # rematerialize each layer in the backward pass
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"model.hidden_size={self.hidden_size} is not divisible by "
+          f"model.num_heads={self.num_heads}")
+
+
+def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(
+      features,
+      dtype=config.dtype,
+      kernel_init=nn.initializers.normal(config.initializer_range),
+      name=name)
+
+
+def _layer_norm(config: BertConfig, name: str = "LayerNorm") -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, name=name)
+
+
+class BertEmbeddings(nn.Module):
+  """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+  config: BertConfig
+
+  def setup(self):
+    init = nn.initializers.normal(self.config.initializer_range)
+    self.word_embeddings = nn.Embed(
+        self.config.vocab_size, self.config.hidden_size, embedding_init=init,
+        dtype=self.config.dtype)
+    self.position_embeddings = nn.Embed(
+        self.config.max_position_embeddings, self.config.hidden_size,
+        embedding_init=init, dtype=self.config.dtype)
+    self.token_type_embeddings = nn.Embed(
+        self.config.type_vocab_size, self.config.hidden_size, embedding_init=init,
+        dtype=self.config.dtype)
+    self.LayerNorm = _layer_norm(self.config)  # pylint: disable=invalid-name
+    self.dropout = nn.Dropout(self.config.dropout_rate)
+
+  def __call__(self, token_ids, segment_ids, deterministic: bool):
+    # token_ids, segment_ids: [B, T] int32
+    positions = jnp.arange(token_ids.shape[-1])[None, :]
+    x = (self.word_embeddings(token_ids) + self.position_embeddings(positions) +
+         self.token_type_embeddings(segment_ids))
+    return self.dropout(self.LayerNorm(x), deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head self-attention (HF names: query, key, value)."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask):
+    # x: [B, T, H]; attention_mask: [B, T] bool (True = real token)
+    heads = self.config.num_heads
+    head_dim = self.config.hidden_size // heads
+    split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim))  # [B, T, N, D]
+    q = split(_dense(self.config, self.config.hidden_size, "query")(x))
+    k = split(_dense(self.config, self.config.hidden_size, "key")(x))
+    v = split(_dense(self.config, self.config.hidden_size, "value")(x))
+    mask = attention_mask[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+    return out.reshape(out.shape[:-2] + (self.config.hidden_size,))
+
+
+class BertResidualOutput(nn.Module):
+  """Dense, dropout, residual add and LayerNorm (HF's `*Output` blocks)."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, residual, deterministic: bool):
+    x = _dense(self.config, self.config.hidden_size, "dense")(x)
+    x = nn.Dropout(self.config.dropout_rate)(x, deterministic=deterministic)
+    return _layer_norm(self.config)(x + residual)
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    attended = BertSelfAttention(self.config, name="self")(x, attention_mask)
+    return BertResidualOutput(self.config, name="output")(attended, x, deterministic)
+
+
+class BertIntermediate(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    x = _dense(self.config, self.config.intermediate_size, "dense")(x)
+    return nn.gelu(x, approximate=False)
+
+
+class BertLayer(nn.Module):
+  """One transformer block: attention, then the feed-forward network."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    x = BertAttention(self.config, name="attention")(x, attention_mask, deterministic)
+    h = BertIntermediate(self.config, name="intermediate")(x)
+    return BertResidualOutput(self.config, name="output")(h, x, deterministic)
+
+
+class BertLayerStack(nn.Module):
+  """The layers, named "0", "1", ... as in HF (`encoder/layer/<i>`)."""
+
+  config: BertConfig
+
+  def setup(self):
+    # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
+    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
+    self.layers = [layer_cls(self.config, name=str(i)) for i in range(self.config.num_layers)]
+
+  def __call__(self, x, attention_mask, deterministic: bool):
+    for layer in self.layers:
+      x = layer(x, attention_mask, deterministic)
+    return x
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, attention_mask, deterministic: bool):
+    return BertLayerStack(self.config, name="layer")(x, attention_mask, deterministic)
+
+
+class BertModel(nn.Module):
+  """BERT without pooler: token ids -> hidden states [B, T, H]."""
+
+  config: BertConfig
+
+  def setup(self):
+    self.embeddings = BertEmbeddings(self.config)
+    self.encoder = BertEncoder(self.config)
+
+  def __call__(self, token_ids, segment_ids, attention_mask, deterministic: bool = True):
+    # token_ids, segment_ids: [B, T] int32; attention_mask: [B, T] bool
+    x = self.embeddings(token_ids, segment_ids, deterministic)
+    return self.encoder(x, attention_mask, deterministic)
+
+  def attend_word_embeddings(self, x):
+    """Logits against the (tied) word embedding table: [..., H] -> [..., V]."""
+    return self.embeddings.word_embeddings.attend(x)
