@@ -68,3 +68,27 @@ def describe(mesh: Mesh) -> str:
   return (f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
           f"[{jax.devices()[0].platform}], this process {jax.process_index()} with "
           f"{jax.local_device_count()} local; mesh {dict(mesh.shape)}")
+
+
+def shard_batch_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Like `shard_batch`, for arrays every process holds in full (e.g. corpus rows)."""
+  sharding = batch_sharded(mesh)
+  return {name: jax.make_array_from_callback(value.shape, sharding,
+                                             lambda index, v=value: v[index])
+          for name, value in batch.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole (global) array on this host, gathering from other processes if needed."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order (the inverse of `shard_batch`)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)], axis=0)

@@ -1,0 +1,104 @@
+"""Config helpers shared by the experiment files, and start-up validation of a whole config.
+
+Every check raises `ConfigError` naming the offending field, so a bad value fails in the first
+second of a job instead of an hour into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from realm_jax.models import bert
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses big_vision-style `get_config` args: "size=tiny,foo=1" (a bare "tiny" = size)."""
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    if not sep:
+      key, value = "size", key
+    if key not in out:
+      raise ConfigError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(out)}")
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def check_choice(field: str, value: Any, choices) -> Any:
+  if value not in choices:
+    raise ConfigError(f"{field}={value!r} is not one of {sorted(choices)}")
+  return value
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """Model fields for a named BERT size (tiny .. large)."""
+  check_choice("model.size", size, bert.SIZES)
+  return ml_collections.ConfigDict(dict(
+      size=size,
+      **bert.SIZES[size],
+      max_position_embeddings=512,
+      embed_dim=128,  # retrieval embedding size (REALM/ORQA: 128)
+      share_embedders=True,  # one embedder for queries and documents
+      dropout_rate=0.0 if size == "tiny" else 0.1,
+      dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
+      remat=False,
+  ))
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, num_data_shards: int,
+             process_count: int = 1) -> None:
+  """Checks a resolved config against itself and the device layout."""
+  check_choice("objective", config.objective, ("realm", "ict"))
+  check_choice("model.size", config.model.size, bert.SIZES)
+  check_choice("model.dtype", config.model.dtype, ("float32", "bfloat16"))
+  _require(config.model.hidden_size % config.model.num_heads == 0,
+           f"model.hidden_size={config.model.hidden_size} is not divisible by "
+           f"model.num_heads={config.model.num_heads}")
+  check_choice("data.masking", config.data.masking, ("salient", "random"))
+  check_choice("loss.marginalization", config.loss.marginalization, ("token", "span"))
+  if config.data.corpus != "facts":  # a prebuilt corpus must already be there
+    _require(bool(config.data.corpus_dir) and epath.Path(config.data.corpus_dir).exists(),
+             f"data.corpus_dir={config.data.corpus_dir!r} does not exist (data.corpus="
+             f"{config.data.corpus!r} is read from a built corpus folder)")
+  if config.data.vocab_file and not epath.Path(config.data.vocab_file).exists():
+    raise ConfigError(f"data.vocab_file={config.data.vocab_file!r} does not exist")
+  _require(config.data.doc_len + config.data.query_len <= config.model.max_position_embeddings,
+           f"data.doc_len + data.query_len = {config.data.doc_len + config.data.query_len} "
+           f"exceeds model.max_position_embeddings={config.model.max_position_embeddings}")
+  _require(1 <= config.data.max_masked < config.data.query_len,
+           f"data.max_masked={config.data.max_masked} must be in [1, data.query_len)")
+  if config.objective == "realm" and config.retrieval.enabled:
+    _require(config.retrieval.k >= 2,
+             f"retrieval.k={config.retrieval.k}: REALM needs k >= 2 (the null document plus "
+             "at least one retrieved document); use retrieval.enabled=False for no retrieval")
+    _require(config.retrieval.refresh_every >= 1,
+             f"retrieval.refresh_every={config.retrieval.refresh_every} must be >= 1")
+  _require(config.retrieval.margin >= 1,
+           f"retrieval.margin={config.retrieval.margin} must be >= 1 (the source document "
+           "is dropped from every query's results)")
+  batches = {"train.batch_size": config.train.batch_size, "eval.batch_size": config.eval.batch_size}
+  if config.objective == "ict":
+    batches["ict.batch_size"] = config.ict.batch_size
+  for field, size in batches.items():
+    _require(size >= 1 and size % num_data_shards == 0,
+             f"{field}={size} is not divisible by the {num_data_shards} data-parallel "
+             "devices of the mesh")
+    _require(size % process_count == 0,
+             f"{field}={size} is not divisible by the {process_count} processes")
+  _require(config.train.num_steps >= 0, f"train.num_steps={config.train.num_steps} < 0")
+  _require(config.train.checkpoint_every >= 1,
+           f"train.checkpoint_every={config.train.checkpoint_every} must be >= 1")
+  if config.train.init_from and not epath.Path(config.train.init_from).exists():
+    raise ConfigError(f"train.init_from={config.train.init_from!r} does not exist")

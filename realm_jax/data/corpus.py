@@ -1,0 +1,232 @@
+"""Tokenized document blocks with random access by doc id, saved as memory-mappable .npy files.
+
+Row i of every per-doc array is doc id i; one extra final row is the null document
+(`null_id == num_docs`). Retriever blocks are `[CLS] title [SEP] body [SEP]` (segments 0 then 1);
+reader blocks drop the title, `body [SEP]`, since the reader input is
+`[CLS] query [SEP] body [SEP]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+import tokenizers
+from etils import epath
+
+from realm_jax.data.tokenizer import SpecialIds, special_ids
+
+FORMAT_VERSION = 1
+METADATA_FILENAME = "corpus.json"
+_ARRAY_NAMES = (
+    "retriever_tokens", "retriever_segments", "reader_tokens", "reader_lengths",
+    "sentence_token_ids", "sentence_offsets", "doc_sentence_offsets", "title_token_ids",
+    "title_offsets",
+)
+
+
+class TitledDoc(Protocol):
+  """Anything with a title and body sentences (e.g. facts_corpus.Doc)."""
+
+  title: str
+  sentences: Sequence[str]
+
+
+@dataclasses.dataclass
+class BlockCorpus:
+  """Token arrays of N documents plus the null document (last row)."""
+
+  retriever_tokens: np.ndarray  # [N+1, doc_len] int32, [CLS] title [SEP] body [SEP] + pad
+  retriever_segments: np.ndarray  # [N+1, doc_len] int32, 0 title part, 1 body part, 0 pad
+  reader_tokens: np.ndarray  # [N+1, body_len] int32, body [SEP] + pad
+  reader_lengths: np.ndarray  # [N+1] int32, non-pad tokens of reader_tokens rows
+  sentence_token_ids: np.ndarray  # [S_total] int32, untruncated wordpieces of all body sentences
+  sentence_offsets: np.ndarray  # [S+1] int64, sentence j is sentence_token_ids[o[j]:o[j+1]]
+  doc_sentence_offsets: np.ndarray  # [N+1] int64, doc i owns sentences o[i]..o[i+1]-1
+  title_token_ids: np.ndarray  # [T_total] int32, untruncated wordpieces of all titles
+  title_offsets: np.ndarray  # [N+1] int64, doc i's title is title_token_ids[o[i]:o[i+1]]
+  titles: list[str]  # [N]
+  vocab_size: int
+  special: SpecialIds
+
+  @property
+  def num_docs(self) -> int:
+    return len(self.titles)
+
+  @property
+  def null_id(self) -> int:
+    return self.num_docs
+
+  @property
+  def doc_len(self) -> int:
+    return self.retriever_tokens.shape[1]
+
+  @property
+  def body_len(self) -> int:
+    return self.reader_tokens.shape[1]
+
+  def sentence_counts(self) -> np.ndarray:
+    """Body sentences per doc: [N] int64."""
+    return np.diff(self.doc_sentence_offsets)
+
+  def title_ids(self, doc_id: int) -> np.ndarray:
+    """Untruncated title wordpieces of one doc: [T] int32."""
+    return self.title_token_ids[self.title_offsets[doc_id]:self.title_offsets[doc_id + 1]]
+
+  def sentence_ids(self, doc_id: int) -> list[np.ndarray]:
+    """Untruncated wordpieces of each body sentence of one doc."""
+    first, last = self.doc_sentence_offsets[doc_id], self.doc_sentence_offsets[doc_id + 1]
+    bounds = self.sentence_offsets[first:last + 1]
+    return [self.sentence_token_ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def pack_block(
+    title_ids: np.ndarray, body_ids: np.ndarray, doc_len: int, special: SpecialIds
+) -> tuple[np.ndarray, np.ndarray]:
+  """`[CLS] title [SEP] body [SEP]` padded to doc_len, title cut to doc_len // 4, body to fit.
+
+  Returns tokens and segments, each [doc_len] int32.
+  """
+  title = title_ids[:doc_len // 4]
+  body = body_ids[:doc_len - 3 - len(title)]
+  tokens = np.full(doc_len, special.pad, np.int32)
+  segments = np.zeros(doc_len, np.int32)
+  packed = np.concatenate([[special.cls], title, [special.sep], body, [special.sep]])
+  tokens[:len(packed)] = packed
+  segments[len(title) + 2:len(packed)] = 1
+  return tokens, segments
+
+
+def _offsets(lengths: Sequence[int]) -> np.ndarray:
+  """Exclusive prefix sums: [len(lengths) + 1] int64."""
+  return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def _flat_ids(encodings: Sequence[tokenizers.Encoding]) -> np.ndarray:
+  """All encodings' ids back to back: [sum of lengths] int32."""
+  return np.fromiter((i for e in encodings for i in e.ids), np.int32)
+
+
+def build_block_corpus(
+    docs: Sequence[TitledDoc], tokenizer: tokenizers.Tokenizer, doc_len: int,
+    body_len: int | None = None,
+) -> BlockCorpus:
+  """Tokenizes docs (row i = docs[i]) into blocks; body_len defaults to doc_len - 2.
+
+  The reader body is cut to body_len - 1 wordpieces on its own, so it can keep more of the body
+  than the retriever block, which also holds the title.
+  """
+  body_len = doc_len - 2 if body_len is None else body_len
+  if doc_len < 3 or body_len < 1:
+    raise ValueError(f"Need doc_len >= 3 and body_len >= 1, got {doc_len=}, {body_len=}.")
+  special = special_ids(tokenizer)
+  titles = [doc.title for doc in docs]
+  sentences = [s for doc in docs for s in doc.sentences]
+  title_encodings = tokenizer.encode_batch(titles, add_special_tokens=False)
+  sentence_encodings = tokenizer.encode_batch(sentences, add_special_tokens=False)
+  title_offsets = _offsets([len(e.ids) for e in title_encodings])
+  title_token_ids = _flat_ids(title_encodings)
+  sentence_offsets = _offsets([len(e.ids) for e in sentence_encodings])
+  sentence_token_ids = _flat_ids(sentence_encodings)
+  doc_sentence_offsets = _offsets([len(doc.sentences) for doc in docs])
+
+  num_rows = len(docs) + 1  # the null document is the last row
+  retriever_tokens = np.full((num_rows, doc_len), special.pad, np.int32)
+  retriever_segments = np.zeros((num_rows, doc_len), np.int32)
+  reader_tokens = np.full((num_rows, body_len), special.pad, np.int32)
+  reader_lengths = np.zeros(num_rows, np.int32)
+  empty = np.zeros(0, np.int32)
+  for row in range(num_rows):
+    if row < len(docs):
+      title = title_token_ids[title_offsets[row]:title_offsets[row + 1]]
+      body_start = sentence_offsets[doc_sentence_offsets[row]]
+      body_end = sentence_offsets[doc_sentence_offsets[row + 1]]
+      body = sentence_token_ids[body_start:body_end]
+    else:
+      title, body = empty, empty
+    retriever_tokens[row], retriever_segments[row] = pack_block(title, body, doc_len, special)
+    reader_body = np.append(body[:body_len - 1], special.sep)
+    reader_tokens[row, :len(reader_body)] = reader_body
+    reader_lengths[row] = len(reader_body)
+
+  return BlockCorpus(
+      retriever_tokens=retriever_tokens, retriever_segments=retriever_segments,
+      reader_tokens=reader_tokens, reader_lengths=reader_lengths,
+      sentence_token_ids=sentence_token_ids, sentence_offsets=sentence_offsets,
+      doc_sentence_offsets=doc_sentence_offsets, title_token_ids=title_token_ids,
+      title_offsets=title_offsets, titles=titles, vocab_size=tokenizer.get_vocab_size(),
+      special=special)
+
+
+def save_block_corpus(corpus: BlockCorpus, directory: epath.PathLike) -> None:
+  """Writes the .npy arrays, then corpus.json, into a tmp dir and renames it to directory."""
+  directory = epath.Path(directory)
+  if directory.exists():
+    raise FileExistsError(f"Corpus directory already exists: {os.fspath(directory)}")
+  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
+  tmp.mkdir(parents=True)
+  for name in _ARRAY_NAMES:
+    with (tmp / f"{name}.npy").open("wb") as f:
+      np.save(f, np.asarray(getattr(corpus, name)))
+  metadata = dict(
+      format_version=FORMAT_VERSION, num_docs=corpus.num_docs, doc_len=corpus.doc_len,
+      body_len=corpus.body_len, vocab_size=corpus.vocab_size,
+      special=dataclasses.asdict(corpus.special), titles=corpus.titles)
+  (tmp / METADATA_FILENAME).write_text(json.dumps(metadata))
+  tmp.rename(directory)
+
+
+def _load_array(path: epath.Path, mmap: bool) -> np.ndarray:
+  """np.load, memory-mapped when asked and the file is local."""
+  if not path.exists():
+    raise FileNotFoundError(f"Corpus array file not found: {os.fspath(path)}")
+  if mmap and "://" not in os.fspath(path):
+    return np.load(os.fspath(path), mmap_mode="r")
+  with path.open("rb") as f:
+    return np.load(f)
+
+
+def load_block_corpus(directory: epath.PathLike, mmap: bool = True) -> BlockCorpus:
+  """Loads a corpus written by save_block_corpus, checking its format and array shapes."""
+  directory = epath.Path(directory)
+  metadata_file = directory / METADATA_FILENAME
+  if not directory.is_dir():
+    raise FileNotFoundError(f"Corpus directory not found: {os.fspath(directory)}")
+  if not metadata_file.exists():
+    raise FileNotFoundError(
+        f"Corpus metadata not found (incomplete corpus?): {os.fspath(metadata_file)}")
+  metadata = json.loads(metadata_file.read_text())
+  if metadata.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{os.fspath(metadata_file)}: format_version "
+                     f"{metadata.get('format_version')}, expected {FORMAT_VERSION}.")
+  arrays = {name: _load_array(directory / f"{name}.npy", mmap) for name in _ARRAY_NAMES}
+  corpus = BlockCorpus(**arrays, titles=metadata["titles"], vocab_size=metadata["vocab_size"],
+                       special=SpecialIds(**metadata["special"]))
+  num_rows = metadata["num_docs"] + 1
+  expected_shapes = dict(retriever_tokens=(num_rows, metadata["doc_len"]),
+                         retriever_segments=(num_rows, metadata["doc_len"]),
+                         reader_tokens=(num_rows, metadata["body_len"]), reader_lengths=(num_rows,),
+                         doc_sentence_offsets=(num_rows,), title_offsets=(num_rows,))
+  for name, shape in expected_shapes.items():
+    if arrays[name].shape != shape:
+      raise ValueError(f"{os.fspath(directory)}: {name} has shape {arrays[name].shape}, "
+                       f"corpus.json implies {shape}.")
+  return corpus
+
+
+def gather_candidates(corpus: BlockCorpus, ids: np.ndarray) -> dict[str, np.ndarray]:
+  """Candidate rows: ids [B, k] -> retriever_* [B, k, doc_len], reader_tokens [B, k, body_len]."""
+  ids = np.asarray(ids)
+  if ids.size and (ids.min() < 0 or ids.max() > corpus.null_id):
+    raise ValueError(
+        f"Candidate ids must lie in [0, {corpus.null_id}], got [{ids.min()}, {ids.max()}].")
+  return dict(
+      retriever_tokens=np.asarray(corpus.retriever_tokens[ids]),
+      retriever_segments=np.asarray(corpus.retriever_segments[ids]),
+      reader_tokens=np.asarray(corpus.reader_tokens[ids]),
+  )

@@ -1,0 +1,238 @@
+"""A generated world of fictional people whose masked facts only retrieval can recover.
+
+Every entity has one *profile* document stating its four attributes. *Mention* documents
+restate single facts in other words; each mention sentence is a query whose salient span is the
+attribute value, answerable from the entity's profile (the gold document) and not from the
+sentence itself. Queries are split by entity, so eval facts are never seen in training queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import numpy as np
+
+ATTRIBUTES = ("birthplace", "birth_year", "occupation", "instrument")
+
+OCCUPATIONS = (
+    "baker", "pilot", "farmer", "teacher", "doctor", "nurse", "lawyer", "carpenter", "plumber",
+    "tailor", "butcher", "painter", "sculptor", "architect", "engineer", "chemist", "dentist",
+    "pharmacist", "librarian", "journalist", "photographer", "fisherman", "blacksmith", "potter",
+    "jeweler", "surgeon", "astronomer", "geologist", "banker", "accountant",
+)
+INSTRUMENTS = (
+    "violin", "cello", "flute", "drum", "trumpet", "harp", "piano", "guitar", "clarinet", "oboe",
+    "saxophone", "trombone", "banjo", "accordion", "harmonica", "mandolin", "tuba", "bassoon",
+    "ukulele", "xylophone", "bagpipe", "sitar", "zither", "viola",
+)
+BIRTH_YEARS = tuple(str(year) for year in range(1900, 2000))
+NUM_CITIES = 48
+
+# Fictional words are built from these syllables; cities add a place-like ending.
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
+           "kr", "st", "th", "tr", "sh")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
+_CODAS = ("", "", "n", "r", "l", "s", "m", "th")
+_CITY_ENDINGS = ("mora", "holm", "dell", "wick", "stad", "burg", "ria", "mouth")
+
+_EVENTS = ("harbor fair", "spring festival", "town meeting", "winter market", "book fair",
+           "charity dinner", "river parade", "science fair", "garden show", "autumn gala",
+           "chess tournament", "film night")
+_NEWSPAPERS = ("Morning Herald", "Evening Courier", "Weekly Chronicle", "Daily Ledger",
+               "Sunday Gazette", "City Bulletin")
+
+# {name}: full name, {last}: last name, {a}: "a"/"an" for {value}, {event}: a filler event.
+_PROFILE_TEMPLATES = {
+    "birthplace": ("{name} was born in {value}.", "{name} is a native of {value}.",
+                   "The hometown of {name} is {value}."),
+    "birth_year": ("{name} was born in {value}.", "{name} was born in the year {value}.",
+                   "The birth year of {name} is {value}."),
+    "occupation": ("{name} works as {a} {value}.", "{last} works as {a} {value}.",
+                   "By profession, {name} is {a} {value}."),
+    "instrument": ("{name} plays the {value}.", "{last} plays the {value}.",
+                   "{name} is a skilled {value} player."),
+}
+# Mention templates word each fact differently from the profile and never start with {value}.
+_MENTION_TEMPLATES = {
+    "birthplace": ("Critics say that {name}, born in {value}, gave a fine speech at the {event}.",
+                   "At the {event}, {name} spoke fondly of {value}, the city of their birth.",
+                   "Reporters learned that {name} first saw the light of day in {value}."),
+    "birth_year": ("At the {event}, {name}, born in {value}, drew a large crowd.",
+                   "Old records from {value} note the birth of {name}.",
+                   "Guests at the {event} met {name}, who came into the world in {value}."),
+    "occupation": ("At the {event}, the {value} {name} gave a short talk.",
+                   "Everyone at the {event} knew {name} as the local {value}.",
+                   "The {value} {name} was seen at the {event}."),
+    "instrument": ("During the {event}, {name} performed a piece on the {value}.",
+                   "Neighbors often hear {name} practicing the {value}.",
+                   "At the {event}, {name} surprised everyone with a solo on the {value}."),
+}
+
+
+# Sentences about an entity that state none of its attributes (mention-doc filler).
+_FILLER_TEMPLATES = (
+    "{name} attended the {event} with friends.",
+    "Friends describe {name} as generous and kind.",
+    "{name} won a small prize at the {event}.",
+    "Many people in town know {last} well.",
+    "{name} met the mayor at the {event}.",
+    "Last year {last} moved to a bigger house.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entity:
+  """A fictional person and its four attribute values."""
+
+  entity_id: int
+  first_name: str
+  last_name: str
+  attributes: Mapping[str, str]
+
+  @property
+  def full_name(self) -> str:
+    return f"{self.first_name} {self.last_name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+  """A corpus document: a title and its body sentences."""
+
+  doc_id: int
+  title: str
+  sentences: tuple[str, ...]
+  kind: Literal["profile", "mention"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+  """A mention sentence whose attribute value (the salient span) is to be masked and predicted."""
+
+  text: str
+  span: tuple[int, int]  # [start, end) character offsets of the attribute value in text
+  source_doc_id: int  # the mention doc the sentence came from (trivial retrieval, excluded)
+  gold_doc_id: int  # the entity's profile doc
+  entity_id: int
+  attribute: str
+  split: Literal["train", "eval"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FactsCorpus:
+  """Documents (profiles at ids 0..E-1, then mentions), queries and the entities behind them."""
+
+  docs: tuple[Doc, ...]
+  queries: tuple[Query, ...]
+  entities: tuple[Entity, ...]
+  attribute_values: Mapping[str, tuple[str, ...]]  # each attribute's value vocabulary
+
+  def train_queries(self) -> tuple[Query, ...]:
+    return tuple(q for q in self.queries if q.split == "train")
+
+  def eval_queries(self) -> tuple[Query, ...]:
+    return tuple(q for q in self.queries if q.split == "eval")
+
+  def all_texts(self) -> list[str]:
+    """Every title and sentence, for training a tokenizer."""
+    return [text for doc in self.docs for text in (doc.title, *doc.sentences)]
+
+
+def _fictional_words(
+    rng: np.random.Generator, count: int, syllables: int, endings: tuple[str, ...],
+    taken: set[str],
+) -> list[str]:
+  """`count` new capitalized words that neither contain nor are contained in any `taken` word."""
+  words: list[str] = []
+  while len(words) < count:
+    parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+             + _CODAS[rng.integers(len(_CODAS))] for _ in range(syllables)]
+    word = "".join(parts) + endings[rng.integers(len(endings))]
+    if 4 <= len(word) <= 12 and not any(word in t or t in word for t in taken):
+      taken.add(word)
+      words.append(word.capitalize())
+  return words
+
+
+def _fill(template: str, value: str, **fields: str) -> tuple[str, tuple[int, int]]:
+  """Formats a template and returns the text with the character span of {value}."""
+  before, after = template.split("{value}")
+  article = "an" if value[0] in "aeiou" else "a"
+  prefix = before.format(a=article, **fields)
+  text = prefix + value + after.format(a=article, **fields)
+  return text, (len(prefix), len(prefix) + len(value))
+
+
+def generate_facts_corpus(
+    num_entities: int,
+    seed: int,
+    mentions_per_entity: int = 4,
+    sentences_per_mention_doc: int = 3,
+    eval_fraction: float = 0.2,
+) -> FactsCorpus:
+  """Generates the corpus deterministically from `seed` (see the module docstring)."""
+  if num_entities < 1 or mentions_per_entity < 1 or sentences_per_mention_doc < 1:
+    raise ValueError(
+        "num_entities, mentions_per_entity and sentences_per_mention_doc must be >= 1.")
+  if sentences_per_mention_doc > len(_FILLER_TEMPLATES) + 1:
+    raise ValueError(f"sentences_per_mention_doc must be <= {len(_FILLER_TEMPLATES) + 1}.")
+  if not 0.0 <= eval_fraction < 1.0:
+    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
+  rng = np.random.default_rng(seed)
+
+  taken = {w for w in OCCUPATIONS + INSTRUMENTS}
+  cities = tuple(_fictional_words(rng, NUM_CITIES, 1, _CITY_ENDINGS, taken))
+  num_names = math.ceil(math.sqrt(3 * num_entities))  # first and last names each; pairs are unique
+  first_names = _fictional_words(rng, num_names, 2, ("",), taken)
+  last_names = _fictional_words(rng, num_names, 2, ("",), taken)
+  values = {"birthplace": cities, "birth_year": BIRTH_YEARS, "occupation": OCCUPATIONS,
+            "instrument": INSTRUMENTS}
+
+  pairs = rng.choice(num_names * num_names, size=num_entities, replace=False)
+  entities = tuple(
+      Entity(e, first_names[p // num_names], last_names[p % num_names],
+             {a: values[a][rng.integers(len(values[a]))] for a in ATTRIBUTES})
+      for e, p in enumerate(pairs))
+
+  docs = []
+  for entity in entities:
+    fields = dict(name=entity.full_name, last=entity.last_name)
+    sentences = [
+        _fill(_PROFILE_TEMPLATES[a][rng.integers(3)], entity.attributes[a], **fields)[0]
+        for a in ATTRIBUTES]
+    docs.append(Doc(entity.entity_id, entity.full_name,
+                    tuple(sentences[i] for i in rng.permutation(len(ATTRIBUTES))), "profile"))
+
+  num_eval = round(num_entities * eval_fraction)
+  eval_entities = set(rng.permutation(num_entities)[:num_eval].tolist())
+  # Each mention doc is about one entity (as a Wikipedia block is about its topic, so ICT can
+  # learn from it): one sentence stating a single attribute, the query, plus filler sentences
+  # about the entity with no attribute value. Mention r of an entity states attribute
+  # (offset + r) mod 4, so its other mention docs never hold the answer: only the profile does.
+  attribute_offset = rng.integers(len(ATTRIBUTES), size=num_entities)
+  queries = []
+  issues = dict.fromkeys(_NEWSPAPERS, 0)
+  for round_index in range(mentions_per_entity):
+    for e in rng.permutation(num_entities).tolist():
+      doc_id = len(docs)
+      entity = entities[e]
+      attribute = ATTRIBUTES[(attribute_offset[e] + round_index) % len(ATTRIBUTES)]
+      text, span = _fill(_MENTION_TEMPLATES[attribute][rng.integers(3)],
+                         entity.attributes[attribute], name=entity.full_name,
+                         event=_EVENTS[rng.integers(len(_EVENTS))])
+      fillers = [
+          _FILLER_TEMPLATES[i].format(name=entity.full_name, last=entity.last_name,
+                                      event=_EVENTS[rng.integers(len(_EVENTS))])
+          for i in rng.choice(len(_FILLER_TEMPLATES), sentences_per_mention_doc - 1,
+                              replace=False)]
+      sentences = fillers + [text]
+      sentences = [sentences[i] for i in rng.permutation(len(sentences))]
+      queries.append(Query(text, span, doc_id, e, e, attribute,
+                           "eval" if e in eval_entities else "train"))
+      paper = _NEWSPAPERS[rng.integers(len(_NEWSPAPERS))]
+      issues[paper] += 1
+      docs.append(Doc(doc_id, f"{paper} issue {issues[paper]}", tuple(sentences), "mention"))
+
+  return FactsCorpus(tuple(docs), tuple(queries), entities, values)

@@ -1,0 +1,114 @@
+"""Builds (once) and loads everything a run reads: blocks, vocabulary and encoded queries.
+
+Layout of a prepared corpus folder (`data.corpus_dir`, default `<workdir>/corpus`):
+```
+vocab.txt            WordPiece vocabulary (trained on the corpus or copied from data.vocab_file)
+blocks/              BlockCorpus arrays (random access by doc id, memory-mapped)
+queries.npz          train_* and eval_* masked-query arrays (+ source and gold doc ids)
+build_config.json    the data config it was built from, checked on every load; written last
+```
+The folder is built in a tmp sibling and renamed into place, so a crash never leaves half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import facts_corpus
+from realm_jax.data import pipeline
+from realm_jax.data import tokenizer as tokenizer_lib
+
+BUILD_CONFIG = "build_config.json"
+# Data fields that change what is built; others (e.g. masking seed-free fields) do not.
+_BUILD_FIELDS = ("corpus", "num_entities", "corpus_seed", "vocab_size", "vocab_file", "doc_len",
+                 "query_len", "max_masked", "masking")
+
+
+@dataclasses.dataclass
+class PreparedData:
+  corpus: corpus_lib.BlockCorpus
+  train_queries: dict[str, np.ndarray]  # query_tokens, masked_*, source_ids, gold_ids: [Q, ...]
+  eval_queries: dict[str, np.ndarray]
+  directory: epath.Path
+
+  @property
+  def special(self) -> tokenizer_lib.SpecialIds:
+    return self.corpus.special
+
+
+def _build_spec(data_config: ml_collections.ConfigDict) -> dict:
+  return {field: data_config[field] for field in _BUILD_FIELDS}
+
+
+def _encode(queries, tokenizer, data_config, seed: int) -> dict[str, np.ndarray]:
+  """Masked-query arrays (query_tokens, masked_*, source_ids, gold_ids), all [Q, ...]."""
+  if data_config.masking == "salient":
+    arrays = pipeline.encode_facts_queries(queries, tokenizer, data_config.query_len,
+                                           data_config.max_masked)
+  else:  # random-token masking: the ablation of salient spans
+    arrays = pipeline.encode_random_masked_queries(
+        [q.text for q in queries], tokenizer, data_config.query_len, data_config.max_masked,
+        seed=seed, source_ids=[q.source_doc_id for q in queries],
+        gold_ids=[q.gold_doc_id for q in queries])
+  arrays = dict(arrays)
+  arrays.pop("kept")
+  arrays["query_tokens"] = arrays.pop("tokens")
+  return arrays
+
+
+def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.PathLike) -> None:
+  """Generates the facts corpus, its tokenizer, blocks and queries into `directory`."""
+  directory = epath.Path(directory)
+  start = time.time()
+  facts = facts_corpus.generate_facts_corpus(data_config.num_entities, data_config.corpus_seed)
+  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir(parents=True)
+  if data_config.vocab_file:
+    tokenizer = tokenizer_lib.load_tokenizer(data_config.vocab_file)
+    (tmp / "vocab.txt").write_text(epath.Path(data_config.vocab_file).read_text())
+  else:
+    tokenizer = tokenizer_lib.train_wordpiece(facts.all_texts(), data_config.vocab_size, tmp)
+  blocks = corpus_lib.build_block_corpus(facts.docs, tokenizer, data_config.doc_len)
+  corpus_lib.save_block_corpus(blocks, tmp / "blocks")
+  train = _encode(facts.train_queries(), tokenizer, data_config, seed=data_config.corpus_seed)
+  evaluation = _encode(facts.eval_queries(), tokenizer, data_config,
+                       seed=data_config.corpus_seed + 1)
+  np.savez(tmp / "queries.npz", **{f"train_{k}": v for k, v in train.items()},
+           **{f"eval_{k}": v for k, v in evaluation.items()})
+  (tmp / BUILD_CONFIG).write_text(json.dumps(_build_spec(data_config), indent=1))
+  tmp.rename(directory)
+  logging.info("data: built %d documents, %d train and %d eval queries, vocab %d in %s (%.1fs)",
+               blocks.num_docs, len(train["query_tokens"]), len(evaluation["query_tokens"]),
+               blocks.vocab_size, directory, time.time() - start)
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                 build: bool = True) -> PreparedData:
+  """Loads the prepared corpus, building it first when it is missing and `build` is set."""
+  data_config = config.data
+  directory = epath.Path(data_config.corpus_dir or epath.Path(workdir) / "corpus")
+  if not (directory / BUILD_CONFIG).exists():
+    if not build:
+      raise FileNotFoundError(f"no prepared corpus at {directory}")
+    build_facts_data(data_config, directory)
+  built_with = json.loads((directory / BUILD_CONFIG).read_text())
+  differing = {k: (built_with.get(k), v) for k, v in _build_spec(data_config).items()
+               if built_with.get(k) != v}
+  if differing:
+    detail = ", ".join(f"data.{k}: built {b!r}, config {c!r}" for k, (b, c) in differing.items())
+    raise ValueError(f"the corpus in {directory} was built with other settings ({detail}); "
+                     "use another workdir or data.corpus_dir")
+  blocks = corpus_lib.load_block_corpus(directory / "blocks")
+  with (directory / "queries.npz").open("rb") as f:
+    arrays = dict(np.load(f))
+  split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return PreparedData(blocks, split("train_"), split("eval_"), directory)

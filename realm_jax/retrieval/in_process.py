@@ -1,0 +1,93 @@
+"""The trainer-held index: re-embed the corpus every `refresh_every` steps, exact search.
+
+For small corpora (and this issue's demo) the trainer refreshes its own index synchronously,
+like Atlas does. Every refresh is published in the shared index format under
+`<workdir>/index/<step>/`, so a resumed run reloads the very index it was using and the
+separate index-builder job can later replace this class without changing the format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from etils import epath
+from jax.sharding import Mesh
+
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.retrieval import candidates as candidates_lib
+from realm_jax.retrieval import index_format
+from realm_jax.retrieval import searcher as searcher_lib
+from realm_jax.train import partitioning
+
+
+def embed_corpus(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
+                 batch_size: int) -> np.ndarray:
+  """Embeds every real document (not the null row): -> [num_docs, D] float32 on the host."""
+  shards = partitioning.data_parallel_size(mesh)
+  batch_size = max(shards, batch_size // shards * shards)
+  outputs = []
+  for start in range(0, corpus.num_docs, batch_size):
+    stop = min(start + batch_size, corpus.num_docs)
+    rows = np.arange(start, start + batch_size)
+    rows = np.where(rows < stop, rows, corpus.null_id)  # pad the last batch with the null row
+    tokens = np.asarray(corpus.retriever_tokens[rows])
+    segments = np.asarray(corpus.retriever_segments[rows])
+    # Every process embeds the same rows here; the builder job will slice by process.
+    device = partitioning.shard_batch_global({"t": tokens, "s": segments}, mesh)
+    emb = partitioning.to_host(embed_docs(params, device["t"], device["s"]))
+    outputs.append(emb[:stop - start])
+  return np.concatenate(outputs, axis=0)
+
+
+class InProcessIndex:
+  """Holds the current searcher and which train step its embeddings come from."""
+
+  def __init__(self, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
+               index_root: epath.PathLike, embed_batch_size: int, keep_versions: int,
+               write: bool):
+    self.corpus, self._embed_docs, self._mesh = corpus, embed_docs, mesh
+    self.root = epath.Path(index_root)
+    self._embed_batch_size, self._keep, self._write = embed_batch_size, keep_versions, write
+    self.searcher: searcher_lib.Searcher | None = None
+    self.step: int | None = None  # train step whose parameters embedded the corpus
+    self.last_refresh_seconds = 0.0
+
+  def refresh(self, params, step: int) -> None:
+    start = time.time()
+    embeddings = embed_corpus(params, self.corpus, self._embed_docs, self._mesh,
+                              self._embed_batch_size)
+    self.searcher = searcher_lib.ExactSearcher(embeddings)
+    self.step = step
+    if self._write:
+      if (self.root / str(step) / index_format.MANIFEST).exists():
+        (self.root / str(step)).rmtree()  # a re-run of this step after a resume replaces it
+      index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
+                                 extra=dict(source="in_process"))
+      index_format.prune_versions(self.root, self._keep)
+    self.last_refresh_seconds = time.time() - start
+    logging.info("index: re-embedded %d documents at step %d in %.1fs", len(embeddings), step,
+                 self.last_refresh_seconds)
+
+  def load_or_refresh(self, params, step: int, refresh_every: int) -> None:
+    """On resume: reuse the version the interrupted run was using, else re-embed now."""
+    expected = step // refresh_every * refresh_every
+    if expected in index_format.list_versions(self.root):
+      try:
+        _, self.searcher = index_format.load_index(
+            self.root, expected, expected_num_docs=self.corpus.num_docs)
+        self.step = expected
+        logging.info("index: resumed with version %d", expected)
+        return
+      except index_format.IndexError_ as e:
+        logging.warning("index: version %d unusable (%s); re-embedding", expected, e)
+    self.refresh(params, step)
+
+  def retrieve(self, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Top k - 1 real documents (source dropped) behind the null slot: ids, mask [B, k]."""
+    ids, _ = self.searcher.search(query_emb, k - 1 + margin)
+    return candidates_lib.assemble_candidates(ids, source_ids, k, self.corpus.null_id)

@@ -1,0 +1,314 @@
+"""One training loop for ICT warm start and REALM pretraining: `train_and_evaluate`.
+
+Sections, in the order they run: set-up (mesh, config checks, data, model), state (restore or
+create, warm start, step-0 checkpoint), compile (FLOPs and memory reported before step 1),
+index (REALM only), the loop (batch -> retrieve -> step -> metrics -> refresh -> checkpoint ->
+eval), and the final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from realm_jax import config_lib
+from realm_jax import objectives
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import pipeline
+from realm_jax.data import prepare
+from realm_jax.retrieval import candidates as candidates_lib
+from realm_jax.retrieval import in_process
+from realm_jax.train import checkpointing
+from realm_jax.train import metrics as metrics_lib
+from realm_jax.train import partitioning
+from realm_jax.train import state as state_lib
+from realm_jax.train import steps as steps_lib
+
+QUERY_KEYS = ("query_tokens", "masked_positions", "masked_labels", "masked_weights")
+
+
+def recall_key(k: int) -> str:
+  """Metric name of gold-document recall over the k - 1 retrieved (non-null) candidates."""
+  return f"gold_recall_at_{k - 1}"
+
+
+def _realm_device_batch(queries: dict[str, np.ndarray], corpus: corpus_lib.BlockCorpus,
+                        ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+  """Host arrays of one REALM batch: the queries plus their candidates' tokens."""
+  cands = corpus_lib.gather_candidates(corpus, ids)
+  return {**{k: queries[k] for k in QUERY_KEYS},
+          "cand_doc_tokens": cands["retriever_tokens"],
+          "cand_doc_segments": cands["retriever_segments"],
+          "cand_body_tokens": cands["reader_tokens"],
+          "cand_mask": mask}
+
+
+class Retriever:
+  """Candidates for a batch of queries: live query embedding, index search, assembly."""
+
+  def __init__(self, enabled: bool, retrieval_config, corpus, index, embed_queries, mesh):
+    self.enabled = enabled  # False: the null document alone (no-retrieval baseline)
+    self.k, self.margin = retrieval_config.k, retrieval_config.margin
+    self.corpus, self.index, self._embed_queries, self._mesh = corpus, index, embed_queries, mesh
+
+  def __call__(self, params, queries: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """-> candidate ids [B_local, k] and mask [B_local, k] for this process's queries."""
+    if not self.enabled:
+      return candidates_lib.null_only_candidates(len(queries["query_tokens"]),
+                                                 self.corpus.null_id)
+    tokens = partitioning.shard_batch({"t": queries["query_tokens"]}, self._mesh)["t"]
+    query_emb = partitioning.local_rows(self._embed_queries(params, tokens))
+    return self.index.retrieve(query_emb, queries["source_ids"], self.k, self.margin)
+
+
+def _local_slice(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+  """Rows [start, stop) of the global eval order that belong to this process."""
+  per_process = (stop - start) // jax.process_count()
+  lo = start + jax.process_index() * per_process
+  return {k: v[lo:lo + per_process] for k, v in arrays.items()}
+
+
+def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Retriever,
+                   eval_step, mesh, batch_size: int) -> dict[str, float]:
+  """Masked-span accuracy, loss, RU and gold recall@k over all held-out queries."""
+  n = len(queries["query_tokens"])
+  padded = -(-n // batch_size) * batch_size
+  # Pad to whole batches with weight-0 copies of query 0 (they count for nothing).
+  pad_rows = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
+  arrays = {k: v[pad_rows] for k, v in queries.items()}
+  arrays["masked_weights"] = arrays["masked_weights"] * (np.arange(padded) < n)[:, None]
+  arrays["gold_ids"] = np.where(np.arange(padded) < n, arrays["gold_ids"], -1)
+  totals = dict(loss=0.0, retrieval_utility=0.0, token_accuracy=0.0, span_accuracy=0.0,
+                null_doc_prob=0.0, num_tokens=0.0, num_queries=0.0)
+  hits, known = 0, 0
+  for start in range(0, padded, batch_size):
+    local = _local_slice(arrays, start, start + batch_size)
+    ids, mask = retriever(params, local)
+    out = jax.device_get(eval_step(params, partitioning.shard_batch(
+        _realm_device_batch(local, corpus, ids, mask), mesh)))
+    for name in ("loss", "retrieval_utility", "token_accuracy"):
+      totals[name] += float(out[name]) * float(out["num_tokens"])
+    totals["span_accuracy"] += float(out["span_accuracy"]) * float(out["num_queries"])
+    totals["null_doc_prob"] += float(out["null_doc_prob"]) * batch_size
+    totals["num_tokens"] += float(out["num_tokens"])
+    totals["num_queries"] += float(out["num_queries"])
+    if retriever.enabled:
+      gold = local["gold_ids"]
+      known += int((gold >= 0).sum())
+      hits += int(round(objectives.recall_at_k(np.where(mask, ids, -2)[:, 1:], gold) *
+                        max(int((gold >= 0).sum()), 1)))
+  tokens, num_queries = max(totals["num_tokens"], 1.0), max(totals["num_queries"], 1.0)
+  result = {name: totals[name] / tokens for name in ("loss", "retrieval_utility", "token_accuracy")}
+  result["span_accuracy"] = totals["span_accuracy"] / num_queries
+  result["null_doc_prob"] = totals["null_doc_prob"] / padded
+  result["num_queries"] = totals["num_queries"]
+  if retriever.enabled and known:
+    result[recall_key(retriever.k)] = hits / known
+  return result
+
+
+def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
+                 batch_size: int) -> float:
+  """Gold-document recall@(k-1) of the current index for held-out queries (retrieval only)."""
+  n = len(queries["query_tokens"])
+  padded = -(-n // batch_size) * batch_size
+  pad_rows = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
+  arrays = {k: v[pad_rows] for k, v in queries.items()}
+  arrays["gold_ids"] = np.where(np.arange(padded) < n, arrays["gold_ids"], -1)
+  hits = known = 0
+  for start in range(0, padded, batch_size):
+    local = _local_slice(arrays, start, start + batch_size)
+    ids, mask = retriever(params, local)
+    gold = local["gold_ids"]
+    found = (np.where(mask, ids, -2)[:, 1:] == gold[:, None]).any(axis=1) & (gold >= 0)
+    hits, known = hits + int(found.sum()), known + int((gold >= 0).sum())
+  return hits / max(known, 1)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path):
+  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                       max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
+  """Trains `config.objective` ("ict" or "realm") in `workdir`, resuming if it holds a run.
+
+  Args:
+    config: a resolved experiment config (see experiments/realm_facts.py).
+    workdir: the run's folder (local or gs://); checkpoints, index, metrics go under it.
+    max_steps_this_run: stop after this many steps (a preemption stand-in; the schedule still
+      follows train.num_steps, and the next call resumes).
+    devices: devices for the mesh (default: all).
+
+  Returns:
+    The final evaluation metrics (held-out queries) and the per-step history of this call.
+  """
+  # ---- Set-up: mesh, config checks, data, model ----------------------------------------
+  workdir = epath.Path(workdir)
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  config_lib.validate(config, partitioning.data_parallel_size(mesh), jax.process_count())
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(config, workdir)
+  logging.info("setup: %s", partitioning.describe(mesh))
+  data = prepare.prepare_data(config, workdir)
+  corpus = data.corpus
+  model = state_lib.build_model(config, corpus.vocab_size, corpus.special.pad)
+  is_ict = config.objective == "ict"
+  num_steps = config.ict.num_steps if is_ict else config.train.num_steps
+  batch_size = config.ict.batch_size if is_ict else config.train.batch_size
+
+  # ---- State: restore, or create (+ warm start) and save step 0 ------------------------
+  rng = jax.random.key(config.seed)
+  state_sharding = partitioning.replicated(mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=state_sharding),
+      state_lib.abstract_train_state(config, model, rng))
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+  restored = ckpt.restore(abstract)
+  if restored is not None:
+    state, data_state, start_step = restored
+    if data_state.get("step") != start_step:
+      raise ValueError(f"checkpoint {start_step} holds data state {data_state}")
+    logging.info("state: resumed from step %d", start_step)
+  else:
+    state = state_lib.create_train_state(config, model, rng)
+    if config.train.init_from and not is_ict:
+      source, source_step = checkpointing.restore_params(config.train.init_from)
+      params, copied = state_lib.warm_start_embedders(state.params, source)
+      state = state.replace(params=params)
+      logging.info("state: warm start of %s from %s (step %d)", copied, config.train.init_from,
+                   source_step)
+    state = jax.device_put(state, state_sharding)
+    start_step = 0
+    ckpt.save(0, state, {"step": 0})  # the index builder's first checkpoint
+  logging.info("state: %.2fM parameters", state_lib.count_params(state.params) / 1e6)
+
+  # ---- Compile: the step functions, with FLOPs and memory before the first step --------
+  embed_queries, embed_docs = steps_lib.make_embed_fns(model, mesh)
+  if is_ict:
+    train_step = steps_lib.make_ict_train_step(model, mesh, config.seed)
+    source = pipeline.IctBatchSource(corpus, batch_size, config.seed, config.data.query_len,
+                                     config.ict.remove_prob, jax.process_index(),
+                                     jax.process_count())
+  else:
+    train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
+                                                 config.loss.marginalization)
+    source = pipeline.BatchSource(data.train_queries, batch_size, config.seed,
+                                  jax.process_index(), jax.process_count())
+  eval_step = steps_lib.make_realm_eval_step(model, mesh, config.loss.marginalization)
+
+  # ---- Index: the trainer's own exact index (REALM with retrieval) ---------------------
+  retrieval_on = not is_ict and config.retrieval.enabled
+  index = None
+  if retrieval_on or is_ict:
+    index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
+                                      config.retrieval.embed_batch_size,
+                                      config.retrieval.keep_index_versions, write=is_main)
+  realm_retriever = Retriever(retrieval_on, config.retrieval, corpus, index, embed_queries,
+                              mesh)
+  # ICT is judged by how well its embedder retrieves gold documents for held-out queries.
+  eval_retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries,
+                             mesh)
+  writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=is_main,
+                                    phase=config.objective)
+  gold_recall = recall_key(config.retrieval.k)
+
+  def log_index_recall(step: int):
+    if index is None:
+      return
+    recall = index_recall(state.params, data.eval_queries, eval_retriever,
+                          config.eval.batch_size)
+    writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
+                 phase="index")
+    logging.info("index: version %d, held-out %s = %.3f", index.step, gold_recall, recall)
+
+  if retrieval_on and start_step < num_steps:
+    index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
+    log_index_recall(index.step)
+
+  first_batch = source.batch_at(start_step)
+  if is_ict:
+    example = partitioning.shard_batch({k: first_batch[k] for k in steps_lib.ICT_KEYS}, mesh)
+  else:
+    ids, mask = realm_retriever(state.params, first_batch)
+    example = partitioning.shard_batch(_realm_device_batch(first_batch, corpus, ids, mask), mesh)
+  compile_start = time.time()
+  report = steps_lib.compile_report(train_step, state, example)
+  logging.info("compile: %.1fs; %s", time.time() - compile_start,
+               ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
+
+  # ---- The loop ------------------------------------------------------------------------
+  stop = num_steps if max_steps_this_run is None else min(num_steps,
+                                                          start_step + max_steps_this_run)
+  progress = metrics_lib.Progress(config.objective, num_steps, start_step,
+                                  config.train.log_every)
+  history = []
+  for step in range(start_step, stop):
+    step_start = time.time()
+    batch = first_batch if step == start_step else source.batch_at(step)
+    scalars: dict[str, float] = {}
+    if is_ict:
+      device_batch = {k: batch[k] for k in steps_lib.ICT_KEYS}
+    else:
+      retrieval_start = time.time()
+      ids, mask = realm_retriever(state.params, batch)
+      scalars["retrieval_seconds"] = time.time() - retrieval_start
+      if retrieval_on:
+        scalars["index_step"] = index.step
+        scalars["staleness"] = step - index.step
+        if (batch["gold_ids"] >= 0).any():
+          scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
+              np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])
+      device_batch = _realm_device_batch(batch, corpus, ids, mask)
+    state, step_metrics = train_step(state, partitioning.shard_batch(device_batch, mesh))
+    scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
+    step_seconds = time.time() - step_start
+    scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds)
+    writer.write(step + 1, scalars)
+    history.append(dict(step=step + 1, **scalars))
+    progress.update(step, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
+                                                   "retrieval_utility") if k in scalars})
+
+    done = step + 1
+    if retrieval_on and done % config.retrieval.refresh_every == 0 and done < num_steps:
+      index.refresh(state.params, done)
+      log_index_recall(done)
+    if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
+      ckpt.save(done, state, {"step": done})
+    if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
+      writer.write(done, evaluate_realm(state.params, data.eval_queries, corpus,
+                                        realm_retriever, eval_step, mesh,
+                                        config.eval.batch_size), phase="eval")
+  writer.flush()
+  ckpt.wait()
+
+  # ---- Final evaluation ----------------------------------------------------------------
+  final: dict[str, Any] = {"step": int(jax.device_get(state.step)), "history": history,
+                           "compile": report}
+  if stop == num_steps:
+    if is_ict:
+      index.refresh(state.params, stop)
+      final[gold_recall] = index_recall(state.params, data.eval_queries, eval_retriever,
+                                       config.eval.batch_size)
+      writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
+    else:
+      if retrieval_on:
+        index.refresh(state.params, stop)
+        log_index_recall(stop)
+      final.update(evaluate_realm(state.params, data.eval_queries, corpus, realm_retriever,
+                                  eval_step, mesh, config.eval.batch_size))
+      writer.write(stop, {k: v for k, v in final.items()
+                          if isinstance(v, float)}, phase="eval")
+    logging.info("eval: %s", {k: round(v, 4) for k, v in final.items() if isinstance(v, float)})
+  writer.close()
+  ckpt.close()
+  return final

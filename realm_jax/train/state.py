@@ -1,0 +1,112 @@
+"""Model, optimizer and train state from a config.
+
+ICT trains the embedder(s) only (the encoder's updates are zeroed, so weight decay does not
+touch it either); REALM trains everything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+
+from realm_jax.models import bert
+from realm_jax.models import realm
+
+EMBEDDER_KEYS = ("embedder", "query_embedder", "doc_embedder")
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
+                ) -> realm.RealmModel:
+  m = config.model
+  bert_config = bert.BertConfig(
+      vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+      num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+      max_position_embeddings=m.max_position_embeddings, dropout_rate=m.dropout_rate,
+      dtype=jnp.dtype(m.dtype), remat=m.remat)
+  return realm.RealmModel(realm.RealmModelConfig(
+      bert=bert_config, embed_dim=m.embed_dim, share_embedders=m.share_embedders,
+      pad_id=pad_id))
+
+
+def dummy_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
+  """Smallest inputs with the config's sequence lengths, for `init`."""
+  d = config.data
+  k = 2
+  return (jnp.ones((1, d.query_len), jnp.int32), jnp.zeros((1, d.max_masked), jnp.int32),
+          jnp.ones((1, k, d.doc_len), jnp.int32), jnp.zeros((1, k, d.doc_len), jnp.int32),
+          jnp.ones((1, k, d.doc_len - 2), jnp.int32))
+
+
+def _decay_mask(params):
+  """Weight decay on kernels and embeddings, not on biases or LayerNorm scales."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict(
+      {path: path[-1] in ("kernel", "embedding") for path in flat})
+
+
+def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
+                   weight_decay: float, grad_clip_norm: float,
+                   frozen_top_level: tuple[str, ...] = ()) -> optax.GradientTransformation:
+  """AdamW with linear warmup and linear decay (BERT's schedule), global-norm clipping."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+       optax.linear_schedule(learning_rate, 0.0, max(num_steps - warmup_steps, 1))],
+      [max(warmup_steps, 1)])
+  tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm),
+                   optax.adamw(schedule, weight_decay=weight_decay, mask=_decay_mask))
+  if not frozen_top_level:
+    return tx
+  labels = lambda params: {key: "frozen" if key in frozen_top_level else "trained"
+                           for key in params}
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  t = config.train
+  if config.objective == "ict":
+    return make_optimizer(config.ict.learning_rate, config.ict.num_steps,
+                          max(1, config.ict.num_steps // 20), t.weight_decay, t.grad_clip_norm,
+                          frozen_top_level=("encoder",))
+  return make_optimizer(t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay,
+                        t.grad_clip_norm)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: realm.RealmModel,
+                       rng: jax.Array) -> train_state.TrainState:
+  params = jax.jit(model.init)(rng, *dummy_inputs(config))["params"]
+  return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                       tx=optimizer_for(config))
+
+
+def abstract_train_state(config, model, rng) -> Any:
+  """Shapes and dtypes of the train state, without allocating it (for restoring)."""
+  return jax.eval_shape(lambda r: create_train_state(config, model, r), rng)
+
+
+def warm_start_embedders(params, source_params) -> tuple[Any, list[str]]:
+  """Copies the embedder subtree(s) of `source_params` (e.g. an ICT run) into `params`."""
+  params = dict(params)
+  copied = []
+  for key in EMBEDDER_KEYS:
+    if key in params and key in source_params:
+      target_shapes = jax.tree_util.tree_map(jnp.shape, params[key])
+      source_shapes = jax.tree_util.tree_map(jnp.shape, source_params[key])
+      if target_shapes != source_shapes:
+        raise ValueError(f"train.init_from: the {key!r} parameters have other shapes than "
+                         "this model's (different model size or vocabulary?)")
+      params[key] = jax.tree_util.tree_map(jnp.asarray, source_params[key])
+      copied.append(key)
+  if not copied:
+    raise ValueError(f"train.init_from: no embedder parameters ({', '.join(EMBEDDER_KEYS)}) "
+                     f"found; it has {sorted(source_params)}")
+  return params, copied
+
+
+def count_params(params) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))
