@@ -44,8 +44,8 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       corpus_seed=0,
       vocab_size=s["vocab_size"],  # WordPiece vocab trained on the corpus
       vocab_file="",  # or a BERT vocab.txt to load instead of training one
-      doc_len=64,  # [CLS] title [SEP] body [SEP] wordpieces
-      query_len=32,  # [CLS] sentence [SEP] wordpieces
+      doc_len=72,  # [CLS] title [SEP] body [SEP] wordpieces (facts profiles: <= 71)
+      query_len=24,  # [CLS] sentence [SEP] wordpieces (facts queries: <= 21)
       max_masked=10,  # salient span length cap (wordpieces)
       masking="salient",  # "salient" (the attribute value) or "random" (BERT 15% ablation)
   ))

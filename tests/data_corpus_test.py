@@ -9,7 +9,7 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
 from realm_jax.data import tokenizer as tokenizer_lib
 
-DOC_LEN = 64
+DOC_LEN = 96
 
 
 @dataclasses.dataclass(frozen=True)

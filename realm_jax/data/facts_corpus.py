@@ -171,6 +171,7 @@ def generate_facts_corpus(
     mentions_per_entity: int = 4,
     sentences_per_mention_doc: int = 3,
     eval_fraction: float = 0.2,
+    name_pool_size: int = 0,
 ) -> FactsCorpus:
   """Generates the corpus deterministically from `seed` (see the module docstring)."""
   if num_entities < 1 or mentions_per_entity < 1 or sentences_per_mention_doc < 1:
@@ -184,7 +185,8 @@ def generate_facts_corpus(
 
   taken = {w for w in OCCUPATIONS + INSTRUMENTS}
   cities = tuple(_fictional_words(rng, NUM_CITIES, 1, _CITY_ENDINGS, taken))
-  num_names = math.ceil(math.sqrt(3 * num_entities))  # first and last names each; pairs are unique
+  # First and last names each; full names are unique pairs, parts are shared across entities.
+  num_names = max(name_pool_size, math.ceil(math.sqrt(3 * num_entities)))
   first_names = _fictional_words(rng, num_names, 2, ("",), taken)
   last_names = _fictional_words(rng, num_names, 2, ("",), taken)
   values = {"birthplace": cities, "birth_year": BIRTH_YEARS, "occupation": OCCUPATIONS,
@@ -196,14 +198,28 @@ def generate_facts_corpus(
              {a: values[a][rng.integers(len(values[a]))] for a in ATTRIBUTES})
       for e, p in enumerate(pairs))
 
+  # Profile and mention sentences draw on one template pool, so a retriever cannot tell the
+  # gold profile from the entity's other documents by style: it has to learn (REALM's signal)
+  # that the profile is the document that holds the masked fact.
+  def fact_sentence(entity: Entity, attribute: str, full_name: bool = False
+                    ) -> tuple[str, tuple[int, int]]:
+    templates = _PROFILE_TEMPLATES[attribute] + _MENTION_TEMPLATES[attribute]
+    if full_name:  # queries always name the entity in full, or retrieval would be a guess
+      templates = tuple(t for t in templates if "{name}" in t)
+    return _fill(templates[rng.integers(len(templates))], entity.attributes[attribute],
+                 name=entity.full_name, last=entity.last_name,
+                 event=_EVENTS[rng.integers(len(_EVENTS))])
+
+  def fillers(entity: Entity, count: int) -> list[str]:
+    return [_FILLER_TEMPLATES[i].format(name=entity.full_name, last=entity.last_name,
+                                        event=_EVENTS[rng.integers(len(_EVENTS))])
+            for i in rng.choice(len(_FILLER_TEMPLATES), count, replace=False)]
+
   docs = []
   for entity in entities:
-    fields = dict(name=entity.full_name, last=entity.last_name)
-    sentences = [
-        _fill(_PROFILE_TEMPLATES[a][rng.integers(3)], entity.attributes[a], **fields)[0]
-        for a in ATTRIBUTES]
+    sentences = [fact_sentence(entity, a)[0] for a in ATTRIBUTES]
     docs.append(Doc(entity.entity_id, entity.full_name,
-                    tuple(sentences[i] for i in rng.permutation(len(ATTRIBUTES))), "profile"))
+                    tuple(sentences[i] for i in rng.permutation(len(sentences))), "profile"))
 
   num_eval = round(num_entities * eval_fraction)
   eval_entities = set(rng.permutation(num_entities)[:num_eval].tolist())
@@ -219,15 +235,8 @@ def generate_facts_corpus(
       doc_id = len(docs)
       entity = entities[e]
       attribute = ATTRIBUTES[(attribute_offset[e] + round_index) % len(ATTRIBUTES)]
-      text, span = _fill(_MENTION_TEMPLATES[attribute][rng.integers(3)],
-                         entity.attributes[attribute], name=entity.full_name,
-                         event=_EVENTS[rng.integers(len(_EVENTS))])
-      fillers = [
-          _FILLER_TEMPLATES[i].format(name=entity.full_name, last=entity.last_name,
-                                      event=_EVENTS[rng.integers(len(_EVENTS))])
-          for i in rng.choice(len(_FILLER_TEMPLATES), sentences_per_mention_doc - 1,
-                              replace=False)]
-      sentences = fillers + [text]
+      text, span = fact_sentence(entity, attribute, full_name=True)
+      sentences = fillers(entity, sentences_per_mention_doc - 1) + [text]
       sentences = [sentences[i] for i in rng.permutation(len(sentences))]
       queries.append(Query(text, span, doc_id, e, e, attribute,
                            "eval" if e in eval_entities else "train"))
