@@ -44,8 +44,8 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       corpus_seed=0,
       vocab_size=s["vocab_size"],  # WordPiece vocab trained on the corpus
       vocab_file="",  # or a BERT vocab.txt to load instead of training one
-      doc_len=72,  # [CLS] title [SEP] body [SEP] wordpieces (facts profiles: <= 71)
-      query_len=24,  # [CLS] sentence [SEP] wordpieces (facts queries: <= 21)
+      doc_len=48,  # [CLS] title [SEP] body [SEP] wordpieces (facts profiles: <= 46)
+      query_len=16,  # [CLS] sentence [SEP] wordpieces (facts queries: <= 13)
       max_masked=10,  # salient span length cap (wordpieces)
       masking="salient",  # "salient" (the attribute value) or "random" (BERT 15% ablation)
   ))
@@ -65,6 +65,9 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       batch_size=s["batch_size"],  # global, over all devices
       num_steps=s["realm_steps"],
       learning_rate=1e-3 if size == "tiny" else 1e-4,
+      # The warm-started retriever moves slower than the reader learns: a fast-moving query
+      # tower forgets ICT before the reader can tell good documents from bad ones.
+      retriever_lr_multiplier=0.1,
       warmup_steps=max(10, s["realm_steps"] // 20),
       weight_decay=0.01,
       grad_clip_norm=1.0,

@@ -22,7 +22,7 @@ class RealmOutputs(NamedTuple):
   retrieval_utility: jax.Array  # marginal log-lik minus null-document log-lik, per token
   token_accuracy: jax.Array  # argmax of the marginal p(y|x) equals the label
   span_accuracy: jax.Array  # all masked tokens of a query right
-  null_doc_prob: jax.Array  # mean p(z = null | x)
+  null_doc_prob: jax.Array  # mean p(z = null | x) over queries with masked tokens
   num_tokens: jax.Array  # number of real masked tokens (the loss's denominator)
   num_queries: jax.Array  # queries with at least one masked token
 
@@ -98,10 +98,21 @@ def realm_loss(retrieval_logits, candidate_mask, mlm_logits, labels, weights,
       retrieval_utility=jnp.sum(marginal - null_only) / denominator,
       token_accuracy=jnp.sum(correct * weights) / denominator,
       span_accuracy=jnp.sum(span_correct) / jnp.maximum(num_queries, 1),
-      null_doc_prob=jnp.mean(jnp.exp(log_p_z[:, 0])),
+      null_doc_prob=jnp.sum(jnp.exp(log_p_z[:, 0]) * has_tokens) / jnp.maximum(num_queries, 1),
       num_tokens=num_tokens,
       num_queries=num_queries.astype(jnp.float32),
   )
+
+
+def gold_doc_prob(retrieval_logits, candidate_mask, is_gold):
+  """Mean p(z = gold | x) over queries whose gold document is among their candidates.
+
+  retrieval_logits, candidate_mask, is_gold: [B, k]. A diagnostic: REALM should raise it.
+  """
+  p_z = jnp.exp(retrieval_log_probs(retrieval_logits, candidate_mask))
+  has_gold = jnp.any(is_gold & candidate_mask, axis=-1)
+  mass = jnp.sum(jnp.where(is_gold & candidate_mask, p_z, 0.0), axis=-1)
+  return jnp.sum(mass * has_gold) / jnp.maximum(jnp.sum(has_gold), 1)
 
 
 def ict_loss(query_emb, doc_emb):

@@ -44,12 +44,14 @@ _EVENTS = ("harbor fair", "spring festival", "town meeting", "winter market", "b
 _NEWSPAPERS = ("Morning Herald", "Evening Courier", "Weekly Chronicle", "Daily Ledger",
                "Sunday Gazette", "City Bulletin")
 
-# {name}: full name, {last}: last name, {a}: "a"/"an" for {value}, {event}: a filler event.
+# {name}: full name, {last}: last name, {a}: "a"/"an" for {value}. Short sentences keep blocks
+# small (CPU demo), and no wording is shared between two attributes, so the masked slot's type
+# is always clear from the query ("born in [MASK]" could be a city or a year: not used).
 _PROFILE_TEMPLATES = {
-    "birthplace": ("{name} was born in {value}.", "{name} is a native of {value}.",
-                   "The hometown of {name} is {value}."),
-    "birth_year": ("{name} was born in {value}.", "{name} was born in the year {value}.",
-                   "The birth year of {name} is {value}."),
+    "birthplace": ("{name} is a native of {value}.", "The hometown of {name} is {value}.",
+                   "{last} comes from {value}."),
+    "birth_year": ("{name} was born in the year {value}.", "The birth year of {name} is {value}.",
+                   "{last} was born in the year {value}."),
     "occupation": ("{name} works as {a} {value}.", "{last} works as {a} {value}.",
                    "By profession, {name} is {a} {value}."),
     "instrument": ("{name} plays the {value}.", "{last} plays the {value}.",
@@ -57,18 +59,17 @@ _PROFILE_TEMPLATES = {
 }
 # Mention templates word each fact differently from the profile and never start with {value}.
 _MENTION_TEMPLATES = {
-    "birthplace": ("Critics say that {name}, born in {value}, gave a fine speech at the {event}.",
-                   "At the {event}, {name} spoke fondly of {value}, the city of their birth.",
-                   "Reporters learned that {name} first saw the light of day in {value}."),
-    "birth_year": ("At the {event}, {name}, born in {value}, drew a large crowd.",
-                   "Old records from {value} note the birth of {name}.",
-                   "Guests at the {event} met {name}, who came into the world in {value}."),
-    "occupation": ("At the {event}, the {value} {name} gave a short talk.",
-                   "Everyone at the {event} knew {name} as the local {value}.",
-                   "The {value} {name} was seen at the {event}."),
-    "instrument": ("During the {event}, {name} performed a piece on the {value}.",
+    "birthplace": ("{name} grew up in {value}.", "{name} spoke fondly of {value}, their hometown.",
+                   "{name} first saw the light of day in {value}."),
+    "birth_year": ("Records from {value} note the birth of {name}.",
+                   "{name} came into the world in {value}.",
+                   "{name} has been alive since {value}."),
+    "occupation": ("The {value} {name} gave a short talk.",
+                   "Everyone knew {name} as the local {value}.",
+                   "{name} earns a living as {a} {value}."),
+    "instrument": ("{name} performed a piece on the {value}.",
                    "Neighbors often hear {name} practicing the {value}.",
-                   "At the {event}, {name} surprised everyone with a solo on the {value}."),
+                   "{name} surprised everyone with a solo on the {value}."),
 }
 
 

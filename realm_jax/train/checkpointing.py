@@ -69,7 +69,7 @@ def restore_params(path: epath.PathLike, step: int | None = None) -> tuple[Any, 
   """Loads only the parameters of another run's latest (or given) checkpoint (host arrays)."""
   directory = resolve_checkpoint_dir(path)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True), item_names=("state", "data"))
+      read_only=True, create=False, save_interval_steps=0), item_names=("state", "data"))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint found in {directory}")

@@ -47,7 +47,8 @@ def _realm_device_batch(queries: dict[str, np.ndarray], corpus: corpus_lib.Block
           "cand_doc_tokens": cands["retriever_tokens"],
           "cand_doc_segments": cands["retriever_segments"],
           "cand_body_tokens": cands["reader_tokens"],
-          "cand_mask": mask}
+          "cand_mask": mask,
+          "cand_is_gold": (ids == queries["gold_ids"][:, None]) & mask}
 
 
 class Retriever:
@@ -96,7 +97,7 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
     for name in ("loss", "retrieval_utility", "token_accuracy"):
       totals[name] += float(out[name]) * float(out["num_tokens"])
     totals["span_accuracy"] += float(out["span_accuracy"]) * float(out["num_queries"])
-    totals["null_doc_prob"] += float(out["null_doc_prob"]) * batch_size
+    totals["null_doc_prob"] += float(out["null_doc_prob"]) * float(out["num_queries"])
     totals["num_tokens"] += float(out["num_tokens"])
     totals["num_queries"] += float(out["num_queries"])
     if retriever.enabled:
@@ -107,7 +108,7 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
   tokens, num_queries = max(totals["num_tokens"], 1.0), max(totals["num_queries"], 1.0)
   result = {name: totals[name] / tokens for name in ("loss", "retrieval_utility", "token_accuracy")}
   result["span_accuracy"] = totals["span_accuracy"] / num_queries
-  result["null_doc_prob"] = totals["null_doc_prob"] / padded
+  result["null_doc_prob"] = totals["null_doc_prob"] / num_queries
   result["num_queries"] = totals["num_queries"]
   if retriever.enabled and known:
     result[recall_key(retriever.k)] = hits / known
@@ -235,20 +236,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
     log_index_recall(index.step)
 
-  first_batch = source.batch_at(start_step)
-  if is_ict:
-    example = partitioning.shard_batch({k: first_batch[k] for k in steps_lib.ICT_KEYS}, mesh)
-  else:
-    ids, mask = realm_retriever(state.params, first_batch)
-    example = partitioning.shard_batch(_realm_device_batch(first_batch, corpus, ids, mask), mesh)
-  compile_start = time.time()
-  report = steps_lib.compile_report(train_step, state, example)
-  logging.info("compile: %.1fs; %s", time.time() - compile_start,
-               ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
-
-  # ---- The loop ------------------------------------------------------------------------
   stop = num_steps if max_steps_this_run is None else min(num_steps,
                                                           start_step + max_steps_this_run)
+  report: dict[str, float] = {}
+  if start_step < stop:  # a finished run goes straight to its final evaluation
+    first_batch = source.batch_at(start_step)
+    if is_ict:
+      example = partitioning.shard_batch({k: first_batch[k] for k in steps_lib.ICT_KEYS}, mesh)
+    else:
+      ids, mask = realm_retriever(state.params, first_batch)
+      example = partitioning.shard_batch(_realm_device_batch(first_batch, corpus, ids, mask),
+                                         mesh)
+    compile_start = time.time()
+    report = steps_lib.compile_report(train_step, state, example)
+    logging.info("compile: %.1fs; %s", time.time() - compile_start,
+                 ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
+
+  # ---- The loop ------------------------------------------------------------------------
   progress = metrics_lib.Progress(config.objective, num_steps, start_step,
                                   config.train.log_every)
   history = []
@@ -264,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       scalars["retrieval_seconds"] = time.time() - retrieval_start
       if retrieval_on:
         scalars["index_step"] = index.step
-        scalars["staleness"] = step - index.step
+        scalars["staleness"] = step - index.step  # updates since the index was embedded
         if (batch["gold_ids"] >= 0).any():
           scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
               np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])

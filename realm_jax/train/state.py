@@ -6,7 +6,7 @@ touch it either); REALM trains everything.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -52,29 +52,42 @@ def _decay_mask(params):
 
 def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
                    weight_decay: float, grad_clip_norm: float,
-                   frozen_top_level: tuple[str, ...] = ()) -> optax.GradientTransformation:
-  """AdamW with linear warmup and linear decay (BERT's schedule), global-norm clipping."""
+                   lr_multipliers: Mapping[str, float] | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW with linear warmup and linear decay (BERT's schedule) after global-norm clipping.
+
+  `lr_multipliers` scales the learning rate of top-level parameter groups (e.g.
+  `{"embedder": 0.1}`); a multiplier of 0 freezes the group (no update, no weight decay).
+  """
+  lr_multipliers = dict(lr_multipliers or {})
   schedule = optax.join_schedules(
       [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
        optax.linear_schedule(learning_rate, 0.0, max(num_steps - warmup_steps, 1))],
       [max(warmup_steps, 1)])
-  tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm),
-                   optax.adamw(schedule, weight_decay=weight_decay, mask=_decay_mask))
-  if not frozen_top_level:
-    return tx
-  labels = lambda params: {key: "frozen" if key in frozen_top_level else "trained"
-                           for key in params}
-  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+  def group(multiplier: float) -> optax.GradientTransformation:
+    if multiplier == 0:
+      return optax.set_to_zero()
+    return optax.adamw(lambda step: schedule(step) * multiplier, weight_decay=weight_decay,
+                       mask=_decay_mask)
+
+  multipliers = sorted(set(lr_multipliers.values()) | {1.0})
+  labels = lambda params: {key: f"lr_x{lr_multipliers.get(key, 1.0)}" for key in params}
+  return optax.chain(
+      optax.clip_by_global_norm(grad_clip_norm),
+      optax.multi_transform({f"lr_x{m}": group(m) for m in multipliers}, labels))
 
 
 def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """ICT trains the embedder(s) only; REALM scales the retriever's rate by config."""
   t = config.train
   if config.objective == "ict":
     return make_optimizer(config.ict.learning_rate, config.ict.num_steps,
                           max(1, config.ict.num_steps // 20), t.weight_decay, t.grad_clip_norm,
-                          frozen_top_level=("encoder",))
+                          lr_multipliers={"encoder": 0.0})
   return make_optimizer(t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay,
-                        t.grad_clip_norm)
+                        t.grad_clip_norm,
+                        lr_multipliers={k: t.retriever_lr_multiplier for k in EMBEDDER_KEYS})
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: realm.RealmModel,

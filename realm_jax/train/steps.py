@@ -19,18 +19,25 @@ from realm_jax.train import partitioning
 
 # Batch keys the REALM step reads (all [B, ...], sharded on the batch dimension).
 REALM_KEYS = ("query_tokens", "masked_positions", "masked_labels", "masked_weights",
-              "cand_doc_tokens", "cand_doc_segments", "cand_body_tokens", "cand_mask")
+              "cand_doc_tokens", "cand_doc_segments", "cand_body_tokens", "cand_mask",
+              "cand_is_gold")  # the last is optional: a diagnostic where gold docs are known
 ICT_KEYS = ("query_tokens", "doc_tokens", "doc_segments")
 
 
 def _realm_forward(model: realm.RealmModel, params, batch, rng, marginalization: str,
-                   deterministic: bool) -> objectives.RealmOutputs:
+                   deterministic: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """-> (loss, metrics); `cand_is_gold` [B, k] (known gold documents) adds gold_doc_prob."""
   retrieval_logits, mlm_logits = model.apply(
       {"params": params}, batch["query_tokens"], batch["masked_positions"],
       batch["cand_doc_tokens"], batch["cand_doc_segments"], batch["cand_body_tokens"],
       deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-  return objectives.realm_loss(retrieval_logits, batch["cand_mask"], mlm_logits,
-                               batch["masked_labels"], batch["masked_weights"], marginalization)
+  out = objectives.realm_loss(retrieval_logits, batch["cand_mask"], mlm_logits,
+                              batch["masked_labels"], batch["masked_weights"], marginalization)
+  metrics = out._asdict()
+  if "cand_is_gold" in batch:
+    metrics["gold_doc_prob"] = objectives.gold_doc_prob(retrieval_logits, batch["cand_mask"],
+                                                        batch["cand_is_gold"])
+  return out.loss, metrics
 
 
 def _ict_forward(model: realm.RealmModel, params, batch, rng, deterministic: bool):
@@ -64,11 +71,10 @@ def make_realm_train_step(model: realm.RealmModel, mesh: Mesh, seed: int,
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
     def loss_fn(params):
-      out = _realm_forward(model, params, batch, rng, marginalization, deterministic=False)
-      return out.loss, out
+      return _realm_forward(model, params, batch, rng, marginalization, deterministic=False)
 
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return _apply_gradients(state, grads, out._asdict())
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return _apply_gradients(state, grads, metrics)
 
   return _jit_step(step, mesh)
 
@@ -90,7 +96,7 @@ def make_ict_train_step(model: realm.RealmModel, mesh: Mesh, seed: int):
 def make_realm_eval_step(model: realm.RealmModel, mesh: Mesh, marginalization: str):
   """Deterministic forward pass -> RealmOutputs (means and counts) for one eval batch."""
   def step(params, batch):
-    return _realm_forward(model, params, batch, None, marginalization, deterministic=True)._asdict()
+    return _realm_forward(model, params, batch, None, marginalization, deterministic=True)[1]
 
   return jax.jit(step, in_shardings=(partitioning.replicated(mesh),
                                      partitioning.batch_sharded(mesh)),
