@@ -30,6 +30,7 @@ def tiny_config():
   """The experiment's tiny config, shrunk further for tests."""
   config = realm_facts.get_config("size=tiny")
   config.data.num_entities = 40
+  config.data.mentions_per_entity = 4  # 160 queries: 32 held out
   config.train.batch_size = 8
   config.eval.batch_size = 8
   config.ict.batch_size = 8
@@ -116,7 +117,7 @@ def test_bad_marginalization(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("objective", "mlm", r"objective='mlm'"),
+    ("objective", "bogus", r"objective=.bogus."),
     ("model.dtype", "float16", r"model\.dtype='float16'"),
     ("model.num_heads", 3, r"model\.num_heads=3"),
     ("data.masking", "whole_word", r"data\.masking"),

@@ -38,6 +38,7 @@ def tiny_config():
   """The experiment's tiny config, shrunk further for unit tests."""
   config = realm_facts.get_config("size=tiny")
   config.data.num_entities = 40
+  config.data.mentions_per_entity = 4  # 160 queries: 32 held out
   config.train.batch_size = 8
   config.eval.batch_size = 8
   config.ict.batch_size = 8

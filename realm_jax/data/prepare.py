@@ -29,7 +29,7 @@ from realm_jax.data import tokenizer as tokenizer_lib
 
 BUILD_CONFIG = "build_config.json"
 # Data fields that change what is built; others (e.g. masking seed-free fields) do not.
-_BUILD_FIELDS = ("corpus", "num_entities", "corpus_seed", "vocab_size", "vocab_file", "doc_len",
+_BUILD_FIELDS = ("corpus", "num_entities", "mentions_per_entity", "corpus_seed", "vocab_size", "vocab_file", "doc_len",
                  "query_len", "max_masked", "masking")
 
 
@@ -38,6 +38,7 @@ class PreparedData:
   corpus: corpus_lib.BlockCorpus
   train_queries: dict[str, np.ndarray]  # query_tokens, masked_*, source_ids, gold_ids: [Q, ...]
   eval_queries: dict[str, np.ndarray]
+  mlm_blocks: dict[str, np.ndarray]  # whole blocks, random-masked: the reader's MLM warm start
   directory: epath.Path
 
   @property
@@ -69,7 +70,9 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
   """Generates the facts corpus, its tokenizer, blocks and queries into `directory`."""
   directory = epath.Path(directory)
   start = time.time()
-  facts = facts_corpus.generate_facts_corpus(data_config.num_entities, data_config.corpus_seed)
+  facts = facts_corpus.generate_facts_corpus(
+      data_config.num_entities, data_config.corpus_seed,
+      mentions_per_entity=data_config.mentions_per_entity)
   tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
   tmp.mkdir(parents=True)
   if data_config.vocab_file:
@@ -82,8 +85,17 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
   train = _encode(facts.train_queries(), tokenizer, data_config, seed=data_config.corpus_seed)
   evaluation = _encode(facts.eval_queries(), tokenizer, data_config,
                        seed=data_config.corpus_seed + 1)
+  # BERT-style MLM examples over whole blocks (title + body as one sequence), for the reader's
+  # warm start: REALM starts its reader from BERT, which the generated corpus has to stand in for.
+  block_texts = [". ".join((doc.title,) + tuple(doc.sentences)) for doc in facts.docs]
+  mlm = dict(pipeline.encode_random_masked_queries(
+      block_texts, tokenizer, data_config.doc_len, data_config.max_masked,
+      seed=data_config.corpus_seed + 2, source_ids=[doc.doc_id for doc in facts.docs]))
+  mlm.pop("kept")
+  mlm["query_tokens"] = mlm.pop("tokens")
   np.savez(tmp / "queries.npz", **{f"train_{k}": v for k, v in train.items()},
-           **{f"eval_{k}": v for k, v in evaluation.items()})
+           **{f"eval_{k}": v for k, v in evaluation.items()},
+           **{f"mlm_{k}": v for k, v in mlm.items()})
   (tmp / BUILD_CONFIG).write_text(json.dumps(_build_spec(data_config), indent=1))
   tmp.rename(directory)
   logging.info("data: built %d documents, %d train and %d eval queries, vocab %d in %s (%.1fs)",
@@ -111,4 +123,4 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   with (directory / "queries.npz").open("rb") as f:
     arrays = dict(np.load(f))
   split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  return PreparedData(blocks, split("train_"), split("eval_"), directory)
+  return PreparedData(blocks, split("train_"), split("eval_"), split("mlm_"), directory)

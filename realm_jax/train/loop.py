@@ -139,7 +139,10 @@ def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                        max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
-  """Trains `config.objective` ("ict" or "realm") in `workdir`, resuming if it holds a run.
+  """Trains `config.objective` in `workdir`, resuming if it holds a run.
+
+  "realm" and "mlm" (the reader's warm start: REALM without retrieval on random-masked blocks)
+  share the REALM step; "ict" trains the retriever alone.
 
   Args:
     config: a resolved experiment config (see experiments/realm_facts.py).
@@ -164,8 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   corpus = data.corpus
   model = state_lib.build_model(config, corpus.vocab_size, corpus.special.pad)
   is_ict = config.objective == "ict"
-  num_steps = config.ict.num_steps if is_ict else config.train.num_steps
-  batch_size = config.ict.batch_size if is_ict else config.train.batch_size
+  phase = config[config.objective] if config.objective in ("ict", "mlm") else config.train
+  num_steps, batch_size = phase.num_steps, phase.batch_size
 
   # ---- State: restore, or create (+ warm start) and save step 0 ------------------------
   rng = jax.random.key(config.seed)
@@ -182,12 +185,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     logging.info("state: resumed from step %d", start_step)
   else:
     state = state_lib.create_train_state(config, model, rng)
-    if config.train.init_from and not is_ict:
-      source, source_step = checkpointing.restore_params(config.train.init_from)
-      params, copied = state_lib.warm_start_embedders(state.params, source)
-      state = state.replace(params=params)
-      logging.info("state: warm start of %s from %s (step %d)", copied, config.train.init_from,
-                   source_step)
+    for field, keys in (("init_from", state_lib.EMBEDDER_KEYS),
+                        ("init_encoder_from", state_lib.ENCODER_KEYS)):
+      if config.train[field] and not is_ict:
+        source, source_step = checkpointing.restore_params(config.train[field])
+        params, copied = state_lib.warm_start(state.params, source, keys, f"train.{field}")
+        state = state.replace(params=params)
+        logging.info("state: warm start of %s from %s (step %d)", copied, config.train[field],
+                     source_step)
     state = jax.device_put(state, state_sharding)
     start_step = 0
     ckpt.save(0, state, {"step": 0})  # the index builder's first checkpoint
@@ -203,12 +208,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   else:
     train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
                                                  config.loss.marginalization)
-    source = pipeline.BatchSource(data.train_queries, batch_size, config.seed,
-                                  jax.process_index(), jax.process_count())
+    examples = data.mlm_blocks if config.objective == "mlm" else data.train_queries
+    source = pipeline.BatchSource(examples, batch_size, config.seed, jax.process_index(),
+                                  jax.process_count())
   eval_step = steps_lib.make_realm_eval_step(model, mesh, config.loss.marginalization)
 
   # ---- Index: the trainer's own exact index (REALM with retrieval) ---------------------
-  retrieval_on = not is_ict and config.retrieval.enabled
+  retrieval_on = config.objective == "realm" and config.retrieval.enabled
   index = None
   if retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",

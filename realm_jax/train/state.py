@@ -1,7 +1,7 @@
 """Model, optimizer and train state from a config.
 
-ICT trains the embedder(s) only (the encoder's updates are zeroed, so weight decay does not
-touch it either); REALM trains everything.
+ICT trains the embedder(s) only and the MLM warm start the encoder only (the other group's
+updates are zeroed, so weight decay does not touch it either); REALM trains everything.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from realm_jax.models import bert
 from realm_jax.models import realm
 
 EMBEDDER_KEYS = ("embedder", "query_embedder", "doc_embedder")
+ENCODER_KEYS = ("encoder",)
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
@@ -79,8 +80,12 @@ def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
 
 
 def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """ICT trains the embedder(s) only; REALM scales the retriever's rate by config."""
+  """ICT trains the embedder(s) only, MLM the reader only; REALM scales the retriever's rate."""
   t = config.train
+  if config.objective == "mlm":
+    return make_optimizer(config.mlm.learning_rate, config.mlm.num_steps,
+                          max(1, config.mlm.num_steps // 20), t.weight_decay, t.grad_clip_norm,
+                          lr_multipliers={k: 0.0 for k in EMBEDDER_KEYS})
   if config.objective == "ict":
     return make_optimizer(config.ict.learning_rate, config.ict.num_steps,
                           max(1, config.ict.num_steps // 20), t.weight_decay, t.grad_clip_norm,
@@ -102,22 +107,23 @@ def abstract_train_state(config, model, rng) -> Any:
   return jax.eval_shape(lambda r: create_train_state(config, model, r), rng)
 
 
-def warm_start_embedders(params, source_params) -> tuple[Any, list[str]]:
-  """Copies the embedder subtree(s) of `source_params` (e.g. an ICT run) into `params`."""
+def warm_start(params, source_params, keys: tuple[str, ...], source_name: str
+               ) -> tuple[Any, list[str]]:
+  """Copies the top-level subtrees `keys` that `source_params` has into `params`."""
   params = dict(params)
   copied = []
-  for key in EMBEDDER_KEYS:
+  for key in keys:
     if key in params and key in source_params:
       target_shapes = jax.tree_util.tree_map(jnp.shape, params[key])
       source_shapes = jax.tree_util.tree_map(jnp.shape, source_params[key])
       if target_shapes != source_shapes:
-        raise ValueError(f"train.init_from: the {key!r} parameters have other shapes than "
+        raise ValueError(f"{source_name}: the {key!r} parameters have other shapes than "
                          "this model's (different model size or vocabulary?)")
       params[key] = jax.tree_util.tree_map(jnp.asarray, source_params[key])
       copied.append(key)
   if not copied:
-    raise ValueError(f"train.init_from: no embedder parameters ({', '.join(EMBEDDER_KEYS)}) "
-                     f"found; it has {sorted(source_params)}")
+    raise ValueError(f"{source_name}: none of {', '.join(keys)} found; it has "
+                     f"{sorted(source_params)}")
   return params, copied
 
 
