@@ -330,6 +330,8 @@ def main(argv):
 
   config = _CONFIG.value
   objective = _OBJECTIVE.value or config.objective
+  if objective not in ("realm", "ict"):
+    sys.exit(f"error: objective {objective!r} has no benchmark here; use --objective=realm|ict")
   load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
   try:
     result = run(config, objective, _BATCH_SIZE.value, _K.value, _STEPS.value, _WARMUP.value)
