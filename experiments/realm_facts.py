@@ -19,13 +19,13 @@ from realm_jax import config_lib
 _SIZES = {
     # tiny: the CPU demo and CI budget (k=4 instead of REALM's 8 to fit 2 cores in ~10 min).
     "tiny": dict(model="tiny", num_entities=5000, vocab_size=2000, batch_size=16, k=4,
-                 realm_steps=1000, ict_steps=800, mlm_steps=300, refresh_every=100,
+                 realm_steps=1000, ict_steps=800, refresh_every=100,
                  eval_every=0),
     "small": dict(model="small", num_entities=20000, vocab_size=8000, batch_size=128, k=8,
-                  realm_steps=5000, ict_steps=2000, mlm_steps=5000, refresh_every=250,
+                  realm_steps=5000, ict_steps=2000, refresh_every=250,
                   eval_every=1000),
     "base": dict(model="base", num_entities=50000, vocab_size=30522, batch_size=512, k=8,
-                 realm_steps=20000, ict_steps=5000, mlm_steps=20000, refresh_every=500,
+                 realm_steps=20000, ict_steps=5000, refresh_every=500,
                  eval_every=2000),
 }
 
@@ -36,9 +36,7 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
   s = _SIZES[size]
 
   config = ml_collections.ConfigDict()
-  # "realm": marginal MLM over retrieved docs; "ict": retriever warm start; "mlm": reader warm
-  # start (BERT-style MLM on the corpus blocks, no retrieval).
-  config.objective = "realm"
+  config.objective = "realm"  # "realm" (marginal MLM over retrieved docs) or "ict"
   config.seed = 0
 
   config.model = config_lib.model_config(s["model"])
@@ -85,12 +83,6 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       init_from="",  # a workdir (or its checkpoints/) whose embedder(s) warm-start this run
       init_encoder_from="",  # a workdir whose knowledge-augmented encoder (reader) starts this run
-  ))
-
-  config.mlm = ml_collections.ConfigDict(dict(
-      num_steps=s["mlm_steps"],
-      batch_size=s["batch_size"],
-      learning_rate=1e-3 if size == "tiny" else 1e-4,
   ))
 
   config.ict = ml_collections.ConfigDict(dict(

@@ -60,7 +60,7 @@ def _require(condition: bool, message: str):
 def validate(config: ml_collections.ConfigDict, num_data_shards: int,
              process_count: int = 1) -> None:
   """Checks a resolved config against itself and the device layout."""
-  check_choice("objective", config.objective, ("realm", "ict", "mlm"))
+  check_choice("objective", config.objective, ("realm", "ict"))
   check_choice("model.size", config.model.size, bert.SIZES)
   check_choice("model.dtype", config.model.dtype, ("float32", "bfloat16"))
   _require(config.model.hidden_size % config.model.num_heads == 0,
@@ -89,8 +89,8 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
            f"retrieval.margin={config.retrieval.margin} must be >= 1 (the source document "
            "is dropped from every query's results)")
   batches = {"train.batch_size": config.train.batch_size, "eval.batch_size": config.eval.batch_size}
-  if config.objective in ("ict", "mlm"):
-    batches[f"{config.objective}.batch_size"] = config[config.objective].batch_size
+  if config.objective == "ict":
+    batches["ict.batch_size"] = config.ict.batch_size
   for field, size in batches.items():
     _require(size >= 1 and size % num_data_shards == 0,
              f"{field}={size} is not divisible by the {num_data_shards} data-parallel "

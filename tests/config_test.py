@@ -117,7 +117,7 @@ def test_bad_marginalization(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("objective", "bogus", r"objective=.bogus."),
+    ("objective", "mlm", r"objective=.mlm."),
     ("model.dtype", "float16", r"model\.dtype='float16'"),
     ("model.num_heads", 3, r"model\.num_heads=3"),
     ("data.masking", "whole_word", r"data\.masking"),

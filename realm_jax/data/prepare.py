@@ -38,7 +38,6 @@ class PreparedData:
   corpus: corpus_lib.BlockCorpus
   train_queries: dict[str, np.ndarray]  # query_tokens, masked_*, source_ids, gold_ids: [Q, ...]
   eval_queries: dict[str, np.ndarray]
-  mlm_blocks: dict[str, np.ndarray]  # whole blocks, random-masked: the reader's MLM warm start
   directory: epath.Path
 
   @property
@@ -85,17 +84,8 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
   train = _encode(facts.train_queries(), tokenizer, data_config, seed=data_config.corpus_seed)
   evaluation = _encode(facts.eval_queries(), tokenizer, data_config,
                        seed=data_config.corpus_seed + 1)
-  # BERT-style MLM examples over whole blocks (title + body as one sequence), for the reader's
-  # warm start: REALM starts its reader from BERT, which the generated corpus has to stand in for.
-  block_texts = [". ".join((doc.title,) + tuple(doc.sentences)) for doc in facts.docs]
-  mlm = dict(pipeline.encode_random_masked_queries(
-      block_texts, tokenizer, data_config.doc_len, data_config.max_masked,
-      seed=data_config.corpus_seed + 2, source_ids=[doc.doc_id for doc in facts.docs]))
-  mlm.pop("kept")
-  mlm["query_tokens"] = mlm.pop("tokens")
   np.savez(tmp / "queries.npz", **{f"train_{k}": v for k, v in train.items()},
-           **{f"eval_{k}": v for k, v in evaluation.items()},
-           **{f"mlm_{k}": v for k, v in mlm.items()})
+           **{f"eval_{k}": v for k, v in evaluation.items()})
   (tmp / BUILD_CONFIG).write_text(json.dumps(_build_spec(data_config), indent=1))
   tmp.rename(directory)
   logging.info("data: built %d documents, %d train and %d eval queries, vocab %d in %s (%.1fs)",
@@ -123,4 +113,4 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   with (directory / "queries.npz").open("rb") as f:
     arrays = dict(np.load(f))
   split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  return PreparedData(blocks, split("train_"), split("eval_"), split("mlm_"), directory)
+  return PreparedData(blocks, split("train_"), split("eval_"), directory)

@@ -139,10 +139,7 @@ def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                        max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
-  """Trains `config.objective` in `workdir`, resuming if it holds a run.
-
-  "realm" and "mlm" (the reader's warm start: REALM without retrieval on random-masked blocks)
-  share the REALM step; "ict" trains the retriever alone.
+  """Trains `config.objective` ("realm" or "ict") in `workdir`, resuming if it holds a run.
 
   Args:
     config: a resolved experiment config (see experiments/realm_facts.py).
@@ -167,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   corpus = data.corpus
   model = state_lib.build_model(config, corpus.vocab_size, corpus.special.pad)
   is_ict = config.objective == "ict"
-  phase = config[config.objective] if config.objective in ("ict", "mlm") else config.train
+  phase = config.ict if is_ict else config.train
   num_steps, batch_size = phase.num_steps, phase.batch_size
 
   # ---- State: restore, or create (+ warm start) and save step 0 ------------------------
@@ -208,13 +205,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   else:
     train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
                                                  config.loss.marginalization)
-    examples = data.mlm_blocks if config.objective == "mlm" else data.train_queries
-    source = pipeline.BatchSource(examples, batch_size, config.seed, jax.process_index(),
-                                  jax.process_count())
+    source = pipeline.BatchSource(data.train_queries, batch_size, config.seed,
+                                  jax.process_index(), jax.process_count())
   eval_step = steps_lib.make_realm_eval_step(model, mesh, config.loss.marginalization)
 
   # ---- Index: the trainer's own exact index (REALM with retrieval) ---------------------
-  retrieval_on = config.objective == "realm" and config.retrieval.enabled
+  retrieval_on = not is_ict and config.retrieval.enabled
   index = None
   if retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",

@@ -1,7 +1,7 @@
 """Model, optimizer and train state from a config.
 
-ICT trains the embedder(s) only and the MLM warm start the encoder only (the other group's
-updates are zeroed, so weight decay does not touch it either); REALM trains everything.
+ICT trains the embedder(s) only (the encoder's updates are zeroed, so weight decay does not
+touch it either); REALM trains everything.
 """
 
 from __future__ import annotations
@@ -80,12 +80,8 @@ def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
 
 
 def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """ICT trains the embedder(s) only, MLM the reader only; REALM scales the retriever's rate."""
+  """ICT trains the embedder(s) only; REALM scales the retriever's rate by config."""
   t = config.train
-  if config.objective == "mlm":
-    return make_optimizer(config.mlm.learning_rate, config.mlm.num_steps,
-                          max(1, config.mlm.num_steps // 20), t.weight_decay, t.grad_clip_norm,
-                          lr_multipliers={k: 0.0 for k in EMBEDDER_KEYS})
   if config.objective == "ict":
     return make_optimizer(config.ict.learning_rate, config.ict.num_steps,
                           max(1, config.ict.num_steps // 20), t.weight_decay, t.grad_clip_norm,
