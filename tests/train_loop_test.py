@@ -110,9 +110,10 @@ def test_same_numbers_on_one_and_eight_devices(run_a, corpus_dir, tmp_path):
   assert [h["step"] for h in one["history"]] == list(range(1, NUM_STEPS + 1))
   assert [h["step"] for h in a["history"]] == list(range(1, NUM_STEPS + 1))
   np.testing.assert_allclose(_losses(one["history"]), _losses(a["history"]), rtol=1e-4)
-  # Step 1 starts from identical parameters: its metrics agree to float32 reduction order.
+  # Step 1 starts from identical parameters: its metrics agree to float32 reduction order
+  # (sums split over 8 devices vs 1; ~2e-5 relative seen on p(null) through the softmax).
   for name in ("loss", "null_doc_prob", "grad_norm"):
-    np.testing.assert_allclose(one["history"][0][name], a["history"][0][name], rtol=1e-5,
+    np.testing.assert_allclose(one["history"][0][name], a["history"][0][name], rtol=1e-4,
                                err_msg=name)
   # Later steps drift a little (Adam divides by tiny second moments, p(z|x) is a softmax over
   # dot products of ~sqrt(128)-norm embeddings), so the retrieval metrics get looser bounds.
@@ -239,9 +240,10 @@ def test_eval_reproduces_final_metrics(run_a, evals_by_batch_size):
 
 def test_eval_padding_does_not_change_token_metrics(evals_by_batch_size):
   small, padded = evals_by_batch_size[8], evals_by_batch_size[24]
-  for name in ("loss", "retrieval_utility", "token_accuracy", "span_accuracy", "num_queries",
-               "gold_recall_at_3"):
+  for name in ("loss", "token_accuracy", "span_accuracy", "num_queries", "gold_recall_at_3"):
     np.testing.assert_allclose(padded[name], small[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  # A difference of two ~6.6-nat log-likelihoods summed in another order: float32 absolute.
+  np.testing.assert_allclose(padded["retrieval_utility"], small["retrieval_utility"], atol=2e-5)
 
 
 def test_eval_padding_does_not_change_null_doc_prob(evals_by_batch_size):
