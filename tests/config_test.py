@@ -1,6 +1,5 @@
 """Bad config values fail at start-up with a ConfigError naming the field (and via the CLI)."""
 
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -11,41 +10,9 @@ import pytest
 
 from realm_jax import config_lib
 from realm_jax.train import loop
+from tiny_configs import realm_facts, tiny_config  # pylint: disable=g-bad-import-order
 
 ROOT = pathlib.Path(__file__).parent.parent
-
-
-def _load_experiment(name):
-  path = ROOT / "experiments" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-realm_facts = _load_experiment("realm_facts")
-
-
-def tiny_config():
-  """The experiment's tiny config, shrunk further for tests."""
-  config = realm_facts.get_config("size=tiny")
-  config.data.num_entities = 40
-  config.data.mentions_per_entity = 4  # 160 queries: 32 held out
-  config.train.batch_size = 8
-  config.eval.batch_size = 8
-  config.ict.batch_size = 8
-  config.train.num_steps = 6
-  config.ict.num_steps = 4
-  config.retrieval.refresh_every = 3
-  config.train.checkpoint_every = 3
-  config.eval.every = 0
-  config.retrieval.k = 4
-  config.data.doc_len = 48
-  config.data.query_len = 24
-  config.model.hidden_size = 32
-  config.model.intermediate_size = 64
-  config.model.num_heads = 2
-  return config
 
 
 def test_tiny_config_is_valid():

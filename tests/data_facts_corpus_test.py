@@ -1,7 +1,6 @@
 """Tests of realm_jax.data.facts_corpus: the generated facts world and its queries."""
 
 import collections
-import math
 import re
 
 import pytest

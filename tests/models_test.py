@@ -1,9 +1,7 @@
 """Models: BERT against a numpy reference, HF parameter names, reader inputs, bf16, remat, and
 gradients that reach the retriever through p(z|x)."""
 
-import importlib.util
 import math
-import pathlib
 
 import flax
 import jax
@@ -17,43 +15,14 @@ from realm_jax.models import embedder as embedder_lib
 from realm_jax.models import reader_inputs
 from realm_jax.models import realm
 from realm_jax.train import state as state_lib
+from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
 
-
-def _load_experiment(name):
-  path = pathlib.Path(__file__).parent.parent / "experiments" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-realm_facts = _load_experiment("realm_facts")
 VOCAB = 53
 # Gradient graphs compile ~2x faster on CPU without LLVM's backend optimizations.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 PAD = 0
 
 
-def tiny_config():
-  """The experiment's tiny config, shrunk further for unit tests."""
-  config = realm_facts.get_config("size=tiny")
-  config.data.num_entities = 40
-  config.data.mentions_per_entity = 4  # 160 queries: 32 held out
-  config.train.batch_size = 8
-  config.eval.batch_size = 8
-  config.ict.batch_size = 8
-  config.train.num_steps = 6
-  config.ict.num_steps = 4
-  config.retrieval.refresh_every = 3
-  config.train.checkpoint_every = 3
-  config.eval.every = 0
-  config.retrieval.k = 4
-  config.data.doc_len = 48
-  config.data.query_len = 24
-  config.model.hidden_size = 32
-  config.model.intermediate_size = 64
-  config.model.num_heads = 2
-  return config
 
 
 def bert_config(**overrides) -> bert.BertConfig:

@@ -4,9 +4,7 @@ workdir layout, metrics, ICT, warm start and the no-retrieval baseline.
 Runs are shared through module-scoped fixtures (each costs a compile and a corpus embedding).
 """
 
-import importlib.util
 import json
-import pathlib
 import shutil
 
 import flax
@@ -22,45 +20,11 @@ from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
+from tiny_configs import NUM_STEPS, tiny_config  # pylint: disable=g-bad-import-order
 
-NUM_STEPS = 6
 ICT_STEPS = 30
 EVAL_KEYS = ("loss", "retrieval_utility", "token_accuracy", "span_accuracy", "null_doc_prob",
              "num_queries", "gold_recall_at_3")
-
-
-def _load_experiment(name):
-  path = pathlib.Path(__file__).parent.parent / "experiments" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-realm_facts = _load_experiment("realm_facts")
-
-
-def tiny_config(corpus_dir=""):
-  """The experiment's tiny config, shrunk further for tests."""
-  config = realm_facts.get_config("size=tiny")
-  config.data.num_entities = 40
-  config.data.mentions_per_entity = 4  # 160 queries: 32 held out
-  config.train.batch_size = 8
-  config.eval.batch_size = 8
-  config.ict.batch_size = 8
-  config.train.num_steps = NUM_STEPS
-  config.ict.num_steps = 4
-  config.retrieval.refresh_every = 3
-  config.train.checkpoint_every = 3
-  config.eval.every = 0
-  config.retrieval.k = 4
-  config.data.doc_len = 48
-  config.data.query_len = 24
-  config.model.hidden_size = 32
-  config.model.intermediate_size = 64
-  config.model.num_heads = 2
-  config.data.corpus_dir = str(corpus_dir)
-  return config
 
 
 def realm_config(corpus_dir):

@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh
