@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` (main job) and `make test` (whole suite).
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 WORKDIR ?= /tmp/realm_jax_demo
 SIZE ?= tiny
