@@ -64,6 +64,12 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       refresh_every=s["refresh_every"],  # re-embed the corpus every this many steps
       embed_batch_size=256,  # documents per embedding call during a refresh
       keep_index_versions=3,
+      # "trainer": re-embed in-process every refresh_every steps (synchronous, small corpora);
+      # "builder": a separate `--mode=index_builder` job publishes versions, the trainer swaps.
+      index_source="trainer",
+      first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
+      watch_poll_seconds=1.0,  # how often the trainer looks for a new version
+      builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
   ))
 
   config.loss = ml_collections.ConfigDict(dict(marginalization="token"))  # or "span"

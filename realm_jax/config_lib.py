@@ -68,6 +68,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
            f"model.num_heads={config.model.num_heads}")
   check_choice("data.masking", config.data.masking, ("salient", "random"))
   check_choice("loss.marginalization", config.loss.marginalization, ("token", "span"))
+  check_choice("retrieval.index_source", config.retrieval.index_source, ("trainer", "builder"))
   if config.data.corpus != "facts":  # a prebuilt corpus must already be there
     _require(bool(config.data.corpus_dir) and epath.Path(config.data.corpus_dir).exists(),
              f"data.corpus_dir={config.data.corpus_dir!r} does not exist (data.corpus="

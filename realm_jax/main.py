@@ -47,7 +47,8 @@ def main(argv):
     if _MODE.value == "demo":
       demo.run_demo(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "index_builder":
-      index_builder.IndexBuilder(_CONFIG.value, _WORKDIR.value).run()
+      index_builder.IndexBuilder(_CONFIG.value, _WORKDIR.value).run(
+          poll_seconds=_CONFIG.value.retrieval.builder_poll_seconds)
     else:
       loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:

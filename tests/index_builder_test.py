@@ -1,5 +1,12 @@
 """The index-builder job: publishes exactly what the trainer's embedder gives, restart-safely."""
 
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -55,3 +62,50 @@ def test_checkpoint_steps_ignore_unfinished_saves(tmp_path):
     (tmp_path / name).mkdir()
   assert index_builder.finished_checkpoint_steps(tmp_path) == [0, 3]
   assert index_builder.finished_checkpoint_steps(tmp_path / "missing") == []
+
+
+def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
+  """Two real processes share a workdir: the builder publishes, the trainer swaps (>= 2)."""
+  tests_dir = pathlib.Path(__file__).parent
+  config_file = tmp_path / "two_process_config.py"
+  config_file.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {str(tests_dir)!r})
+      from tiny_configs import tiny_config
+
+      def get_config():
+        config = tiny_config()
+        config.retrieval.index_source = "builder"
+        config.retrieval.refresh_every = 10
+        config.retrieval.watch_poll_seconds = 0.1
+        config.retrieval.builder_poll_seconds = 0.1
+        config.retrieval.first_index_timeout = 120.0
+        config.train.num_steps = 200
+        config.train.checkpoint_every = 10
+        config.train.keep_checkpoints = 5
+        return config
+      """))
+  spec = importlib.util.spec_from_file_location("two_process_config", config_file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  workdir = tmp_path / "run"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the builder: 1 device
+  log_path = tmp_path / "builder.log"
+  with log_path.open("w") as log:  # a file, not a pipe: a full pipe would block the builder
+    builder = subprocess.Popen(
+        [sys.executable, "-m", "realm_jax.main", "--mode=index_builder",
+         f"--config={config_file}", f"--workdir={workdir}"],
+        cwd=tests_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+      result = loop.train_and_evaluate(module.get_config(), workdir)
+    finally:
+      builder.kill()
+      builder.wait()
+  output = log_path.read_text()
+  history = result["history"]
+  swaps = max((h.get("index_swaps", 0) for h in history), default=0)
+  assert swaps >= 2, output[-3000:]
+  assert np.all(np.isfinite([h["loss"] for h in history]))
+  index_steps = [h["index_step"] for h in history]
+  assert index_steps == sorted(index_steps) and index_steps[-1] > 0
+  assert all(h["staleness"] >= 0 for h in history)

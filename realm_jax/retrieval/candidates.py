@@ -44,3 +44,10 @@ def assemble_candidates(retrieved_ids: np.ndarray, source_ids: np.ndarray, k: in
 def null_only_candidates(batch: int, null_id: int) -> tuple[np.ndarray, np.ndarray]:
   """The no-retrieval baseline: the null document alone ([B, 1])."""
   return np.full((batch, 1), null_id, np.int32), np.ones((batch, 1), bool)
+
+
+def retrieve(searcher, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int,
+             null_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Search k - 1 + margin ids, then assemble: ids, mask [B, k] with the null doc in slot 0."""
+  ids, _ = searcher.search(query_emb, k - 1 + margin)
+  return assemble_candidates(ids, source_ids, k, null_id)

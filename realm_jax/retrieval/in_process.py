@@ -88,5 +88,4 @@ class InProcessIndex:
   def retrieve(self, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Top k - 1 real documents (source dropped) behind the null slot: ids, mask [B, k]."""
-    ids, _ = self.searcher.search(query_emb, k - 1 + margin)
-    return candidates_lib.assemble_candidates(ids, source_ids, k, self.corpus.null_id)
+    return candidates_lib.retrieve(self.searcher, query_emb, source_ids, k, margin, self.corpus.null_id)

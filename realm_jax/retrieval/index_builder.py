@@ -7,8 +7,9 @@ re-embeds every corpus block and publishes `<workdir>/index/<step>/` in the shar
 (manifest last, then LATEST). Restart-safe: it resumes from the newest published version and
 removes tmp folders a killed run left behind.
 
+The trainer side is `retrieval/watcher.py` (`retrieval.index_source="builder"`).
 Not yet here (issue 3): ScaNN shards, restoring the embedder subtree alone (orbax partial
-restore), slicing the corpus over several builder processes, and the trainer's IndexWatcher.
+restore), and slicing the corpus over several builder processes.
 """
 
 from __future__ import annotations
@@ -117,7 +118,15 @@ class IndexBuilder:
       due = newest is not None and (
           last is None or newest >= last + self.config.retrieval.refresh_every)
       if due:
-        self.build(newest)
+        try:
+          self.build(newest)
+        except Exception as e:  # pylint: disable=broad-except
+          # E.g. the trainer's keep-last-N deleted that checkpoint mid-restore. Nothing was
+          # published (the version only appears complete), so just look again.
+          logging.warning("index_builder: building step %d failed (%s: %s); retrying", newest,
+                          type(e).__name__, e)
+          time.sleep(poll_seconds)
+          continue
         built.append(newest)
         last = newest
         idle_since = time.time()

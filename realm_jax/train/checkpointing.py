@@ -66,14 +66,26 @@ def resolve_checkpoint_dir(path: epath.PathLike) -> epath.Path:
 
 
 def restore_params(path: epath.PathLike, step: int | None = None) -> tuple[Any, int]:
-  """Loads only the parameters of another run's latest (or given) checkpoint (host arrays)."""
+  """Loads the parameters of another run's latest (or given) checkpoint onto this host.
+
+  Works across topologies (a checkpoint saved by 8 trainer devices restores in a 1-device
+  builder): the restore target is built from the checkpoint's metadata, on one local device.
+  The whole state is read (params and optimizer state); restoring the embedder subtree alone
+  (orbax partial restore) is left for the index builder at scale.
+  """
   directory = resolve_checkpoint_dir(path)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      read_only=True, create=False, save_interval_steps=0), item_names=("state", "data"))
+  manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint found in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      manager.item_metadata(step)["state"])
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   manager.close()
-  params = restored["state"]["params"]
-  return jax.tree_util.tree_map(lambda x: jax.device_get(x), params), step
+  return jax.device_get(restored["state"]["params"]), step

@@ -25,6 +25,7 @@ from realm_jax.data import pipeline
 from realm_jax.data import prepare
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import in_process
+from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import partitioning
@@ -211,8 +212,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
   # ---- Index: the trainer's own exact index (REALM with retrieval) ---------------------
   retrieval_on = not is_ict and config.retrieval.enabled
+  from_builder = retrieval_on and config.retrieval.index_source == "builder"
   index = None
-  if retrieval_on or is_ict:
+  if from_builder:  # versions come from the separate index-builder job
+    index = watcher_lib.WatchedIndex(watcher_lib.IndexWatcher(
+        workdir / "index", config.model.embed_dim, corpus.num_docs,
+        config.retrieval.watch_poll_seconds).start(), corpus.null_id)
+  elif retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
                                       config.retrieval.embed_batch_size,
                                       config.retrieval.keep_index_versions, write=is_main)
@@ -234,7 +240,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                  phase="index")
     logging.info("index: version %d, held-out %s = %.3f", index.step, gold_recall, recall)
 
-  if retrieval_on and start_step < num_steps:
+  if from_builder:
+    ckpt.wait()  # the builder embeds the step-0 (or resumed) checkpoint: it must be on storage
+    index.wait_for_first(config.retrieval.first_index_timeout)
+    log_index_recall(index.step)
+  elif retrieval_on and start_step < num_steps:
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
     log_index_recall(index.step)
 
@@ -262,6 +272,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     step_start = time.time()
     batch = first_batch if step == start_step else source.batch_at(step)
     scalars: dict[str, float] = {}
+    if from_builder and index.maybe_swap():  # between two steps, never inside one
+      scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
+      log_index_recall(index.step)
     if is_ict:
       device_batch = {k: batch[k] for k in steps_lib.ICT_KEYS}
     else:
@@ -285,7 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                                    "retrieval_utility") if k in scalars})
 
     done = step + 1
-    if retrieval_on and done % config.retrieval.refresh_every == 0 and done < num_steps:
+    if (retrieval_on and not from_builder and done % config.retrieval.refresh_every == 0 and
+        done < num_steps):
       index.refresh(state.params, done)
       log_index_recall(done)
     if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
@@ -307,7 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                        config.eval.batch_size)
       writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
-      if retrieval_on:
+      if from_builder:
+        index.maybe_swap()
+      elif retrieval_on:
         index.refresh(state.params, stop)
         log_index_recall(stop)
       final.update(evaluate_realm(state.params, data.eval_queries, corpus, realm_retriever,
@@ -315,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       writer.write(stop, {k: v for k, v in final.items()
                           if isinstance(v, float)}, phase="eval")
     logging.info("eval: %s", {k: round(v, 4) for k, v in final.items() if isinstance(v, float)})
+  if from_builder:
+    index.watcher.stop()
   writer.close()
   ckpt.close()
   return final
