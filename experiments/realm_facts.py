@@ -67,6 +67,7 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       # "trainer": re-embed in-process every refresh_every steps (synchronous, small corpora);
       # "builder": a separate `--mode=index_builder` job publishes versions, the trainer swaps.
       index_source="trainer",
+      searcher="exact",  # "exact" (matmul + top-k) or "scann" (for builder-published versions)
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint

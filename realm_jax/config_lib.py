@@ -69,6 +69,7 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
   check_choice("data.masking", config.data.masking, ("salient", "random"))
   check_choice("loss.marginalization", config.loss.marginalization, ("token", "span"))
   check_choice("retrieval.index_source", config.retrieval.index_source, ("trainer", "builder"))
+  check_choice("retrieval.searcher", config.retrieval.searcher, ("exact", "scann"))
   if config.data.corpus != "facts":  # a prebuilt corpus must already be there
     _require(bool(config.data.corpus_dir) and epath.Path(config.data.corpus_dir).exists(),
              f"data.corpus_dir={config.data.corpus_dir!r} does not exist (data.corpus="

@@ -101,3 +101,20 @@ def test_prune_keeps_newest_and_latest(tmp_path):
   assert index_format.list_versions(tmp_path) == [3, 4]
   manifest = json.loads((tmp_path / "4" / index_format.MANIFEST).read_text())
   assert manifest["step"] == 4 and manifest["dim"] == 8
+
+
+def test_scann_version_loads_as_scann_and_agrees_with_exact(tmp_path):
+  from realm_jax.retrieval import scann_searcher  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(40, 16)).astype(np.float32)
+  emb = (centres[rng.integers(40, size=5000)] + 0.1 * rng.normal(size=(5000, 16))).astype(
+      np.float32)
+  index_format.publish_index(tmp_path, 7, [(emb, np.arange(5000))], searcher="scann")
+  manifest, loaded = index_format.load_index(tmp_path, 7)
+  assert manifest["searcher"] == "scann"
+  assert isinstance(loaded.shards[0], scann_searcher.ScannSearcher)
+  queries = centres[:20] + 0.1 * rng.normal(size=(20, 16)).astype(np.float32)
+  got, _ = loaded.search(queries, 10)
+  want = _brute_force(queries, emb, 10)
+  recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
+  assert recall >= 0.95, recall

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import partitioning
 
@@ -47,10 +48,11 @@ class InProcessIndex:
 
   def __init__(self, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
                index_root: epath.PathLike, embed_batch_size: int, keep_versions: int,
-               write: bool):
+               write: bool, searcher_kind: str = "exact"):
     self.corpus, self._embed_docs, self._mesh = corpus, embed_docs, mesh
     self.root = epath.Path(index_root)
     self._embed_batch_size, self._keep, self._write = embed_batch_size, keep_versions, write
+    self._searcher_kind = searcher_kind
     self.searcher: searcher_lib.Searcher | None = None
     self.step: int | None = None  # train step whose parameters embedded the corpus
     self.last_refresh_seconds = 0.0
@@ -59,13 +61,13 @@ class InProcessIndex:
     start = time.time()
     embeddings = embed_corpus(params, self.corpus, self._embed_docs, self._mesh,
                               self._embed_batch_size)
-    self.searcher = searcher_lib.ExactSearcher(embeddings)
+    self.searcher = scann_searcher.make_searcher(self._searcher_kind, embeddings)
     self.step = step
     if self._write:
       if (self.root / str(step) / index_format.MANIFEST).exists():
         (self.root / str(step)).rmtree()  # a re-run of this step after a resume replaces it
       index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
-                                 extra=dict(source="in_process"))
+                                 searcher=self._searcher_kind, extra=dict(source="in_process"))
       index_format.prune_versions(self.root, self._keep)
     self.last_refresh_seconds = time.time() - start
     logging.info("index: re-embedded %d documents at step %d in %.1fs", len(embeddings), step,

@@ -8,8 +8,9 @@ re-embeds every corpus block and publishes `<workdir>/index/<step>/` in the shar
 removes tmp folders a killed run left behind.
 
 The trainer side is `retrieval/watcher.py` (`retrieval.index_source="builder"`).
-Not yet here (issue 3): ScaNN shards, restoring the embedder subtree alone (orbax partial
-restore), and slicing the corpus over several builder processes.
+Not yet here (issue 3): serialized ScaNN assets in the version (a "scann" version is built
+by its reader from the stored embeddings), restoring the embedder subtree alone (orbax
+partial restore), and slicing the corpus over several builder processes.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class IndexBuilder:
       (self.index_root / str(step)).rmtree()
     path = index_format.publish_index(
         self.index_root, step, [(embeddings, np.arange(len(embeddings)))],
+        searcher=self.config.retrieval.searcher,
         extra=dict(source="index_builder", embed_seconds=round(time.time() - start, 3)))
     index_format.prune_versions(self.index_root, self.config.retrieval.keep_index_versions)
     logging.info("index_builder: published step %d (%d docs) in %.1fs", step, len(embeddings),

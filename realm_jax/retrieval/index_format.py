@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from etils import epath
 
+from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 
 MANIFEST = "MANIFEST.json"
@@ -111,7 +112,11 @@ def list_versions(index_root: epath.PathLike) -> list[int]:
 
 def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
                expected_num_docs: int | None = None) -> tuple[dict, searcher_lib.ShardedSearcher]:
-  """Loads and validates one version (checksums, dim, doc count) into an exact searcher."""
+  """Loads and validates one version (checksums, dim, doc count) into the manifest's searcher.
+
+  A "scann" version builds its ScaNN shards here from the stored embeddings (in the caller's
+  thread: the trainer's IndexWatcher, off the training thread).
+  """
   version = epath.Path(index_root) / str(step)
   manifest_path = version / MANIFEST
   if not manifest_path.exists():
@@ -129,7 +134,7 @@ def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None =
     if embeddings.shape != (entry["num_docs"], manifest["dim"]):
       raise IndexError_(f"{version}/{entry['name']}: shape {embeddings.shape} does not match "
                         f"the manifest")
-    shards.append(searcher_lib.ExactSearcher(embeddings, doc_ids))
+    shards.append(scann_searcher.make_searcher(manifest["searcher"], embeddings, doc_ids))
   return manifest, searcher_lib.ShardedSearcher(shards)
 
 

@@ -221,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   elif retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
                                       config.retrieval.embed_batch_size,
-                                      config.retrieval.keep_index_versions, write=is_main)
+                                      config.retrieval.keep_index_versions, write=is_main,
+                                      searcher_kind=config.retrieval.searcher)
   realm_retriever = Retriever(retrieval_on, config.retrieval, corpus, index, embed_queries,
                               mesh)
   # ICT is judged by how well its embedder retrieves gold documents for held-out queries.
