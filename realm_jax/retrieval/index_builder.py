@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from realm_jax import config_lib
 from realm_jax.data import prepare
 from realm_jax.retrieval import in_process
 from realm_jax.retrieval import index_format
@@ -62,6 +63,7 @@ class IndexBuilder:
     self.checkpoint_dir = self.workdir / "checkpoints"
     self.index_root = self.workdir / "index"
     self.mesh = partitioning.make_mesh(config.mesh, devices)
+    config_lib.validate(config, partitioning.data_parallel_size(self.mesh), jax.process_count())
     self.corpus = None
     self._embed_docs = None
 

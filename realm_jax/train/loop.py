@@ -77,35 +77,48 @@ def _local_slice(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[s
   return {k: v[lo:lo + per_process] for k, v in arrays.items()}
 
 
+def _eval_batches(queries: dict[str, np.ndarray], batch_size: int):
+  """This process's part of each global eval batch, the last padded with inert rows.
+
+  Padding rows are copies of query 0 with zero mask weights and unknown gold, so they count
+  for nothing.
+  """
+  n = len(queries["query_tokens"])
+  padded = -(-n // batch_size) * batch_size
+  real = np.arange(padded) < n
+  arrays = {k: v[np.where(real, np.arange(padded), 0)] for k, v in queries.items()}
+  arrays["gold_ids"] = np.where(real, arrays["gold_ids"], -1)
+  if "masked_weights" in arrays:
+    arrays["masked_weights"] = arrays["masked_weights"] * real[:, None]
+  for start in range(0, padded, batch_size):
+    yield _local_slice(arrays, start, start + batch_size)
+
+
+def _gold_hits(ids: np.ndarray, mask: np.ndarray, gold: np.ndarray) -> tuple[int, int]:
+  """(queries whose gold doc is among the real candidates, queries with a known gold doc)."""
+  found = (np.where(mask, ids, -2)[:, 1:] == gold[:, None]).any(axis=1) & (gold >= 0)
+  return int(found.sum()), int((gold >= 0).sum())
+
+
 def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Retriever,
                    eval_step, mesh, batch_size: int) -> dict[str, float]:
   """Masked-span accuracy, loss, RU and gold recall@k over all held-out queries."""
-  n = len(queries["query_tokens"])
-  padded = -(-n // batch_size) * batch_size
-  # Pad to whole batches with weight-0 copies of query 0 (they count for nothing).
-  pad_rows = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
-  arrays = {k: v[pad_rows] for k, v in queries.items()}
-  arrays["masked_weights"] = arrays["masked_weights"] * (np.arange(padded) < n)[:, None]
-  arrays["gold_ids"] = np.where(np.arange(padded) < n, arrays["gold_ids"], -1)
   totals = dict(loss=0.0, retrieval_utility=0.0, token_accuracy=0.0, span_accuracy=0.0,
                 null_doc_prob=0.0, num_tokens=0.0, num_queries=0.0)
-  hits, known = 0, 0
-  for start in range(0, padded, batch_size):
-    local = _local_slice(arrays, start, start + batch_size)
+  hits = known = 0
+  for local in _eval_batches(queries, batch_size):
     ids, mask = retriever(params, local)
     out = jax.device_get(eval_step(params, partitioning.shard_batch(
         _realm_device_batch(local, corpus, ids, mask), mesh)))
     for name in ("loss", "retrieval_utility", "token_accuracy"):
       totals[name] += float(out[name]) * float(out["num_tokens"])
-    totals["span_accuracy"] += float(out["span_accuracy"]) * float(out["num_queries"])
-    totals["null_doc_prob"] += float(out["null_doc_prob"]) * float(out["num_queries"])
+    for name in ("span_accuracy", "null_doc_prob"):
+      totals[name] += float(out[name]) * float(out["num_queries"])
     totals["num_tokens"] += float(out["num_tokens"])
     totals["num_queries"] += float(out["num_queries"])
     if retriever.enabled:
-      gold = local["gold_ids"]
-      known += int((gold >= 0).sum())
-      hits += int(round(objectives.recall_at_k(np.where(mask, ids, -2)[:, 1:], gold) *
-                        max(int((gold >= 0).sum()), 1)))
+      batch_hits, batch_known = _gold_hits(ids, mask, local["gold_ids"])
+      hits, known = hits + batch_hits, known + batch_known
   tokens, num_queries = max(totals["num_tokens"], 1.0), max(totals["num_queries"], 1.0)
   result = {name: totals[name] / tokens for name in ("loss", "retrieval_utility", "token_accuracy")}
   result["span_accuracy"] = totals["span_accuracy"] / num_queries
@@ -119,18 +132,10 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
 def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
                  batch_size: int) -> float:
   """Gold-document recall@(k-1) of the current index for held-out queries (retrieval only)."""
-  n = len(queries["query_tokens"])
-  padded = -(-n // batch_size) * batch_size
-  pad_rows = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
-  arrays = {k: v[pad_rows] for k, v in queries.items()}
-  arrays["gold_ids"] = np.where(np.arange(padded) < n, arrays["gold_ids"], -1)
   hits = known = 0
-  for start in range(0, padded, batch_size):
-    local = _local_slice(arrays, start, start + batch_size)
-    ids, mask = retriever(params, local)
-    gold = local["gold_ids"]
-    found = (np.where(mask, ids, -2)[:, 1:] == gold[:, None]).any(axis=1) & (gold >= 0)
-    hits, known = hits + int(found.sum()), known + int((gold >= 0).sum())
+  for local in _eval_batches(queries, batch_size):
+    batch_hits, batch_known = _gold_hits(*retriever(params, local), local["gold_ids"])
+    hits, known = hits + batch_hits, known + batch_known
   return hits / max(known, 1)
 
 
