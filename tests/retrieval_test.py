@@ -72,15 +72,15 @@ def test_publish_load_round_trip(tmp_path):
 def test_corrupted_shard_and_mismatched_manifest_are_rejected(tmp_path):
   shards, _ = _shards(np.random.default_rng(0))
   version = index_format.publish_index(tmp_path, 3, shards)
-  with pytest.raises(index_format.IndexError_, match="dim"):
+  with pytest.raises(index_format.IndexVersionError, match="dim"):
     index_format.load_index(tmp_path, 3, expected_dim=16)
-  with pytest.raises(index_format.IndexError_, match="docs"):
+  with pytest.raises(index_format.IndexVersionError, match="docs"):
     index_format.load_index(tmp_path, 3, expected_num_docs=41)
   path = version / "shard-00001-of-00002" / "embeddings.npy"
   data = bytearray(path.read_bytes())
   data[-1] ^= 0xFF
   path.write_bytes(bytes(data))
-  with pytest.raises(index_format.IndexError_, match="checksum"):
+  with pytest.raises(index_format.IndexVersionError, match="checksum"):
     index_format.load_index(tmp_path, 3)
 
 
@@ -89,7 +89,7 @@ def test_version_without_manifest_is_not_a_version(tmp_path):
   index_format.publish_index(tmp_path, 1, shards)
   (tmp_path / "2").mkdir()  # a crashed writer's leftovers
   assert index_format.list_versions(tmp_path) == [1]
-  with pytest.raises(index_format.IndexError_, match="MANIFEST"):
+  with pytest.raises(index_format.IndexVersionError, match="MANIFEST"):
     index_format.load_index(tmp_path, 2)
 
 

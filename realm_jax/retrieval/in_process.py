@@ -83,7 +83,7 @@ class InProcessIndex:
         self.step = expected
         logging.info("index: resumed with version %d", expected)
         return
-      except index_format.IndexError_ as e:
+      except index_format.IndexVersionError as e:
         logging.warning("index: version %d unusable (%s); re-embedding", expected, e)
     self.refresh(params, step)
 

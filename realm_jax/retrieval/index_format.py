@@ -31,7 +31,7 @@ LATEST = "LATEST"
 FORMAT_VERSION = 1
 
 
-class IndexError_(ValueError):  # pylint: disable=invalid-name
+class IndexVersionError(ValueError):
   """An index version that is missing, incomplete or inconsistent."""
 
 
@@ -50,7 +50,7 @@ def _write_npy(path: epath.Path, array: np.ndarray) -> str:
 def _read_npy(path: epath.Path, sha256: str | None) -> np.ndarray:
   data = path.read_bytes()
   if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-    raise IndexError_(f"checksum mismatch in {path}")
+    raise IndexVersionError(f"checksum mismatch in {path}")
   return np.load(io.BytesIO(data))
 
 
@@ -63,7 +63,7 @@ def publish_index(index_root: epath.PathLike, step: int,
   root.mkdir(parents=True, exist_ok=True)
   final = root / str(step)
   if (final / MANIFEST).exists():
-    raise IndexError_(f"index version {final} already exists")
+    raise IndexVersionError(f"index version {final} already exists")
   tmp = root / f".tmp-{step}-{uuid.uuid4().hex[:8]}"
   tmp.mkdir(parents=True)
   shard_entries, dims = [], set()
@@ -71,7 +71,7 @@ def publish_index(index_root: epath.PathLike, step: int,
     embeddings = np.asarray(embeddings, np.float32)
     doc_ids = np.asarray(doc_ids, np.int64)
     if embeddings.ndim != 2 or doc_ids.shape != (len(embeddings),):
-      raise IndexError_(f"shard {i}: embeddings {embeddings.shape} vs doc_ids {doc_ids.shape}")
+      raise IndexVersionError(f"shard {i}: embeddings {embeddings.shape} vs doc_ids {doc_ids.shape}")
     dims.add(embeddings.shape[1])
     name = _shard_name(i, len(shards))
     (tmp / name).mkdir()
@@ -80,7 +80,7 @@ def publish_index(index_root: epath.PathLike, step: int,
         embeddings_sha256=_write_npy(tmp / name / "embeddings.npy", embeddings),
         doc_ids_sha256=_write_npy(tmp / name / "doc_ids.npy", doc_ids)))
   if len(dims) != 1:
-    raise IndexError_(f"shards disagree on the embedding dim: {sorted(dims)}")
+    raise IndexVersionError(f"shards disagree on the embedding dim: {sorted(dims)}")
   manifest = dict(format_version=FORMAT_VERSION, step=int(step), dim=dims.pop(),
                   num_docs=sum(s["num_docs"] for s in shard_entries), searcher=searcher,
                   shards=shard_entries, build_seconds=round(time.time() - start, 3),
@@ -120,19 +120,19 @@ def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None =
   version = epath.Path(index_root) / str(step)
   manifest_path = version / MANIFEST
   if not manifest_path.exists():
-    raise IndexError_(f"{version} has no {MANIFEST}: not a complete index version")
+    raise IndexVersionError(f"{version} has no {MANIFEST}: not a complete index version")
   manifest = json.loads(manifest_path.read_text())
   if expected_dim is not None and manifest["dim"] != expected_dim:
-    raise IndexError_(f"{version}: dim {manifest['dim']} != model's {expected_dim}")
+    raise IndexVersionError(f"{version}: dim {manifest['dim']} != model's {expected_dim}")
   if expected_num_docs is not None and manifest["num_docs"] != expected_num_docs:
-    raise IndexError_(f"{version}: {manifest['num_docs']} docs != corpus's {expected_num_docs}")
+    raise IndexVersionError(f"{version}: {manifest['num_docs']} docs != corpus's {expected_num_docs}")
   shards = []
   for entry in manifest["shards"]:
     embeddings = _read_npy(version / entry["name"] / "embeddings.npy",
                            entry["embeddings_sha256"])
     doc_ids = _read_npy(version / entry["name"] / "doc_ids.npy", entry["doc_ids_sha256"])
     if embeddings.shape != (entry["num_docs"], manifest["dim"]):
-      raise IndexError_(f"{version}/{entry['name']}: shape {embeddings.shape} does not match "
+      raise IndexVersionError(f"{version}/{entry['name']}: shape {embeddings.shape} does not match "
                         f"the manifest")
     shards.append(scann_searcher.make_searcher(manifest["searcher"], embeddings, doc_ids))
   return manifest, searcher_lib.ShardedSearcher(shards)

@@ -53,7 +53,7 @@ class IndexWatcher:
     start = time.time()
     try:
       _, searcher = index_format.load_index(self.root, step, **self._expected)
-    except index_format.IndexError_ as e:
+    except index_format.IndexVersionError as e:
       self._seen.add(step)
       self.rejected[step] = str(e)
       logging.warning("index watcher: rejected version %d: %s (keeping the current index)",
