@@ -1,9 +1,9 @@
-"""The trainer-held index: re-embed the corpus every `refresh_every` steps, exact search.
+"""The trainer-held index: re-embed the corpus every `refresh_every` steps (in-process).
 
-For small corpora (and this issue's demo) the trainer refreshes its own index synchronously,
-like Atlas does. Every refresh is published in the shared index format under
-`<workdir>/index/<step>/`, so a resumed run reloads the very index it was using and the
-separate index-builder job can later replace this class without changing the format.
+For small corpora (and the demo) the trainer refreshes its own index synchronously, like Atlas
+does. Every refresh is published in the shared index format under `<workdir>/index/<step>/`,
+so a resumed run reloads the very index it was using; `retrieval.index_source=builder` swaps
+this class for versions from the separate index-builder job (`watcher.WatchedIndex`).
 """
 
 from __future__ import annotations
