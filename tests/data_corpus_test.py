@@ -8,14 +8,9 @@ import pytest
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
 from realm_jax.data import tokenizer as tokenizer_lib
+from data_helpers import PlainDoc, ids  # pylint: disable=g-bad-import-order
 
 DOC_LEN = 96
-
-
-@dataclasses.dataclass(frozen=True)
-class PlainDoc:
-  title: str
-  sentences: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +28,10 @@ def blocks(facts, tokenizer):
   return corpus_lib.build_block_corpus(facts.docs, tokenizer, DOC_LEN)
 
 
-def _ids(tokenizer, text):
-  return tokenizer.encode(text, add_special_tokens=False).ids
-
-
 def test_retriever_rows_are_cls_title_sep_body_sep_with_segments(facts, tokenizer, blocks):
   special = blocks.special
   for doc in (facts.docs[0], facts.docs[-1]):
-    title, body = _ids(tokenizer, doc.title), _ids(tokenizer, " ".join(doc.sentences))
+    title, body = ids(tokenizer, doc.title), ids(tokenizer, " ".join(doc.sentences))
     expected = [special.cls, *title, special.sep, *body, special.sep]
     assert len(expected) < DOC_LEN  # these docs fit without truncation
     row = blocks.retriever_tokens[doc.doc_id]
@@ -54,7 +45,7 @@ def test_retriever_rows_are_cls_title_sep_body_sep_with_segments(facts, tokenize
 
 def test_reader_rows_are_body_sep_without_title(facts, tokenizer, blocks):
   doc = facts.docs[3]
-  body = _ids(tokenizer, " ".join(doc.sentences))
+  body = ids(tokenizer, " ".join(doc.sentences))
   assert blocks.body_len == DOC_LEN - 2
   np.testing.assert_array_equal(blocks.reader_tokens[3, :len(body) + 1],
                                 body + [blocks.special.sep])
@@ -84,13 +75,13 @@ def test_truncation_keeps_final_sep_and_caps_title(tokenizer):
   assert np.all(row != special.pad)  # filled to the end
   assert row[-1] == special.sep and row[0] == special.cls
   assert row[1 + 16 // 4] == special.sep  # title cut to doc_len // 4 = 4 wordpieces
-  np.testing.assert_array_equal(row[1:5], _ids(tokenizer, long_title)[:4])
+  np.testing.assert_array_equal(row[1:5], ids(tokenizer, long_title)[:4])
   np.testing.assert_array_equal(segments, [0] * 6 + [1] * 10)
   assert blocks.reader_tokens[0, -1] == special.sep and blocks.reader_lengths[0] == 14
   np.testing.assert_array_equal(blocks.reader_tokens[0, :13],
-                                _ids(tokenizer, " ".join(long_body))[:13])
+                                ids(tokenizer, " ".join(long_body))[:13])
   # A doc without sentences is `[CLS] title [SEP] [SEP]`.
-  expected = [special.cls, *_ids(tokenizer, "Short")[:4], special.sep, special.sep, special.pad]
+  expected = [special.cls, *ids(tokenizer, "Short")[:4], special.sep, special.sep, special.pad]
   assert blocks.retriever_tokens[1, :len(expected)].tolist() == expected
 
 
@@ -98,8 +89,8 @@ def test_untruncated_sentences_and_titles_are_kept(facts, tokenizer, blocks):
   np.testing.assert_array_equal(blocks.sentence_counts(), [len(d.sentences) for d in facts.docs])
   for doc in (facts.docs[2], facts.docs[-2]):
     stored = blocks.sentence_ids(doc.doc_id)
-    assert [s.tolist() for s in stored] == [_ids(tokenizer, s) for s in doc.sentences]
-    assert blocks.title_ids(doc.doc_id).tolist() == _ids(tokenizer, doc.title)
+    assert [s.tolist() for s in stored] == [ids(tokenizer, s) for s in doc.sentences]
+    assert blocks.title_ids(doc.doc_id).tolist() == ids(tokenizer, doc.title)
   assert blocks.sentence_token_ids.dtype == np.int32
 
 

@@ -1,7 +1,5 @@
 """Tests of realm_jax.data.pipeline: query masking, batch sources and ICT examples."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -9,15 +7,10 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
 from realm_jax.data import pipeline
 from realm_jax.data import tokenizer as tokenizer_lib
+from data_helpers import PlainDoc, ids  # pylint: disable=g-bad-import-order
 
 QUERY_LEN = 48
 DOC_LEN = 160
-
-
-@dataclasses.dataclass(frozen=True)
-class PlainDoc:
-  title: str
-  sentences: tuple[str, ...]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +27,6 @@ def tokenizer(facts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def blocks(facts, tokenizer):
   return corpus_lib.build_block_corpus(facts.docs, tokenizer, DOC_LEN)
-
-
-def _ids(tokenizer, text):
-  return tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_salient_masks_decode_to_exactly_the_span(facts, tokenizer):
@@ -57,7 +46,7 @@ def test_salient_masks_decode_to_exactly_the_span(facts, tokenizer):
     assert np.all(tokens[positions] == mask_id)
     unmasked = tokens.copy()
     unmasked[positions] = labels
-    original = _ids(tokenizer, query.text)
+    original = ids(tokenizer, query.text)
     np.testing.assert_array_equal(unmasked[:len(original) + 2],
                                   [tokenizer_lib.special_ids(tokenizer).cls, *original,
                                    tokenizer_lib.special_ids(tokenizer).sep])
