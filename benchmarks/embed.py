@@ -21,8 +21,6 @@ and 1.29x for tiny (both numbers are in the JSON: model_flops_per_doc[_wiki_bloc
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import os
 import sys
@@ -163,21 +161,8 @@ def main(argv):
     sys.exit("error: --config is required, e.g. --config=experiments/realm_facts.py:size=tiny")
   if _NUM_DOCS.value < 1 or _BATCH_SIZE.value < 0:
     sys.exit("error: --num_docs must be >= 1 and --batch_size >= 0")
-  import jax  # pylint: disable=g-import-not-at-top
-
-  load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-  result = run(_CONFIG.value, _NUM_DOCS.value, _BATCH_SIZE.value)
-  result.update(
-      command=" ".join(["python"] + sys.argv), jax_version=jax.__version__, git=tsb.git_state(),
-      cpu=tsb.cpu_model(), host_cpu_count=os.cpu_count(), load_average_1min_before=load_before,
-      load_average_1min_after=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  print(format_table(result))
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    print(f"wrote {_OUTPUT.value}")
-
+  load_before = tsb.load_average()
+  tsb.report(run(_CONFIG.value, _NUM_DOCS.value, _BATCH_SIZE.value), load_before, format_table)
 
 if __name__ == "__main__":
   app.run(main)

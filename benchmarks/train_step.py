@@ -324,29 +324,33 @@ def main(argv):
     sys.exit("error: --steps must be >= 1 and --warmup >= 0")
   if _CONFIG.value is None:
     sys.exit("error: --config is required, e.g. --config=experiments/realm_facts.py:size=tiny")
-  import jax  # pylint: disable=g-import-not-at-top
-
   from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   objective = _OBJECTIVE.value or config.objective
   if objective not in ("realm", "ict"):
     sys.exit(f"error: objective {objective!r} has no benchmark here; use --objective=realm|ict")
-  load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  load_before = load_average()
   try:
     result = run(config, objective, _BATCH_SIZE.value, _K.value, _STEPS.value, _WARMUP.value)
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
+  report(result, load_before, format_table)
+
+
+def load_average() -> float | None:
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def report(result: dict[str, Any], load_before: float | None, formatter) -> None:
+  """Adds the machine, software and time to `result`, prints it, writes --output JSON."""
+  import jax  # pylint: disable=g-import-not-at-top
   result.update(
-      command=" ".join(["python"] + sys.argv),
-      jax_version=jax.__version__,
-      git=git_state(),
-      cpu=cpu_model(), host_cpu_count=os.cpu_count(),
-      load_average_1min_before=load_before,
-      load_average_1min_after=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-  )
-  print(format_table(result))
+      command=" ".join(["python"] + sys.argv), jax_version=jax.__version__, git=git_state(),
+      cpu=cpu_model(), host_cpu_count=os.cpu_count(), load_average_1min_before=load_before,
+      load_average_1min_after=load_average(),
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  print(formatter(result))
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       json.dump(result, f, indent=2, sort_keys=True)

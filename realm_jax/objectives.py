@@ -36,9 +36,8 @@ def retrieval_log_probs(retrieval_logits, candidate_mask):
   return jax.nn.log_softmax(logits, axis=-1)
 
 
-def label_log_probs(mlm_logits, labels):
-  """log p(y_j | z, x) of the gold labels: [B, k, M, V], [B, M] -> [B, k, M]."""
-  log_probs = jax.nn.log_softmax(mlm_logits.astype(jnp.float32), axis=-1)
+def label_log_probs(log_probs, labels):
+  """log p(y_j | z, x) of the gold labels: log-probs [B, k, M, V], labels [B, M] -> [B, k, M]."""
   gold = jnp.broadcast_to(labels[:, None, :, None], log_probs.shape[:3] + (1,))
   return jnp.take_along_axis(log_probs, gold, axis=-1)[..., 0]
 
@@ -79,7 +78,8 @@ def realm_loss(retrieval_logits, candidate_mask, mlm_logits, labels, weights,
   """
   weights = weights.astype(jnp.float32)
   log_p_z = retrieval_log_probs(retrieval_logits, candidate_mask)
-  log_p_y = label_log_probs(mlm_logits, labels)
+  log_probs = jax.nn.log_softmax(mlm_logits.astype(jnp.float32), axis=-1)  # [B, k, M, V]
+  log_p_y = label_log_probs(log_probs, labels)
   num_tokens = jnp.sum(weights)
   denominator = jnp.maximum(num_tokens, 1.0)
   marginal = marginal_log_likelihood(log_p_z, log_p_y, weights, marginalization)  # [B]
@@ -87,7 +87,6 @@ def realm_loss(retrieval_logits, candidate_mask, mlm_logits, labels, weights,
   loss = -jnp.sum(marginal) / denominator
 
   # The marginal predictive distribution over the vocabulary, for accuracy.
-  log_probs = jax.nn.log_softmax(mlm_logits.astype(jnp.float32), axis=-1)  # [B, k, M, V]
   marginal_vocab = jax.nn.logsumexp(log_p_z[:, :, None, None] + log_probs, axis=1)  # [B, M, V]
   correct = (jnp.argmax(marginal_vocab, axis=-1) == labels).astype(jnp.float32)  # [B, M]
   has_tokens = jnp.sum(weights, axis=-1) > 0  # [B]

@@ -104,14 +104,23 @@ def test_bert_forward_matches_xla():
   _assert_close(xla, flops.bert_flops(n, t, DIMS))
 
 
-def test_realm_forward_matches_xla():
+REALM_SHAPE = dict(b=2, k=4, lq=32, ld=64, m=10)
+
+
+def _realm_model_and_args():
+  """A RealmModel of DIMS, inputs of REALM_SHAPE, and the parameters' shapes."""
   model = realm.RealmModel(realm.RealmModelConfig(bert=_bert_config(),
                                                   embed_dim=DIMS.embed_dim))
-  b, k, lq, ld, m = 2, 4, 32, 64, 10
+  b, k, lq, ld, m = REALM_SHAPE.values()
   args = (jnp.ones((b, lq), jnp.int32), jnp.zeros((b, m), jnp.int32),
           jnp.ones((b, k, ld), jnp.int32), jnp.zeros((b, k, ld), jnp.int32),
           jnp.ones((b, k, ld - 2), jnp.int32))
-  params = jax.eval_shape(model.init, jax.random.key(0), *args)
+  return model, args, jax.eval_shape(model.init, jax.random.key(0), *args)
+
+
+def test_realm_forward_matches_xla():
+  model, args, params = _realm_model_and_args()
+  b, k, lq, ld, m = REALM_SHAPE.values()
   xla = _xla_flops(lambda p, *a: model.apply(p, *a), params, *args)
   _assert_close(xla, flops.realm_step_flops(DIMS, b, k, lq, ld, m).forward)
 
@@ -135,13 +144,8 @@ def test_ict_forward_matches_xla():
 
 def test_realm_gradient_is_about_three_forwards():
   """The train-step convention (backward = 2 x forward) against XLA's count of a gradient."""
-  model = realm.RealmModel(realm.RealmModelConfig(bert=_bert_config(),
-                                                  embed_dim=DIMS.embed_dim))
-  b, k, lq, ld, m = 2, 4, 32, 64, 10
-  args = (jnp.ones((b, lq), jnp.int32), jnp.zeros((b, m), jnp.int32),
-          jnp.ones((b, k, ld), jnp.int32), jnp.zeros((b, k, ld), jnp.int32),
-          jnp.ones((b, k, ld - 2), jnp.int32))
-  params = jax.eval_shape(model.init, jax.random.key(0), *args)
+  model, args, params = _realm_model_and_args()
+  b, k, lq, ld, m = REALM_SHAPE.values()
 
   def loss(p, *a):
     retrieval_logits, mlm_logits = model.apply(p, *a)

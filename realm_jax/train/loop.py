@@ -228,11 +228,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                       config.retrieval.embed_batch_size,
                                       config.retrieval.keep_index_versions, write=is_main,
                                       searcher_kind=config.retrieval.searcher)
-  realm_retriever = Retriever(retrieval_on, config.retrieval, corpus, index, embed_queries,
-                              mesh)
-  # ICT is judged by how well its embedder retrieves gold documents for held-out queries.
-  eval_retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries,
-                             mesh)
+  # REALM retrieves for its batches; ICT only for judging its embedder on held-out queries;
+  # the no-retrieval baseline (no index) gets the null document alone.
+  retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries, mesh)
   writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=is_main,
                                     phase=config.objective)
   gold_recall = recall_key(config.retrieval.k)
@@ -240,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   def log_index_recall(step: int):
     if index is None:
       return
-    recall = index_recall(state.params, data.eval_queries, eval_retriever,
+    recall = index_recall(state.params, data.eval_queries, retriever,
                           config.eval.batch_size)
     writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
                  phase="index")
@@ -262,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if is_ict:
       example = partitioning.shard_batch({k: first_batch[k] for k in steps_lib.ICT_KEYS}, mesh)
     else:
-      ids, mask = realm_retriever(state.params, first_batch)
+      ids, mask = retriever(state.params, first_batch)
       example = partitioning.shard_batch(_realm_device_batch(first_batch, corpus, ids, mask),
                                          mesh)
     compile_start = time.time()
@@ -285,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       device_batch = {k: batch[k] for k in steps_lib.ICT_KEYS}
     else:
       retrieval_start = time.time()
-      ids, mask = realm_retriever(state.params, batch)
+      ids, mask = retriever(state.params, batch)
       scalars["retrieval_seconds"] = time.time() - retrieval_start
       if retrieval_on:
         scalars["index_step"] = index.step
@@ -312,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       ckpt.save(done, state, {"step": done})
     if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
       writer.write(done, evaluate_realm(state.params, data.eval_queries, corpus,
-                                        realm_retriever, eval_step, mesh,
+                                        retriever, eval_step, mesh,
                                         config.eval.batch_size), phase="eval")
   writer.flush()
   ckpt.wait()
@@ -323,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   if stop == num_steps:
     if is_ict:
       index.refresh(state.params, stop)
-      final[gold_recall] = index_recall(state.params, data.eval_queries, eval_retriever,
+      final[gold_recall] = index_recall(state.params, data.eval_queries, retriever,
                                        config.eval.batch_size)
       writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
@@ -332,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       elif retrieval_on:
         index.refresh(state.params, stop)
         log_index_recall(stop)
-      final.update(evaluate_realm(state.params, data.eval_queries, corpus, realm_retriever,
+      final.update(evaluate_realm(state.params, data.eval_queries, corpus, retriever,
                                   eval_step, mesh, config.eval.batch_size))
       writer.write(stop, {k: v for k, v in final.items()
                           if isinstance(v, float)}, phase="eval")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh
 
 from realm_jax import objectives
@@ -50,12 +50,8 @@ def _ict_forward(model: realm.RealmModel, params, batch, rng, deterministic: boo
 
 
 def _apply_gradients(state, grads, metrics):
-  metrics = dict(metrics, grad_norm=optax_global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   return state.apply_gradients(grads=grads), metrics
-
-
-def optax_global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _jit_step(fn: Callable, mesh: Mesh):
