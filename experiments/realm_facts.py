@@ -71,6 +71,9 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
+      # Retrieve batch t+1 while the devices run step t (its candidates are then chosen with
+      # the parameters before step t). False: strictly sequential, bit-exact across resumes.
+      prefetch=True,
   ))
 
   config.loss = ml_collections.ConfigDict(dict(marginalization="token"))  # or "span"

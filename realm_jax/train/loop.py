@@ -53,21 +53,36 @@ def _realm_device_batch(queries: dict[str, np.ndarray], corpus: corpus_lib.Block
 
 
 class Retriever:
-  """Candidates for a batch of queries: live query embedding, index search, assembly."""
+  """Candidates for a batch of queries: live query embedding, index search, assembly.
+
+  `start` dispatches the query embedding to the devices and returns at once; `finish` waits
+  for it and searches on the host. The loop starts batch t+1 before dispatching step t, so
+  the host search runs while the devices train.
+  """
 
   def __init__(self, enabled: bool, retrieval_config, corpus, index, embed_queries, mesh):
     self.enabled = enabled  # False: the null document alone (no-retrieval baseline)
     self.k, self.margin = retrieval_config.k, retrieval_config.margin
     self.corpus, self.index, self._embed_queries, self._mesh = corpus, index, embed_queries, mesh
 
-  def __call__(self, params, queries: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  def start(self, params, queries: dict[str, np.ndarray]) -> jax.Array | None:
+    """Dispatches the embedding of this process's queries: [B_global, D] on the mesh."""
+    if not self.enabled:
+      return None
+    tokens = partitioning.shard_batch({"t": queries["query_tokens"]}, self._mesh)["t"]
+    return self._embed_queries(params, tokens)
+
+  def finish(self, queries: dict[str, np.ndarray],
+             query_emb: jax.Array | None) -> tuple[np.ndarray, np.ndarray]:
     """-> candidate ids [B_local, k] and mask [B_local, k] for this process's queries."""
     if not self.enabled:
       return candidates_lib.null_only_candidates(len(queries["query_tokens"]),
                                                  self.corpus.null_id)
-    tokens = partitioning.shard_batch({"t": queries["query_tokens"]}, self._mesh)["t"]
-    query_emb = partitioning.local_rows(self._embed_queries(params, tokens))
-    return self.index.retrieve(query_emb, queries["source_ids"], self.k, self.margin)
+    return self.index.retrieve(partitioning.local_rows(query_emb), queries["source_ids"],
+                               self.k, self.margin)
+
+  def __call__(self, params, queries: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return self.finish(queries, self.start(params, queries))
 
 
 def _local_slice(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
@@ -252,47 +267,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
     log_index_recall(index.step)
 
+  def realm_inputs(batch, query_emb, step: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Finishes the retrieval of batch `step`: the device batch (host arrays) and metrics."""
+    retrieval_start = time.time()
+    ids, mask = retriever.finish(batch, query_emb)
+    scalars = {"retrieval_seconds": time.time() - retrieval_start}
+    if retrieval_on:
+      scalars["index_step"] = index.step
+      scalars["staleness"] = step - index.step  # updates since the index was embedded
+      if (batch["gold_ids"] >= 0).any():
+        scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
+            np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])
+    return _realm_device_batch(batch, corpus, ids, mask), scalars
+
+  def inputs_at(step: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Batch `step` retrieved now, with the current parameters and index."""
+    batch = source.batch_at(step)
+    if is_ict:
+      return {k: batch[k] for k in steps_lib.ICT_KEYS}, {}
+    return realm_inputs(batch, retriever.start(state.params, batch), step)
+
   stop = num_steps if max_steps_this_run is None else min(num_steps,
                                                           start_step + max_steps_this_run)
   report: dict[str, float] = {}
+  pending = None  # (inputs, retrieval metrics) of the next step, prepared ahead
   if start_step < stop:  # a finished run goes straight to its final evaluation
-    first_batch = source.batch_at(start_step)
-    if is_ict:
-      example = partitioning.shard_batch({k: first_batch[k] for k in steps_lib.ICT_KEYS}, mesh)
-    else:
-      ids, mask = retriever(state.params, first_batch)
-      example = partitioning.shard_batch(_realm_device_batch(first_batch, corpus, ids, mask),
-                                         mesh)
+    pending = inputs_at(start_step)
     compile_start = time.time()
-    report = steps_lib.compile_report(train_step, state, example)
+    report = steps_lib.compile_report(train_step, state,
+                                      partitioning.shard_batch(pending[0], mesh))
     logging.info("compile: %.1fs; %s", time.time() - compile_start,
                  ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
 
   # ---- The loop ------------------------------------------------------------------------
+  # With retrieval.prefetch, batch t+1's query embedding is queued before step t and its host
+  # search runs while the devices compute step t (candidates chosen with the parameters from
+  # before step t's update; the index itself is refresh_every steps stale anyway).
+  prefetch = not is_ict and config.retrieval.prefetch
   progress = metrics_lib.Progress(config.objective, num_steps, start_step,
                                   config.train.log_every)
   history = []
   for step in range(start_step, stop):
     step_start = time.time()
-    batch = first_batch if step == start_step else source.batch_at(step)
     scalars: dict[str, float] = {}
     if from_builder and index.maybe_swap():  # between two steps, never inside one
       scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
       log_index_recall(index.step)
-    if is_ict:
-      device_batch = {k: batch[k] for k in steps_lib.ICT_KEYS}
-    else:
-      retrieval_start = time.time()
-      ids, mask = retriever(state.params, batch)
-      scalars["retrieval_seconds"] = time.time() - retrieval_start
-      if retrieval_on:
-        scalars["index_step"] = index.step
-        scalars["staleness"] = step - index.step  # updates since the index was embedded
-        if (batch["gold_ids"] >= 0).any():
-          scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
-              np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])
-      device_batch = _realm_device_batch(batch, corpus, ids, mask)
-    state, step_metrics = train_step(state, partitioning.shard_batch(device_batch, mesh))
+    inputs, retrieval_scalars = pending if pending is not None else inputs_at(step)
+    scalars.update(retrieval_scalars)
+    pending = None
+    if prefetch and step + 1 < stop:
+      next_batch = source.batch_at(step + 1)
+      next_emb = retriever.start(state.params, next_batch)  # queued ahead of step t
+    state, step_metrics = train_step(state, partitioning.shard_batch(inputs, mesh))
+    if prefetch and step + 1 < stop:
+      pending = realm_inputs(next_batch, next_emb, step + 1)  # host search overlaps step t
     scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
     step_seconds = time.time() - step_start
     scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds)
@@ -306,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         done < num_steps):
       index.refresh(state.params, done)
       log_index_recall(done)
+      pending = None  # retrieved from the old index: redo it from the new one
     if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
       ckpt.save(done, state, {"step": done})
     if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
