@@ -6,6 +6,9 @@ second of a job instead of an hour into it.
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from typing import Any
 
 import ml_collections
@@ -87,6 +90,11 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
              "at least one retrieved document); use retrieval.enabled=False for no retrieval")
     _require(config.retrieval.refresh_every >= 1,
              f"retrieval.refresh_every={config.retrieval.refresh_every} must be >= 1")
+    if config.retrieval.index_source == "builder":
+      _require(config.train.checkpoint_every <= config.retrieval.refresh_every,
+               f"train.checkpoint_every={config.train.checkpoint_every} > retrieval."
+               f"refresh_every={config.retrieval.refresh_every}: the index builder embeds "
+               "saved checkpoints, so it could refresh only every checkpoint_every steps")
   _require(config.retrieval.margin >= 1,
            f"retrieval.margin={config.retrieval.margin} must be >= 1 (the source document "
            "is dropped from every query's results)")
@@ -106,3 +114,33 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
     path = config.train[field]
     if path and not epath.Path(path).exists():
       raise ConfigError(f"train.{field}={path!r} does not exist")
+
+
+RUN_CONFIG = "config.json"
+
+
+def save_run_config(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
+  """Writes the resolved config of a run as `<workdir>/config.json` (read by the builder)."""
+  path = epath.Path(workdir) / RUN_CONFIG
+  tmp = path.parent / f".{RUN_CONFIG}.tmp"
+  tmp.write_text(json.dumps(config.to_dict(), indent=1, default=str))
+  tmp.replace(path)  # a reader never sees half a file
+
+
+def load_run_config(workdir: epath.PathLike, wait_seconds: float = 0.0,
+                    poll_seconds: float = 2.0) -> ml_collections.ConfigDict:
+  """The config a trainer saved in `workdir`, waiting up to `wait_seconds` for it to appear.
+
+  Lets the index builder run with `--workdir` alone, on exactly the trainer's settings.
+  """
+  path = epath.Path(workdir) / RUN_CONFIG
+  deadline = time.time() + wait_seconds
+  while not path.exists():
+    if time.time() >= deadline:
+      raise FileNotFoundError(f"no run config at {path}: start the trainer on this workdir, "
+                              "or pass the trainer's --config")
+    logging.info("waiting for the trainer to write %s", path)
+    time.sleep(poll_seconds)
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config.mesh = [tuple(axis) for axis in config.mesh]  # JSON turned the (name, size) pairs into lists
+  return config

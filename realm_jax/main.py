@@ -4,7 +4,8 @@ Modes:
   train  train `config.objective` ("realm" or "ict") in --workdir, resuming if it holds a run
   demo   ICT warm start, REALM, and the no-retrieval baseline on the generated corpus
   index_builder  re-embed the corpus from each new checkpoint in --workdir and publish an
-         index version (same --config and --workdir as the trainer)
+         index version (same --workdir as the trainer; without --config it reads the
+         config the trainer saved there)
 
 Any config field can be overridden, e.g. `--config.train.batch_size=64`.
 """
@@ -22,6 +23,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "demo", "index_builder"], "What to run.")
+_CONFIG_WAIT = flags.DEFINE_float(
+    "config_wait_seconds", 600.0, "index_builder without --config: how long to wait for the "
+    "trainer to write <workdir>/config.json.")
+_MAX_BUILDS = flags.DEFINE_integer(
+    "max_builds", 0, "index_builder: exit after this many published versions (0: run until "
+    "stopped).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; the launcher or the "
     "TPU/GPU cluster environment supplies coordinator and process ids).")
@@ -39,16 +46,21 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  if _CONFIG.value is None or not _WORKDIR.value:
-    sys.exit("error: --config and --workdir are required")
+  if not _WORKDIR.value:
+    sys.exit("error: --workdir is required")
+  if _CONFIG.value is None and _MODE.value != "index_builder":
+    sys.exit("error: --config is required")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   try:
     if _MODE.value == "demo":
       demo.run_demo(_CONFIG.value, _WORKDIR.value)
     elif _MODE.value == "index_builder":
-      index_builder.IndexBuilder(_CONFIG.value, _WORKDIR.value).run(
-          poll_seconds=_CONFIG.value.retrieval.builder_poll_seconds)
+      config = _CONFIG.value or config_lib.load_run_config(_WORKDIR.value,
+                                                           _CONFIG_WAIT.value)
+      index_builder.IndexBuilder(config, _WORKDIR.value).run(
+          poll_seconds=config.retrieval.builder_poll_seconds,
+          max_builds=_MAX_BUILDS.value or None)
     else:
       loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:

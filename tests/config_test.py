@@ -133,3 +133,30 @@ def test_cli_reports_config_error(tmp_path):
   assert named, result.stderr[-2000:]
   assert not any(line.startswith("Traceback") for line in lines), "a clear message, no traceback"
   assert not workdir.exists()
+
+
+def test_builder_needs_a_checkpoint_every_refresh(tmp_path):
+  config = tiny_config()
+  config.retrieval.index_source = "builder"
+  config.retrieval.refresh_every = 10
+  config.train.checkpoint_every = 25
+  _fails_at_startup(config, tmp_path, r"train.checkpoint_every=25 > retrieval.refresh_every=10")
+
+
+def test_run_config_round_trips_through_the_workdir(tmp_path):
+  """The builder started with --workdir alone gets the trainer's exact config back."""
+  config = realm_facts.get_config("size=tiny")
+  config.retrieval.index_source = "builder"
+  config.train.checkpoint_every = config.retrieval.refresh_every
+  config.mesh = [("data", 2), ("model", -1)]
+  config_lib.save_run_config(config, tmp_path)
+  loaded = config_lib.load_run_config(tmp_path)
+  assert loaded.to_dict() == config.to_dict()
+  assert loaded.mesh == [("data", 2), ("model", -1)]
+  config_lib.validate(loaded, num_data_shards=2)
+  assert not list(tmp_path.glob(".*tmp*")), "no tmp file left behind"
+
+
+def test_missing_run_config_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="start the trainer on this workdir"):
+    config_lib.load_run_config(tmp_path, wait_seconds=0.0)

@@ -8,7 +8,6 @@ eval), and the final evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -154,10 +153,6 @@ def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
   return hits / max(known, 1)
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path):
-  (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                        max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
   """Trains `config.objective` ("realm" or "ict") in `workdir`, resuming if it holds a run.
@@ -179,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(config, workdir)
+    config_lib.save_run_config(config, workdir)
   logging.info("setup: %s", partitioning.describe(mesh))
   data = prepare.prepare_data(config, workdir)
   corpus = data.corpus
