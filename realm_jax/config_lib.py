@@ -52,6 +52,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       dropout_rate=0.0 if size == "tiny" else 0.1,
       dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
       remat=False,
+      # A Hugging Face BERT folder (model.safetensors + config.json) whose weights start every
+      # BERT tower; the model's shape and data.vocab_file must be the checkpoint's.
+      init_from_hf="",
   ))
 
 
@@ -110,6 +113,12 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
   _require(config.train.num_steps >= 0, f"train.num_steps={config.train.num_steps} < 0")
   _require(config.train.checkpoint_every >= 1,
            f"train.checkpoint_every={config.train.checkpoint_every} must be >= 1")
+  if config.model.get("init_from_hf"):
+    _require(epath.Path(config.model.init_from_hf).exists(),
+             f"model.init_from_hf={config.model.init_from_hf!r} does not exist")
+    _require(bool(config.data.vocab_file),
+             "model.init_from_hf needs data.vocab_file: the checkpoint's vocab.txt, so token "
+             "ids mean what its embeddings learned")
   for field in ("init_from", "init_encoder_from"):
     path = config.train[field]
     if path and not epath.Path(path).exists():

@@ -21,6 +21,8 @@ SIZES = {
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
     "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
     "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
+    # all-MiniLM-L6-v2's shape, to start from its pretrained weights (model.init_from_hf).
+    "minilm-l6": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
 }

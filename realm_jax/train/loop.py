@@ -22,6 +22,7 @@ from realm_jax import objectives
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import pipeline
 from realm_jax.data import prepare
+from realm_jax.models import hf_weights
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import in_process
 from realm_jax.retrieval import watcher as watcher_lib
@@ -198,6 +199,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     logging.info("state: resumed from step %d", start_step)
   else:
     state = state_lib.create_train_state(config, model, rng)
+    if config.model.get("init_from_hf"):
+      state = state.replace(params=hf_weights.apply_to_realm_params(
+          state.params, hf_weights.load_hf_bert_params(config.model.init_from_hf)))
+      logging.info("state: BERT towers from %s", config.model.init_from_hf)
     for field, keys in (("init_from", state_lib.EMBEDDER_KEYS),
                         ("init_encoder_from", state_lib.ENCODER_KEYS)):
       if config.train[field] and not is_ict:
