@@ -58,6 +58,67 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   ))
 
 
+def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
+                          size: str) -> None:
+  """The retrieval, loss, train, ict, eval and mesh sections every experiment shares.
+
+  `s` holds the experiment's per-size numbers: k, refresh_every, batch_size, realm_steps,
+  ict_steps and eval_every.
+  """
+  config.retrieval = ml_collections.ConfigDict(dict(
+      enabled=True,  # False: null document only (the no-retrieval baseline)
+      k=s["k"],  # candidates per query, counting the null document in slot 0
+      margin=2,  # over-retrieve this many extra ids to survive dropping the source doc
+      refresh_every=s["refresh_every"],  # re-embed the corpus every this many steps
+      embed_batch_size=256,  # documents per embedding call during a refresh
+      keep_index_versions=3,
+      # "trainer": re-embed in-process every refresh_every steps (synchronous, small corpora);
+      # "builder": a separate `--mode=index_builder` job publishes versions, the trainer swaps.
+      index_source="trainer",
+      searcher="exact",  # "exact" (matmul + top-k) or "scann" (for builder-published versions)
+      first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
+      watch_poll_seconds=1.0,  # how often the trainer looks for a new version
+      builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
+      # Retrieve batch t+1 while the devices run step t (its candidates are then chosen with
+      # the parameters before step t). False: strictly sequential, bit-exact across resumes.
+      prefetch=True,
+  ))
+
+  config.loss = ml_collections.ConfigDict(dict(marginalization="token"))  # or "span"
+
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=s["batch_size"],  # global, over all devices
+      num_steps=s["realm_steps"],
+      learning_rate=1e-3 if size == "tiny" else 1e-4,
+      # The warm-started retriever moves slower than the reader learns: a fast-moving query
+      # tower forgets ICT before the reader can tell good documents from bad ones.
+      retriever_lr_multiplier=0.1,
+      warmup_steps=max(10, s["realm_steps"] // 20),
+      weight_decay=0.01,
+      grad_clip_norm=1.0,
+      log_every=10,
+      checkpoint_every=250 if size == "tiny" else 1000,
+      keep_checkpoints=3,
+      init_from="",  # a workdir (or its checkpoints/) whose embedder(s) warm-start this run
+      init_encoder_from="",  # a workdir whose knowledge-augmented encoder (reader) starts this run
+  ))
+
+  config.ict = ml_collections.ConfigDict(dict(
+      num_steps=s["ict_steps"],
+      batch_size=max(32, s["batch_size"] * 2),  # in-batch negatives: bigger is better
+      learning_rate=2e-3 if size == "tiny" else 1e-4,
+      remove_prob=0.9,  # the pseudo-query sentence is removed from its block this often
+  ))
+
+  config.eval = ml_collections.ConfigDict(dict(
+      every=s["eval_every"],
+      batch_size=s["batch_size"],
+      recall_k=s["k"] - 1,  # gold-document recall@k over real documents (null excluded)
+  ))
+
+  config.mesh = [("data", -1)]
+
+
 def _require(condition: bool, message: str):
   if not condition:
     raise ConfigError(message)
@@ -76,10 +137,17 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
   check_choice("loss.marginalization", config.loss.marginalization, ("token", "span"))
   check_choice("retrieval.index_source", config.retrieval.index_source, ("trainer", "builder"))
   check_choice("retrieval.searcher", config.retrieval.searcher, ("exact", "scann"))
-  if config.data.corpus != "facts":  # a prebuilt corpus must already be there
-    _require(bool(config.data.corpus_dir) and epath.Path(config.data.corpus_dir).exists(),
-             f"data.corpus_dir={config.data.corpus_dir!r} does not exist (data.corpus="
-             f"{config.data.corpus!r} is read from a built corpus folder)")
+  check_choice("data.corpus", config.data.corpus, ("facts", "wiki"))
+  if config.data.corpus == "wiki":
+    check_choice("data.salient_tagger", config.data.salient_tagger, ("builtin", "spacy", "dates"))
+    kind, _, rest = config.data.source.partition(":")
+    _require(kind in ("jsonl", "tfds") and bool(rest),
+             f"data.source={config.data.source!r}: expected 'jsonl:<glob>' or "
+             "'tfds:<name>[:<split>]'")
+    if kind == "jsonl":
+      pattern = epath.Path(rest)
+      _require(bool(list(pattern.parent.glob(pattern.name))) if pattern.parent.exists()
+               else False, f"data.source={config.data.source!r} matches no file")
   if config.data.vocab_file and not epath.Path(config.data.vocab_file).exists():
     raise ConfigError(f"data.vocab_file={config.data.vocab_file!r} does not exist")
   _require(config.data.doc_len + config.data.query_len <= config.model.max_position_embeddings,

@@ -32,3 +32,30 @@ def tiny_config(corpus_dir=""):
   config.model.num_heads = 2
   config.data.corpus_dir = str(corpus_dir)
   return config
+
+
+_WIKI_PATH = pathlib.Path(__file__).parent.parent / "experiments" / "realm_wiki.py"
+_WIKI_SPEC = importlib.util.spec_from_file_location("realm_wiki", _WIKI_PATH)
+realm_wiki = importlib.util.module_from_spec(_WIKI_SPEC)
+_WIKI_SPEC.loader.exec_module(realm_wiki)
+
+
+def tiny_wiki_config(jsonl_path, corpus_dir=""):
+  """experiments/realm_wiki.py:size=tiny on a small JSONL, with the test-sized model."""
+  config = realm_wiki.get_config("size=tiny")
+  config.data.source = f"jsonl:{jsonl_path}"
+  config.data.corpus_dir = str(corpus_dir)
+  config.data.vocab_size = 400
+  config.data.doc_len = 40
+  config.data.query_len = 24
+  config.data.num_eval_docs = 8
+  for section in ("train", "eval", "ict"):
+    config[section].batch_size = 8
+  config.train.num_steps = 4
+  config.ict.num_steps = 4
+  config.retrieval.refresh_every = 2
+  config.train.checkpoint_every = 2
+  config.model.hidden_size = 32
+  config.model.intermediate_size = 64
+  config.model.num_heads = 2
+  return config

@@ -94,19 +94,29 @@ def encode_random_masked_queries(
     mask_prob: float = 0.15, seed: int = 0, source_ids: Sequence[int] | None = None,
     gold_ids: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
-  """BERT-style random masking (the ablation): same keys as encode_salient_queries.
+  """BERT-style random masking (the ablation) of texts: see random_masked_queries."""
+  encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+  return random_masked_queries([e.ids for e in encodings], special_ids(tokenizer),
+                               tokenizer.get_vocab_size(), query_len, max_masked, mask_prob,
+                               seed, source_ids, gold_ids)
+
+
+def random_masked_queries(
+    wordpiece_ids: Sequence[Sequence[int]], special: SpecialIds, vocab_size: int,
+    query_len: int, max_masked: int, mask_prob: float = 0.15, seed: int = 0,
+    source_ids: Sequence[int] | None = None, gold_ids: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+  """BERT-style random masking of wordpiece rows: same keys as encode_salient_queries.
 
   Each query masks mask_prob of its wordpieces (stochastically rounded, at least 1, at most
   max_masked) at random positions: 80% become [MASK], 10% a random non-special token, 10% stay.
-  Empty texts are dropped.
+  Empty rows are dropped.
   """
-  special = special_ids(tokenizer)
   rng = np.random.default_rng(seed)
-  replacement_ids = np.setdiff1d(np.arange(tokenizer.get_vocab_size()), special.as_tuple())
-  encodings = tokenizer.encode_batch(list(texts), add_special_tokens=False)
+  replacement_ids = np.setdiff1d(np.arange(vocab_size), special.as_tuple())
   kept, ids, positions, labels = [], [], [], []
-  for index, encoding in enumerate(encodings):
-    row_ids = np.asarray(encoding.ids[:query_len - 2], np.int32)
+  for index, row in enumerate(wordpiece_ids):
+    row_ids = np.asarray(row[:query_len - 2], np.int32)
     if not len(row_ids):
       continue
     expected_count = mask_prob * len(row_ids)
@@ -122,6 +132,31 @@ def encode_random_masked_queries(
     kept.append(index)
     ids.append(row_ids.tolist())
     positions.append(chosen + 1)  # +1 for [CLS]
+  arrays = _masked_query_arrays(ids, positions, labels, query_len, max_masked, special)
+  return _with_doc_ids(arrays, kept, source_ids, gold_ids)
+
+
+def span_masked_queries(
+    wordpiece_ids: Sequence[np.ndarray], spans: Sequence[tuple[int, int]], special: SpecialIds,
+    query_len: int, max_masked: int, source_ids: Sequence[int] | None = None,
+    gold_ids: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+  """`[CLS] sentence [SEP]` with the wordpiece span [start, end) masked, from stored spans.
+
+  Same keys as encode_salient_queries; spans that are empty, longer than max_masked or cut off
+  by truncation to query_len are dropped.
+  """
+  max_body = query_len - 2
+  kept, ids, positions, labels = [], [], [], []
+  for index, (row, (start, end)) in enumerate(zip(wordpiece_ids, spans, strict=True)):
+    if not 0 <= start < end <= min(len(row), max_body) or end - start > max_masked:
+      continue
+    row_ids = np.array(row[:max_body], np.int32)
+    labels.append(row_ids[start:end].copy())
+    row_ids[start:end] = special.mask
+    kept.append(index)
+    ids.append(row_ids.tolist())
+    positions.append(np.arange(start, end, dtype=np.int32) + 1)  # +1 for [CLS]
   arrays = _masked_query_arrays(ids, positions, labels, query_len, max_masked, special)
   return _with_doc_ids(arrays, kept, source_ids, gold_ids)
 
@@ -218,14 +253,19 @@ def ict_batch(
 class IctBatchSource:
   """ICT batches of distinct blocks (in-batch negatives), a pure function of (seed, step).
 
-  Docs without sentences are skipped; single-sentence docs always keep their sentence.
-  The processes' slices of one step concatenate to the single-process batch. Checkpoint the step.
+  Docs without sentences, and `exclude_doc_ids` (held-out docs), are skipped; single-sentence
+  docs always keep their sentence. The processes' slices of one step concatenate to the
+  single-process batch. Checkpoint the step.
   """
 
   def __init__(self, corpus: BlockCorpus, global_batch_size: int, seed: int, query_len: int,
-               remove_prob: float = 0.9, process_index: int = 0, process_count: int = 1):
+               remove_prob: float = 0.9, process_index: int = 0, process_count: int = 1,
+               exclude_doc_ids: np.ndarray | None = None):
     counts = corpus.sentence_counts()  # [N]
-    self._eligible_ids = np.flatnonzero(counts > 0)
+    eligible = counts > 0
+    if exclude_doc_ids is not None:
+      eligible[np.asarray(exclude_doc_ids, np.int64)] = False
+    self._eligible_ids = np.flatnonzero(eligible)
     self.num_skipped_docs = int(np.sum(counts == 0))
     self.num_single_sentence_docs = int(np.sum(counts == 1))
     if global_batch_size > len(self._eligible_ids):

@@ -4,10 +4,14 @@ Layout of a prepared corpus folder (`data.corpus_dir`, default `<workdir>/corpus
 ```
 vocab.txt            WordPiece vocabulary (trained on the corpus or copied from data.vocab_file)
 blocks/              BlockCorpus arrays (random access by doc id, memory-mapped)
-queries.npz          train_* and eval_* masked-query arrays (+ source and gold doc ids)
+queries.npz          train_* and eval_* masked-query arrays (+ source and gold doc ids);
+                     wiki: also ict_eval_* (held-out sentences as ICT pseudo-queries)
 build_config.json    the data config it was built from, checked on every load; written last
 ```
-The folder is built in a tmp sibling and renamed into place, so a crash never leaves half of one.
+`data.corpus="facts"`: the generated corpus, built in a tmp sibling and renamed into place.
+`data.corpus="wiki"`: Wikipedia (`data.source`: JSONL or TFDS) built in place by `wiki_corpus`
+(sharded, resumable) plus `wiki_data` (held-out split, queries); build_config.json last.
+Either way a folder without build_config.json is never read as a finished one.
 """
 
 from __future__ import annotations
@@ -26,11 +30,17 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
 from realm_jax.data import pipeline
 from realm_jax.data import tokenizer as tokenizer_lib
+from realm_jax.data import wiki_data
 
 BUILD_CONFIG = "build_config.json"
-# Data fields that change what is built; others (e.g. masking seed-free fields) do not.
-_BUILD_FIELDS = ("corpus", "num_entities", "mentions_per_entity", "corpus_seed", "vocab_size", "vocab_file", "doc_len",
-                 "query_len", "max_masked", "masking")
+# Data fields that change what is built, per corpus kind.
+_BUILD_FIELDS = {
+    "facts": ("corpus", "num_entities", "mentions_per_entity", "corpus_seed", "vocab_size",
+              "vocab_file", "doc_len", "query_len", "max_masked", "masking"),
+    "wiki": ("corpus", "source", "limit", "corpus_seed", "vocab_size", "vocab_file",
+             "vocab_records", "doc_len", "query_len", "max_masked", "masking", "salient_tagger",
+             "num_eval_docs", "max_train_queries"),
+}
 
 
 @dataclasses.dataclass
@@ -39,6 +49,10 @@ class PreparedData:
   train_queries: dict[str, np.ndarray]  # query_tokens, masked_*, source_ids, gold_ids: [Q, ...]
   eval_queries: dict[str, np.ndarray]
   directory: epath.Path
+  # Unmasked held-out pseudo-queries with their gold block, for ICT recall (wiki); None: use
+  # eval_queries (facts: their gold document is known).
+  ict_eval_queries: dict[str, np.ndarray] | None = None
+  heldout_doc_ids: np.ndarray | None = None  # blocks kept out of ICT training (wiki)
 
   @property
   def special(self) -> tokenizer_lib.SpecialIds:
@@ -46,7 +60,7 @@ class PreparedData:
 
 
 def _build_spec(data_config: ml_collections.ConfigDict) -> dict:
-  return {field: data_config[field] for field in _BUILD_FIELDS}
+  return {field: data_config[field] for field in _BUILD_FIELDS[data_config.corpus]}
 
 
 def _encode(queries, tokenizer, data_config, seed: int) -> dict[str, np.ndarray]:
@@ -93,6 +107,17 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
                blocks.vocab_size, directory, time.time() - start)
 
 
+def build_wiki_data(data_config: ml_collections.ConfigDict, directory: epath.PathLike) -> None:
+  """Builds (resuming) the Wikipedia blocks, held-out split and queries in `directory`."""
+  directory = epath.Path(directory)
+  start = time.time()
+  queries = wiki_data.build_wiki_data(data_config, directory, seed=data_config.corpus_seed)
+  with (directory / "queries.npz").open("wb") as f:
+    np.savez(f, **queries)
+  (directory / BUILD_CONFIG).write_text(json.dumps(_build_spec(data_config), indent=1))
+  logging.info("data: wiki data ready in %s (%.1fs)", directory, time.time() - start)
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                  build: bool = True) -> PreparedData:
   """Loads the prepared corpus, building it first when it is missing and `build` is set."""
@@ -101,7 +126,10 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   if not (directory / BUILD_CONFIG).exists():
     if not build:
       raise FileNotFoundError(f"no prepared corpus at {directory}")
-    build_facts_data(data_config, directory)
+    if data_config.corpus == "wiki":
+      build_wiki_data(data_config, directory)
+    else:
+      build_facts_data(data_config, directory)
   built_with = json.loads((directory / BUILD_CONFIG).read_text())
   differing = {k: (built_with.get(k), v) for k, v in _build_spec(data_config).items()
                if built_with.get(k) != v}
@@ -113,4 +141,6 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   with (directory / "queries.npz").open("rb") as f:
     arrays = dict(np.load(f))
   split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  return PreparedData(blocks, split("train_"), split("eval_"), directory)
+  return PreparedData(blocks, split("train_"), split("eval_"), directory,
+                      ict_eval_queries=split("ict_eval_") or None,
+                      heldout_doc_ids=wiki_data.load_heldout_doc_ids(directory))

@@ -222,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     train_step = steps_lib.make_ict_train_step(model, mesh, config.seed)
     source = pipeline.IctBatchSource(corpus, batch_size, config.seed, config.data.query_len,
                                      config.ict.remove_prob, jax.process_index(),
-                                     jax.process_count())
+                                     jax.process_count(), exclude_doc_ids=data.heldout_doc_ids)
   else:
     train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
                                                  config.loss.marginalization)
@@ -249,11 +249,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=is_main,
                                     phase=config.objective)
   gold_recall = recall_key(config.retrieval.k)
+  # Held-out queries whose gold document is known: REALM's masked ones; ICT's unmasked
+  # pseudo-queries when the corpus has them (wiki), else the masked ones (facts).
+  recall_queries = (data.ict_eval_queries if is_ict and data.ict_eval_queries is not None
+                    else data.eval_queries)
 
   def log_index_recall(step: int):
     if index is None:
       return
-    recall = index_recall(state.params, data.eval_queries, retriever,
+    recall = index_recall(state.params, recall_queries, retriever,
                           config.eval.batch_size)
     writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
                  phase="index")
@@ -351,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   if stop == num_steps:
     if is_ict:
       index.refresh(state.params, stop)
-      final[gold_recall] = index_recall(state.params, data.eval_queries, retriever,
+      final[gold_recall] = index_recall(state.params, recall_queries, retriever,
                                        config.eval.batch_size)
       writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
