@@ -99,12 +99,34 @@ def test_queries_mask_stored_spans_and_keep_heldout_apart(wiki):
       np.testing.assert_array_equal(row[1:1 + len(ids)], ids[:row.size - 2])
 
 
-def test_ict_never_trains_on_heldout_blocks(wiki):
+def _contains(row: np.ndarray, ids: np.ndarray) -> bool:
+  return any((row[i:i + len(ids)] == ids).all() for i in range(len(row) - len(ids) + 1))
+
+
+def test_ict_never_sees_heldout_sentences(wiki):
+  """ICT trains on the evaluation blocks too, but never on their held-out sentences."""
   config, data, _ = wiki
-  source = pipeline.IctBatchSource(data.corpus, 8, 0, config.data.query_len,
-                                   exclude_doc_ids=data.heldout_doc_ids)
-  seen = {int(d) for step in range(30) for d in source.batch_at(step)["doc_ids"]}
-  assert seen and not seen & set(data.heldout_doc_ids.tolist())
+  corpus = data.corpus
+  source = pipeline.IctBatchSource(corpus, 8, 0, config.data.query_len,
+                                   exclude_sentences=data.heldout_sentences)
+  offsets = corpus.sentence_offsets
+  held = {int(d): np.asarray(corpus.sentence_token_ids[offsets[s]:offsets[s + 1]])
+          for d, s in zip(data.heldout_doc_ids, data.heldout_sentences)}
+  seen_heldout_docs = 0
+  for step in range(40):
+    batch = source.batch_at(step)
+    for row, doc_id in enumerate(batch["doc_ids"].tolist()):
+      if doc_id in held:
+        seen_heldout_docs += 1
+        sentence = held[doc_id][:8]
+        assert not _contains(batch["query_tokens"][row], sentence)
+        assert not _contains(batch["doc_tokens"][row], sentence)
+  assert seen_heldout_docs > 0, "evaluation blocks should still train ICT"
+  unfiltered = pipeline.IctBatchSource(corpus, 8, 0, config.data.query_len)
+  assert any(_contains(batch["query_tokens"][row], held[d][:8])
+             for batch in map(unfiltered.batch_at, range(40))
+             for row, d in enumerate(batch["doc_ids"].tolist()) if d in held), \
+      "without the exclusion held-out sentences do appear (the check above can fail)"
 
 
 @pytest.fixture(scope="module")

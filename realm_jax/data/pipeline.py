@@ -210,9 +210,12 @@ class BatchSource:
 
 def _ict_examples(
     corpus: BlockCorpus, doc_ids: np.ndarray, draws: np.ndarray, query_len: int,
-    remove_prob: float,
+    remove_prob: float, excluded: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-  """ICT examples from fixed uniform draws [B, 2] (which sentence, whether to remove it)."""
+  """ICT examples from fixed uniform draws [B, 2] (which sentence, whether to remove it).
+
+  `excluded` [S] bool marks sentences (global index) that are never a query nor block text.
+  """
   special = corpus.special
   num = len(doc_ids)
   query_tokens = np.full((num, query_len), special.pad, np.int32)
@@ -221,6 +224,9 @@ def _ict_examples(
   query_removed = np.zeros(num, bool)
   for row, doc_id in enumerate(doc_ids.tolist()):
     sentences = corpus.sentence_ids(doc_id)
+    if excluded is not None:
+      first = int(corpus.doc_sentence_offsets[doc_id])
+      sentences = [s for i, s in enumerate(sentences) if not excluded[first + i]]
     if not sentences:
       raise ValueError(f"ICT needs a doc with sentences; doc {doc_id} has none.")
     chosen = min(int(draws[row, 0] * len(sentences)), len(sentences) - 1)
@@ -253,19 +259,24 @@ def ict_batch(
 class IctBatchSource:
   """ICT batches of distinct blocks (in-batch negatives), a pure function of (seed, step).
 
-  Docs without sentences, and `exclude_doc_ids` (held-out docs), are skipped; single-sentence
-  docs always keep their sentence. The processes' slices of one step concatenate to the
+  `exclude_sentences` (global sentence indices, e.g. held-out evaluation sentences) are never
+  a query nor part of a block. Docs without (other) sentences are skipped; single-sentence docs
+  always keep their sentence. The processes' slices of one step concatenate to the
   single-process batch. Checkpoint the step.
   """
 
   def __init__(self, corpus: BlockCorpus, global_batch_size: int, seed: int, query_len: int,
                remove_prob: float = 0.9, process_index: int = 0, process_count: int = 1,
-               exclude_doc_ids: np.ndarray | None = None):
+               exclude_sentences: np.ndarray | None = None):
     counts = corpus.sentence_counts()  # [N]
-    eligible = counts > 0
-    if exclude_doc_ids is not None:
-      eligible[np.asarray(exclude_doc_ids, np.int64)] = False
-    self._eligible_ids = np.flatnonzero(eligible)
+    self._excluded = None
+    if exclude_sentences is not None and len(exclude_sentences):
+      self._excluded = np.zeros(len(corpus.sentence_offsets) - 1, bool)  # [S]
+      self._excluded[np.asarray(exclude_sentences, np.int64)] = True
+      excluded_per_doc = np.add.reduceat(
+          self._excluded, np.asarray(corpus.doc_sentence_offsets[:-1]))  # [N]
+      counts = counts - np.where(counts > 0, excluded_per_doc, 0)
+    self._eligible_ids = np.flatnonzero(counts > 0)
     self.num_skipped_docs = int(np.sum(counts == 0))
     self.num_single_sentence_docs = int(np.sum(counts == 1))
     if global_batch_size > len(self._eligible_ids):
@@ -287,4 +298,4 @@ class IctBatchSource:
     doc_ids = rng.choice(self._eligible_ids, self._global_batch_size, replace=False)  # [B]
     draws = rng.random((self._global_batch_size, 2))  # [B, 2]
     return _ict_examples(self._corpus, doc_ids[self._local_slice], draws[self._local_slice],
-                         self._query_len, self._remove_prob)
+                         self._query_len, self._remove_prob, self._excluded)

@@ -52,7 +52,10 @@ class PreparedData:
   # Unmasked held-out pseudo-queries with their gold block, for ICT recall (wiki); None: use
   # eval_queries (facts: their gold document is known).
   ict_eval_queries: dict[str, np.ndarray] | None = None
-  heldout_doc_ids: np.ndarray | None = None  # blocks kept out of ICT training (wiki)
+  # Wiki: evaluation blocks [E] and their held-out sentences [E] (global sentence index),
+  # which ICT never trains on.
+  heldout_doc_ids: np.ndarray | None = None
+  heldout_sentences: np.ndarray | None = None
 
   @property
   def special(self) -> tokenizer_lib.SpecialIds:
@@ -141,6 +144,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   with (directory / "queries.npz").open("rb") as f:
     arrays = dict(np.load(f))
   split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  heldout = wiki_data.load_heldout(directory)
   return PreparedData(blocks, split("train_"), split("eval_"), directory,
                       ict_eval_queries=split("ict_eval_") or None,
-                      heldout_doc_ids=wiki_data.load_heldout_doc_ids(directory))
+                      heldout_doc_ids=None if heldout is None else heldout[0],
+                      heldout_sentences=None if heldout is None else heldout[1])

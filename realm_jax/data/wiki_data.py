@@ -12,7 +12,8 @@ queries.npz    train_* : masked-span queries from the salient spans of all other
                          block they were removed from; nothing to exclude)
                ict_eval_*: the held-out sentences unmasked, as ICT pseudo-queries (gold_ids)
 ```
-Held-out blocks are also kept out of ICT training (`heldout_doc_ids`).
+ICT trains on every block, but never sees a held-out sentence (as query or as block text);
+no REALM training query comes from a held-out block.
 """
 
 from __future__ import annotations
@@ -212,10 +213,10 @@ def build_wiki_data(data_config: ml_collections.ConfigDict, directory: epath.Pat
   return queries
 
 
-def load_heldout_doc_ids(directory: epath.Path) -> np.ndarray | None:
-  """The held-out blocks of a prepared wiki folder; None for other corpora."""
+def load_heldout(directory: epath.Path) -> tuple[np.ndarray, np.ndarray] | None:
+  """(doc_ids [E], sentences [E]) held out in a prepared wiki folder; None for other corpora."""
   path = directory / HELDOUT_FILE
   if not path.exists():
     return None
-  with path.open("rb") as f:
-    return np.load(f)["doc_ids"]
+  with path.open("rb") as f, np.load(f) as heldout:
+    return heldout["doc_ids"], heldout["sentences"]

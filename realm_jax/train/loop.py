@@ -222,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     train_step = steps_lib.make_ict_train_step(model, mesh, config.seed)
     source = pipeline.IctBatchSource(corpus, batch_size, config.seed, config.data.query_len,
                                      config.ict.remove_prob, jax.process_index(),
-                                     jax.process_count(), exclude_doc_ids=data.heldout_doc_ids)
+                                     jax.process_count(),
+                                     exclude_sentences=data.heldout_sentences)
   else:
     train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
                                                  config.loss.marginalization)
