@@ -1,24 +1,39 @@
-"""The index-builder job: publishes exactly what the trainer's embedder gives, restart-safely."""
+"""The index-builder job: publishes exactly what the trainer's embedder gives, restart-safely.
+
+Also the embedder-only (partial) restore it reads checkpoints with, several builder processes
+sharing one version, and a builder killed mid-publish.
+"""
 
 import importlib.util
 import os
 import pathlib
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
+import jax
 import numpy as np
+import optax
 import pytest
+from flax.training import train_state
 
 from realm_jax.retrieval import in_process
 from realm_jax.retrieval import index_builder
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import scann_searcher
+from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import loop
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
 from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
+
+TESTS_DIR = pathlib.Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +124,233 @@ def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
   index_steps = [h["index_step"] for h in history]
   assert index_steps == sorted(index_steps) and index_steps[-1] > 0
   assert all(h["staleness"] >= 0 for h in history)
+
+
+def _run_dir(source, path, steps):
+  """A fresh workdir holding copies of some of `source`'s checkpoints (the corpus stays put)."""
+  for step in steps:
+    shutil.copytree(source / "checkpoints" / str(step), path / "checkpoints" / str(step))
+  return path
+
+
+def _config(source, searcher="exact"):
+  config = tiny_config(corpus_dir=source / "corpus")
+  config.retrieval.searcher = searcher
+  return config
+
+
+_BUILDER_SCRIPT = """
+import sys
+import jax
+sys.path.insert(0, {tests_dir!r})
+from tiny_configs import tiny_config
+from realm_jax.retrieval import index_builder
+
+config = tiny_config(corpus_dir={corpus_dir!r})
+config.retrieval.searcher = {searcher!r}
+if {coordinator!r}:  # real multi-host JAX: the builder takes its place from jax.process_*()
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize({coordinator!r}, {count}, {index})
+  builder = index_builder.IndexBuilder(config, {workdir!r})
+  assert (builder.process_index, builder.process_count) == ({index}, {count})
+else:  # independent processes, told their place
+  builder = index_builder.IndexBuilder(config, {workdir!r}, process_index={index},
+                                       process_count={count})
+print("built", builder.run(poll_seconds=0.05, max_builds=1, idle_timeout=60))
+"""
+
+
+def _start_builder(source, workdir, log_path, index=0, count=1, searcher="exact", env=None,
+                   coordinator=""):
+  """An index-builder process on one CPU device (the checkpoints come from 8)."""
+  script = _BUILDER_SCRIPT.format(tests_dir=str(TESTS_DIR), corpus_dir=str(source / "corpus"),
+                                  searcher=searcher, workdir=str(workdir), index=index,
+                                  count=count, coordinator=coordinator)
+  full_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  full_env.update(env or {})
+  with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block the builder
+    return subprocess.Popen([sys.executable, "-c", script], cwd=TESTS_DIR.parent, env=full_env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def reference(trained, tmp_path_factory):
+  """Checkpoint 6 published by one in-process (8-device) builder: (embeddings [N, D], searcher)."""
+  _, source = trained
+  workdir = _run_dir(source, tmp_path_factory.mktemp("reference"), [6])
+  builder = index_builder.IndexBuilder(_config(source), workdir)
+  assert builder.run(poll_seconds=0.01, max_builds=1) == [6]
+  _, searcher = index_format.load_index(workdir / "index", 6)
+  return searcher.shards[0].embeddings, searcher
+
+
+def _file_bytes_read() -> int:
+  ts = pytest.importorskip("tensorstore")
+  metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+  return sum(value["value"] for metric in metrics for value in metric["values"])
+
+
+def test_restore_embedder_params_equals_the_full_restores_subtree(trained):
+  _, workdir = trained
+  partial, step = checkpointing.restore_embedder_params(workdir, 6)
+  full, _ = checkpointing.restore_params(workdir, 6)
+  assert step == 6 and sorted(partial) == ["embedder"]  # shared embedders: one tower, no encoder
+  assert jax.tree.structure(partial["embedder"]) == jax.tree.structure(full["embedder"])
+  jax.tree.map(np.testing.assert_array_equal, partial["embedder"], full["embedder"])
+  with pytest.raises(ValueError, match="none of"):
+    checkpointing.restore_embedder_params(workdir, 6, keys=("query_embedder",))
+
+
+def test_restore_embedder_params_reads_neither_encoder_nor_optimizer_state(tmp_path):
+  """Saved like the trainer saves (8 devices, Adam), restored on 1: only the embedder is read."""
+  rng = np.random.default_rng(0)
+  params = {"embedder": {"kernel": rng.normal(size=(64, 256)).astype(np.float32)},
+            "encoder": {"kernel": rng.normal(size=(1024, 1024)).astype(np.float32)}}
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
+  mesh = partitioning.make_mesh([("data", -1)])
+  ckpt = checkpointing.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, partitioning.replicate(state, mesh), {"step": 1})
+  ckpt.close()
+  before = _file_bytes_read()
+  partial, _ = checkpointing.restore_embedder_params(tmp_path, 1)
+  partial_bytes = _file_bytes_read() - before
+  before = _file_bytes_read()
+  full, _ = checkpointing.restore_params(tmp_path, 1)
+  full_bytes = _file_bytes_read() - before
+  np.testing.assert_array_equal(partial["embedder"]["kernel"], params["embedder"]["kernel"])
+  np.testing.assert_array_equal(full["encoder"]["kernel"], params["encoder"]["kernel"])
+  embedder_bytes = params["embedder"]["kernel"].nbytes  # 64 KiB of a ~12 MiB state
+  assert partial_bytes < 2 * embedder_bytes, (partial_bytes, embedder_bytes)
+  assert full_bytes > 20 * partial_bytes, (full_bytes, partial_bytes)
+
+
+def test_shard_rows_cover_the_corpus_once_contiguously():
+  for num_docs, num_shards in ((10, 1), (10, 3), (200, 2), (7, 7)):
+    ranges = [index_builder.shard_rows(num_docs, i, num_shards) for i in range(num_shards)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == num_docs
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert max(b - a for a, b in ranges) - min(b - a for a, b in ranges) <= 1
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("multihost", [False, True], ids=["injected", "jax_distributed"])
+def test_two_builder_processes_publish_one_scann_version(trained, reference, tmp_path,
+                                                         multihost):
+  """Process p embeds rows slice p on its own device; process 0 publishes both shards.
+
+  Either two independent processes told their index, or one 2-process JAX job (no
+  collectives happen: the restores are process-local, the shards meet in the index folder).
+  """
+  _, source = trained
+  workdir = _run_dir(source, tmp_path / "run", [6])
+  coordinator = f"127.0.0.1:{_free_port()}" if multihost else ""
+  procs = [_start_builder(source, workdir, tmp_path / f"builder-{i}.log", index=i, count=2,
+                          searcher="scann", coordinator=coordinator) for i in (1, 0)]
+  try:
+    for proc in procs:
+      proc.wait(timeout=180)
+  finally:
+    for proc in procs:
+      proc.kill()
+  logs = "\n".join((tmp_path / f"builder-{i}.log").read_text()[-2000:] for i in (1, 0))
+  assert [proc.returncode for proc in procs] == [0, 0], logs
+  expected, single = reference
+  num_docs = len(expected)
+  manifest, merged = index_format.load_index(workdir / "index", 6, expected_dim=128,
+                                             expected_num_docs=num_docs)
+  assert index_format.latest_step(workdir / "index") == 6
+  assert manifest["num_processes"] == 2 and manifest["searcher"] == "scann"
+  assert [s["name"] for s in manifest["shards"]] == ["shard-00000-of-00002",
+                                                    "shard-00001-of-00002"]
+  assert all(isinstance(s, scann_searcher.ScannSearcher) for s in merged.shards)
+  assert all(s["scann_files"] for s in manifest["shards"])
+  ids = np.concatenate([s.doc_ids for s in merged.shards])
+  np.testing.assert_array_equal(ids, np.arange(num_docs))  # every doc once, contiguous slices
+  assert not list((workdir / "index").glob(".tmp-*"))
+  version = workdir / "index" / "6"
+  embeddings = np.concatenate([np.load(version / s["name"] / "embeddings.npy")
+                               for s in manifest["shards"]])
+  np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-5)
+  queries = np.random.default_rng(0).normal(size=(16, 128)).astype(np.float32)
+  got_ids, got_scores = merged.search(queries, 10)
+  want_ids, want_scores = single.search(queries, 10)
+  np.testing.assert_array_equal(got_ids, want_ids)
+  np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_leader_without_its_followers_publishes_nothing_and_withdraws(trained, tmp_path):
+  """Process 0 of 2 alone: its shard is written, the other never comes; no version, no tmp."""
+  _, source = trained
+  config = _config(source)
+  config.retrieval.builder_shard_timeout = 0.3
+  workdir = _run_dir(source, tmp_path / "run", [6])
+  leader = index_builder.IndexBuilder(config, workdir, process_index=0, process_count=2)
+  assert leader.run(poll_seconds=0.01, idle_timeout=0.1) == []  # failed, gave up when idle
+  with pytest.raises(index_format.IndexVersionError, match=r"shards \[1\] of 2 not done"):
+    leader.build(6)
+  root = workdir / "index"
+  assert index_format.list_versions(root) == [] and index_format.latest_step(root) is None
+  assert not list(root.glob(".tmp-*")) and index_format.pending_builds(root) == []
+
+
+def _wait_for(path, proc, log_path, timeout=180.0):
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert proc.poll() is None, log_path.read_text()[-3000:]
+    assert time.time() < deadline, log_path.read_text()[-3000:]
+    time.sleep(0.05)
+
+
+def test_builder_killed_mid_publish_publishes_nothing_and_a_restart_recovers(
+    trained, reference, tmp_path):
+  _, source = trained
+  config = _config(source)
+  workdir = _run_dir(source, tmp_path / "run", [0])
+  root = workdir / "index"
+  assert index_builder.IndexBuilder(config, workdir).run(poll_seconds=0.01, max_builds=1) == [0]
+  num_docs = len(reference[0])
+  watcher = watcher_lib.IndexWatcher(root, expected_dim=128, expected_num_docs=num_docs)
+  index = watcher_lib.WatchedIndex(watcher, null_id=num_docs)
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and index.step == 0
+
+  # Checkpoint 3 appears; a builder process embeds it and is SIGKILLed inside publishing:
+  # its shard is done, the manifest not yet written.
+  _run_dir(source, workdir, [3])
+  marker, log_path = tmp_path / "paused", tmp_path / "killed.log"
+  proc = _start_builder(source, workdir, log_path, env={
+      index_format.PAUSE_ENV: "before_manifest", index_format.PAUSE_MARKER_ENV: str(marker)})
+  try:
+    _wait_for(marker, proc, log_path)
+    killed = index_format.read_build(root, 3)
+    assert index_format.shard_done(root, killed, 0) is not None
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert index_format.latest_step(root) == 0 and index_format.list_versions(root) == [0]
+  with pytest.raises(index_format.IndexVersionError, match="MANIFEST"):
+    index_format.load_index(root, 3)
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert not index.maybe_swap() and index.step == 0
+
+  # A restarted builder removes the dead attempt and publishes step 3 whole.
+  builder = index_builder.IndexBuilder(config, workdir)
+  assert builder.run(poll_seconds=0.01, max_builds=1) == [3]
+  assert not list(root.glob(".tmp-*")) and index_format.latest_step(root) == 3
+  manifest, _ = index_format.load_index(root, 3, expected_num_docs=num_docs)
+  assert manifest["attempt"] != killed["attempt"]  # nothing of the dead attempt was reused
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and index.step == 3
+
+  # Checkpoint 6 appears while no builder runs: the next one builds it (the newest), and its
+  # version is the reference build of checkpoint 6.
+  _run_dir(source, workdir, [6])
+  assert index_builder.IndexBuilder(config, workdir).run(poll_seconds=0.01, max_builds=1) == [6]
+  _, searcher = index_format.load_index(root, 6, expected_num_docs=num_docs)
+  np.testing.assert_allclose(searcher.shards[0].embeddings, reference[0], rtol=1e-6, atol=1e-6)

@@ -118,3 +118,162 @@ def test_scann_version_loads_as_scann_and_agrees_with_exact(tmp_path):
   want = _brute_force(queries, emb, 10)
   recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
   assert recall >= 0.95, recall
+
+
+def _clustered(seed, num_docs=5000, dim=16, num_queries=20):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(40, dim)).astype(np.float32)
+  emb = (centres[rng.integers(40, size=num_docs)] +
+         0.1 * rng.normal(size=(num_docs, dim))).astype(np.float32)
+  queries = (centres[:num_queries] + 0.1 * rng.normal(size=(num_queries, dim))).astype(np.float32)
+  return emb, queries
+
+
+def _publish_scann(root, step, emb, num_shards=2, **kwargs):
+  ids = np.arange(len(emb))
+  bounds = np.linspace(0, len(emb), num_shards + 1).astype(int)
+  shards = [(emb[a:b], ids[a:b]) for a, b in zip(bounds, bounds[1:])]
+  return index_format.publish_index(root, step, shards, searcher="scann", **kwargs)
+
+
+def _fail_training(*args, **kwargs):
+  """Replaces `ScannSearcher.__init__`: loading a stored searcher must not train one."""
+  raise AssertionError("a stored ScaNN searcher was re-trained")
+
+
+def test_scann_version_stores_trained_searchers_per_shard(tmp_path, monkeypatch):
+  pytest.importorskip("scann")
+  from realm_jax.retrieval import scann_searcher  # pylint: disable=g-import-not-at-top
+  emb, queries = _clustered(0)
+  options = dict(num_leaves=20, num_leaves_to_search=5)
+  version = _publish_scann(tmp_path, 7, emb, searcher_options=options)
+  manifest = json.loads((version / index_format.MANIFEST).read_text())
+  assert manifest["searcher_options"] == options
+  for entry in manifest["shards"]:
+    assert entry["scann_params"]["num_leaves"] == 20 and not entry["scann_params"]["brute_force"]
+    assert "scann/assets/scann_assets.pbtxt" in entry["scann_files"]
+    for relative in entry["scann_files"]:
+      assert (version / entry["name"] / relative).is_file()
+  monkeypatch.setattr(scann_searcher.ScannSearcher, "__init__", _fail_training)
+  _, loaded = index_format.load_index(tmp_path, 7, expected_dim=16, expected_num_docs=5000)
+  assert [s.num_leaves for s in loaded.shards] == [20, 20]
+  got, _ = loaded.search(queries, 10)
+  want = _brute_force(queries, emb, 10)
+  recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
+  assert recall >= 0.95, recall
+
+
+def test_scann_version_stores_the_callers_searchers(tmp_path, monkeypatch):
+  """Searchers the caller already trained are stored as they are: same results after loading."""
+  pytest.importorskip("scann")
+  from realm_jax.retrieval import scann_searcher  # pylint: disable=g-import-not-at-top
+  emb, queries = _clustered(4)
+  halves = [(emb[:2500], np.arange(2500)), (emb[2500:], np.arange(2500, 5000))]
+  built = [scann_searcher.ScannSearcher(e, i, num_leaves=25) for e, i in halves]
+  index_format.publish_index(tmp_path, 2, halves, searcher="scann", searchers=built)
+  want = searcher.ShardedSearcher(built).search(queries, 10)
+  monkeypatch.setattr(scann_searcher.ScannSearcher, "__init__", _fail_training)
+  got = index_format.load_index(tmp_path, 2)[1].search(queries, 10)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_scann_version_loads_the_same_after_its_folder_moved(tmp_path, monkeypatch):
+  """ScaNN's assets hold no absolute paths: a renamed/moved index folder loads identically."""
+  pytest.importorskip("scann")
+  from realm_jax.retrieval import scann_searcher  # pylint: disable=g-import-not-at-top
+  emb, queries = _clustered(1)
+  first = tmp_path / "first"
+  _publish_scann(first, 3, emb)
+  want = index_format.load_index(first, 3)[1].search(queries, 10)
+  moved = tmp_path / "elsewhere" / "index"
+  moved.parent.mkdir()
+  first.rename(moved)
+  files = [path for path in moved.glob("3/**/*") if path.is_file()]
+  assert len(files) > 10
+  for path in files:  # neither the publish folder nor ScaNN's local staging folder
+    assert str(first).encode() not in path.read_bytes(), path
+    assert b"realm-scann-" not in path.read_bytes(), path
+  pbtxt = (moved / "3" / "shard-00000-of-00002" / "scann" / "assets" / "scann_assets.pbtxt")
+  assert 'asset_path: "dataset.npy"' in pbtxt.read_text()
+  monkeypatch.setattr(scann_searcher.ScannSearcher, "__init__", _fail_training)
+  got = index_format.load_index(moved, 3)[1].search(queries, 10)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  # Through the remote (gs://) path too: files staged into a local temp folder, then loaded.
+  monkeypatch.setattr(index_format, "_is_local", lambda path: False)
+  staged = index_format.load_index(moved, 3)[1].search(queries, 10)
+  np.testing.assert_array_equal(staged[0], want[0])
+
+
+def test_corrupted_scann_asset_is_rejected(tmp_path):
+  pytest.importorskip("scann")
+  emb, _ = _clustered(2, num_docs=300)  # brute-force ScaNN: still its own stored files
+  version = _publish_scann(tmp_path, 4, emb, num_shards=1)
+  path = version / "shard-00000-of-00001" / "scann" / "assets" / "dataset.npy"
+  data = bytearray(path.read_bytes())
+  data[-3] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(index_format.IndexVersionError, match="checksum"):
+    index_format.load_index(tmp_path, 4)
+
+
+def test_scann_version_without_stored_searchers_is_built_from_embeddings(tmp_path):
+  """Versions written before ScaNN files were stored (format 1) still load, as ScaNN."""
+  pytest.importorskip("scann")
+  from realm_jax.retrieval import scann_searcher  # pylint: disable=g-import-not-at-top
+  emb, queries = _clustered(3)
+  version = _publish_scann(tmp_path, 5, emb, searcher_options=dict(num_leaves=30))
+  manifest = json.loads((version / index_format.MANIFEST).read_text())
+  for entry in manifest["shards"]:
+    del entry["scann_files"], entry["scann_params"], entry["dim"]
+    (version / entry["name"] / "scann").rmtree()
+  manifest["format_version"] = 1
+  (version / index_format.MANIFEST).write_text(json.dumps(manifest))
+  _, loaded = index_format.load_index(tmp_path, 5)
+  assert all(isinstance(s, scann_searcher.ScannSearcher) and s.num_leaves == 30
+             for s in loaded.shards)
+  got, _ = loaded.search(queries, 10)
+  want = _brute_force(queries, emb, 10)
+  assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)]) >= 0.95
+
+
+def test_version_is_published_only_when_every_writers_shard_is_done(tmp_path):
+  """The several-writer protocol: announce, shards in any order, then manifest + LATEST."""
+  shards, emb = _shards(np.random.default_rng(5))
+  build = index_format.start_version(tmp_path, 8, num_shards=2)
+  assert index_format.pending_builds(tmp_path) == [build]
+  index_format.write_shard(tmp_path, build, 1, *shards[1])
+  with pytest.raises(index_format.IndexVersionError, match=r"shards \[0\] of 2 not done"):
+    index_format.finish_version(tmp_path, build, timeout=0.0)
+  assert index_format.list_versions(tmp_path) == [] and index_format.latest_step(tmp_path) is None
+  index_format.write_shard(tmp_path, build, 0, *shards[0])
+  index_format.finish_version(tmp_path, build, expected_num_docs=40)
+  assert index_format.latest_step(tmp_path) == 8 and index_format.pending_builds(tmp_path) == []
+  _, loaded = index_format.load_index(tmp_path, 8)
+  q = np.random.default_rng(6).normal(size=(3, 8))
+  np.testing.assert_array_equal(loaded.search(q, 5)[0], _brute_force(q, emb, 5))
+
+
+def test_a_replaced_attempt_is_never_published(tmp_path):
+  """A restarted leader re-announces the step: nothing of the dead attempt counts."""
+  shards, _ = _shards(np.random.default_rng(7))
+  old = index_format.start_version(tmp_path, 9, num_shards=2)
+  index_format.write_shard(tmp_path, old, 0, *shards[0])
+  new = index_format.start_version(tmp_path, 9, num_shards=2)  # the leader restarted
+  assert new["attempt"] != old["attempt"]
+  assert index_format.shard_done(tmp_path, new, 0) is None  # gone with the old folder
+  with pytest.raises(index_format.StaleBuildError):  # a follower still on the old attempt
+    index_format.write_shard(tmp_path, old, 1, *shards[1])
+  assert index_format.shard_done(tmp_path, new, 1) is None
+  with pytest.raises(index_format.StaleBuildError):
+    index_format.finish_version(tmp_path, old)
+  index_format.write_shard(tmp_path, new, 0, *shards[0])
+  done = index_format.tmp_dir(tmp_path, 9) / "shard-00000-of-00002" / index_format.SHARD_DONE
+  record = json.loads(done.read_text())
+  done.write_text(json.dumps(dict(record, attempt=old["attempt"])))
+  assert index_format.shard_done(tmp_path, new, 0) is None  # a done-mark of another attempt
+  done.write_text(json.dumps(record))
+  index_format.write_shard(tmp_path, new, 1, *shards[1])
+  assert index_format.finish_version(tmp_path, new).name == "9"
+  assert index_format.list_versions(tmp_path) == [9]

@@ -86,9 +86,11 @@ def test_sharded_scann_merges(data):
 
 
 def test_save_load_round_trip(data, scann_index, tmp_path):
+  """Loads without retraining, from a folder moved after saving (assets use relative paths)."""
   queries = data[1]
   scann_index.save(tmp_path / "shard")
-  loaded = scann_searcher.ScannSearcher.load(tmp_path / "shard")
+  (tmp_path / "shard").rename(tmp_path / "moved")
+  loaded = scann_searcher.ScannSearcher.load(tmp_path / "moved")
   assert (loaded.num_docs, loaded.dim, loaded.params) == (
       scann_index.num_docs, scann_index.dim, scann_index.params)
   ids, scores = scann_index.search(queries, K)
@@ -102,6 +104,15 @@ def test_bad_query_dim_raises(scann_index):
     scann_index.search(np.zeros((3, 31), np.float32), K)
   with pytest.raises(ValueError, match=r"\[B, 32\]"):
     scann_index.search(np.zeros((32,), np.float32), K)
+
+
+def test_options_from_config():
+  assert scann_searcher.options_from_config({}) == {}
+  assert scann_searcher.options_from_config({"searcher": "scann"}) == {}
+  retrieval = {"scann": {"num_leaves": 300, "num_leaves_to_search": 0, "reorder": None}}
+  assert scann_searcher.options_from_config(retrieval) == {"num_leaves": 300}
+  with pytest.raises(ValueError, match="num_leafs"):
+    scann_searcher.options_from_config({"scann": {"num_leafs": 3}})
 
 
 def test_make_searcher():

@@ -85,3 +85,18 @@ def test_background_thread_and_first_index_timeout(tmp_path):
     assert step == 7 and searcher.num_docs == DOCS
   finally:
     watcher.stop()
+
+
+def test_scann_versions_load_their_stored_searchers_and_bad_assets_are_rejected(tmp_path):
+  pytest.importorskip("scann")
+  from realm_jax.retrieval import scann_searcher  # pylint: disable=g-import-not-at-top
+  watcher, index = _watched(tmp_path)
+  emb = np.random.default_rng(0).normal(size=(DOCS, DIM)).astype(np.float32)
+  index_format.publish_index(tmp_path, 1, [(emb, np.arange(DOCS))], searcher="scann")
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and isinstance(index.searcher.shards[0], scann_searcher.ScannSearcher)
+  version = index_format.publish_index(tmp_path, 2, [(emb, np.arange(DOCS))], searcher="scann")
+  path = version / "shard-00000-of-00001" / "scann" / "realm_scann_searcher.json"
+  path.write_text(path.read_text().replace('"dim": 8', '"dim": 9'))
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert not index.maybe_swap() and index.step == 1 and "checksum" in watcher.rejected[2]

@@ -2,35 +2,55 @@
 
 `python -m realm_jax.main --mode=index_builder --config=<same as the trainer> --workdir=<same>`
 polls `<workdir>/checkpoints/`, and whenever a checkpoint is at least `retrieval.refresh_every`
-steps newer than the last version it published (or none exists yet), restores the parameters,
-re-embeds every corpus block and publishes `<workdir>/index/<step>/` in the shared index format
-(manifest last, then LATEST). Restart-safe: it resumes from the newest published version and
-removes tmp folders a killed run left behind.
+steps newer than the last version it published (or none exists yet), restores the embedder's
+parameters alone (`checkpointing.restore_embedder_params`, an orbax partial restore: no
+optimizer state, no encoder), re-embeds the corpus and publishes `<workdir>/index/<step>/` in
+the shared index format (`index_format.py`). With `retrieval.searcher="scann"` every shard
+carries its trained ScaNN searcher (options from `retrieval.scann`, else scaled to the shard),
+so trainers load it instead of re-training the tree.
 
-The trainer side is `retrieval/watcher.py` (`retrieval.index_source="builder"`).
-Not yet here (issue 3): serialized ScaNN assets in the version (a "scann" version is built
-by its reader from the stored embeddings), restoring the embedder subtree alone (orbax
-partial restore), and slicing the corpus over several builder processes.
+Several builder processes (P = `jax.process_count()`, or the constructor's `process_count`)
+split the work through the shared index folder, no collectives needed:
+- process 0 (the leader) picks the step and announces it (`index/.tmp-<step>/BUILD.json`);
+- process p embeds its contiguous slice of the corpus rows (`shard_rows`) on its own local
+  devices and writes shard p (`shard-0000p-of-0000P/`, its SHARD_DONE.json last);
+- the leader waits for all P shards of that attempt, writes the manifest, renames the folder
+  into place and moves LATEST. One process is the P = 1 case of the same protocol.
+
+Restart-safe: it resumes from the newest published version (LATEST), so a checkpoint that
+appeared while it was down is the next one built. Stale tmp folders are removed by the leader
+alone, at start-up: followers only ever write into the attempt the *live* leader announced
+(they check its attempt id before marking a shard done), so whatever exists before the leader
+starts belongs to a dead leader's attempt; a follower still busy with one finds its attempt
+gone and drops the work. (A timeout rule would have to outlast the slowest shard's embedding,
+hours at scale.) The trainer side is `retrieval/watcher.py` (`retrieval.index_source="builder"`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.sharding import Mesh
 
 from realm_jax import config_lib
+from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import prepare
-from realm_jax.retrieval import in_process
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import scann_searcher
 from realm_jax.train import checkpointing
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
+
+# Seconds the leader waits for the other processes' shards once its own is written (their
+# slices are as large as its own, so they finish at about the same time).
+DEFAULT_SHARD_TIMEOUT = 3600.0
 
 
 def finished_checkpoint_steps(directory: epath.PathLike) -> list[int]:
@@ -42,30 +62,83 @@ def finished_checkpoint_steps(directory: epath.PathLike) -> list[int]:
 
 
 def remove_stale_tmp(index_root: epath.PathLike) -> list[str]:
-  """Deletes the hidden tmp folders/files of publishes that never finished."""
+  """Deletes the hidden tmp folders/files of publishes that never finished (leader, start-up)."""
   root = epath.Path(index_root)
   if not root.exists():
     return []
-  stale = [p for p in root.iterdir() if p.name.startswith(".tmp-") or
+  stale = [p for p in root.iterdir() if p.name.startswith(index_format.TMP_PREFIX) or
            p.name.startswith(f".{index_format.LATEST}.tmp-")]
   for path in stale:
     path.rmtree() if path.is_dir() else path.unlink()
   return [p.name for p in stale]
 
 
+def shard_rows(num_docs: int, shard_index: int, num_shards: int) -> tuple[int, int]:
+  """Contiguous [start, stop) corpus rows of one shard; sizes differ by at most one."""
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard {shard_index} of {num_shards}")
+  base, extra = divmod(num_docs, num_shards)
+  start = shard_index * base + min(shard_index, extra)
+  return start, start + base + (shard_index < extra)
+
+
+def embed_rows(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
+               batch_size: int, rows: np.ndarray) -> np.ndarray:
+  """Embeds the corpus rows `rows` [n] on `mesh` (this process's devices): -> [n, D] float32."""
+  shards = partitioning.data_parallel_size(mesh)
+  batch_size = max(shards, batch_size // shards * shards)
+  outputs = []
+  for begin in range(0, len(rows), batch_size):
+    chunk = rows[begin:begin + batch_size]
+    padded = np.full(batch_size, corpus.null_id, np.int64)  # pad the last batch: null row
+    padded[:len(chunk)] = chunk
+    batch = {"t": np.asarray(corpus.retriever_tokens[padded]),
+             "s": np.asarray(corpus.retriever_segments[padded])}
+    device = partitioning.shard_batch_global(batch, mesh)
+    emb = partitioning.to_host(embed_docs(params, device["t"], device["s"]))  # [batch, D]
+    outputs.append(emb[:len(chunk)])
+  return np.concatenate(outputs, axis=0)
+
+
 class IndexBuilder:
-  """Embeds the corpus with the newest checkpoint's embedder and publishes index versions."""
+  """Embeds the corpus with a checkpoint's embedder and publishes index versions.
+
+  Args:
+    config: the trainer's config (model, corpus, `retrieval.*`).
+    workdir: the trainer's workdir (shared storage).
+    devices: this process's devices to embed on (default: its local devices).
+    process_index, process_count: this builder's place among the builder processes
+      (default: `jax.process_index()`, `jax.process_count()`); injectable so several builders
+      can share a workdir without multi-host JAX (tests, or independent jobs).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: epath.PathLike,
-               devices=None):
+               devices=None, process_index: int | None = None,
+               process_count: int | None = None):
     self.config = config
     self.workdir = epath.Path(workdir)
     self.checkpoint_dir = self.workdir / "checkpoints"
     self.index_root = self.workdir / "index"
-    self.mesh = partitioning.make_mesh(config.mesh, devices)
-    config_lib.validate(config, partitioning.data_parallel_size(self.mesh), jax.process_count())
+    self.process_index = jax.process_index() if process_index is None else int(process_index)
+    self.process_count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index={self.process_index} not in [0, {self.process_count})")
+    self.mesh = partitioning.make_mesh(config.mesh,
+                                       jax.local_devices() if devices is None else devices)
+    # The builder's own layout does not constrain the trainer's batch sizes: one process here.
+    config_lib.validate(config, partitioning.data_parallel_size(self.mesh), 1)
+    retrieval = config.retrieval
+    self.searcher_options = (scann_searcher.options_from_config(retrieval)
+                             if retrieval.searcher == "scann" else {})
+    self.shard_timeout = float(retrieval.get("builder_shard_timeout", DEFAULT_SHARD_TIMEOUT))
+    self.poll_seconds = float(retrieval.get("builder_poll_seconds", 5.0))
     self.corpus = None
     self._embed_docs = None
+    self._ignored: set[str] = set()  # attempts announced for another number of processes
+
+  @property
+  def is_leader(self) -> bool:
+    return self.process_index == 0
 
   def _ensure_model(self, wait_seconds: float, poll_seconds: float):
     """The corpus is prepared by the trainer; wait for it rather than build it twice."""
@@ -84,58 +157,116 @@ class IndexBuilder:
     model = state_lib.build_model(self.config, data.corpus.vocab_size, data.corpus.special.pad)
     _, self._embed_docs = steps_lib.make_embed_fns(model, self.mesh)
 
+  def build_shard(self, build: dict[str, Any]) -> dict[str, Any]:
+    """Embeds this process's slice for an announced build and writes its shard."""
+    self._ensure_model(wait_seconds=0.0, poll_seconds=0.0)
+    if build["num_shards"] != self.process_count:
+      raise ValueError(f"step {build['step']} was announced in {build['num_shards']} shards, "
+                       f"but this is one of {self.process_count} builder processes")
+    params, _ = checkpointing.restore_embedder_params(self.checkpoint_dir, build["step"])
+    params = partitioning.replicate(params, self.mesh)
+    start, stop = shard_rows(self.corpus.num_docs, self.process_index, build["num_shards"])
+    if stop <= start:
+      raise ValueError(f"{self.corpus.num_docs} documents cannot fill {build['num_shards']} "
+                       "shards")
+    rows = np.arange(start, stop, dtype=np.int64)
+    embeddings = embed_rows(params, self.corpus, self._embed_docs, self.mesh,
+                            self.config.retrieval.embed_batch_size, rows)
+    return index_format.write_shard(self.index_root, build, self.process_index, embeddings,
+                                    rows)
+
   def build(self, step: int) -> epath.Path:
-    """Publishes the index version of checkpoint `step`."""
+    """The leader publishes the version of checkpoint `step` (with the others' shards)."""
+    if not self.is_leader:
+      raise RuntimeError("only process 0 publishes; the others run `build_shard`")
+    self._ensure_model(wait_seconds=0.0, poll_seconds=0.0)
     start = time.time()
-    params, _ = checkpointing.restore_params(self.checkpoint_dir, step)
-    params = partitioning.replicate(
-        {k: v for k, v in params.items() if k in state_lib.EMBEDDER_KEYS}, self.mesh)
-    embeddings = in_process.embed_corpus(params, self.corpus, self._embed_docs, self.mesh,
-                                         self.config.retrieval.embed_batch_size)
-    if (self.index_root / str(step)).exists():  # a version dir without manifest: a crashed run
-      (self.index_root / str(step)).rmtree()
-    path = index_format.publish_index(
-        self.index_root, step, [(embeddings, np.arange(len(embeddings)))],
-        searcher=self.config.retrieval.searcher,
-        extra=dict(source="index_builder", embed_seconds=round(time.time() - start, 3)))
+    version = self.index_root / str(step)
+    if version.exists():  # a crashed run's leftover (never the version LATEST names)
+      if index_format.latest_step(self.index_root) == step:
+        raise ValueError(f"step {step} is the published LATEST version")
+      version.rmtree()
+    build = index_format.start_version(self.index_root, step, self.process_count,
+                                       self.config.retrieval.searcher, self.searcher_options)
+    try:
+      self.build_shard(build)
+      shard_seconds = time.time() - start
+      path = index_format.finish_version(
+          self.index_root, build, timeout=self.shard_timeout,
+          poll_seconds=min(self.poll_seconds, 1.0), expected_num_docs=self.corpus.num_docs,
+          extra=dict(source="index_builder", num_processes=self.process_count,
+                     embed_seconds=round(shard_seconds, 3)))
+    except Exception:
+      # Withdraw the announcement, so followers stop working on a build that will not finish.
+      current = index_format.read_build(self.index_root, step)
+      if current is not None and current["attempt"] == build["attempt"]:
+        index_format.tmp_dir(self.index_root, step).rmtree()
+      raise
     index_format.prune_versions(self.index_root, self.config.retrieval.keep_index_versions)
-    logging.info("index_builder: published step %d (%d docs) in %.1fs", step, len(embeddings),
-                 time.time() - start)
+    logging.info("index_builder: published step %d (%d docs, %d shard(s)) in %.1fs", step,
+                 self.corpus.num_docs, self.process_count, time.time() - start)
     return path
 
-  def run(self, poll_seconds: float = 5.0, max_builds: int | None = None,
+  def run(self, poll_seconds: float | None = None, max_builds: int | None = None,
           idle_timeout: float | None = None) -> list[int]:
-    """Polls for checkpoints and builds; returns the steps built by this call.
+    """Polls and builds; returns the steps this process built (published, or its shard of).
 
-    Stops after `max_builds` builds, or after `idle_timeout` seconds without a new build.
+    Stops after `max_builds` builds, or after `idle_timeout` seconds without a successful one.
     """
-    removed = remove_stale_tmp(self.index_root)
-    if removed and jax.process_index() == 0:
-      logging.info("index_builder: removed stale %s", removed)
+    poll_seconds = self.poll_seconds if poll_seconds is None else poll_seconds
+    if self.is_leader:
+      removed = remove_stale_tmp(self.index_root)
+      if removed:
+        logging.info("index_builder: removed stale %s", removed)
     self._ensure_model(wait_seconds=idle_timeout or float("inf"), poll_seconds=poll_seconds)
-    last = index_format.latest_step(self.index_root)
     built: list[int] = []
     idle_since = time.time()
     while max_builds is None or len(built) < max_builds:
-      steps = finished_checkpoint_steps(self.checkpoint_dir)
-      newest = steps[-1] if steps else None
-      due = newest is not None and (
-          last is None or newest >= last + self.config.retrieval.refresh_every)
-      if due:
+      build = None if self.is_leader else self._follower_due()  # an announced build
+      step = self._leader_due() if self.is_leader else build and build["step"]
+      if step is not None:
         try:
-          self.build(newest)
+          if self.is_leader:
+            self.build(step)
+          else:
+            self.build_shard(build)
         except Exception as e:  # pylint: disable=broad-except
-          # E.g. the trainer's keep-last-N deleted that checkpoint mid-restore. Nothing was
-          # published (the version only appears complete), so just look again.
-          logging.warning("index_builder: building step %d failed (%s: %s); retrying", newest,
-                          type(e).__name__, e)
-          time.sleep(poll_seconds)
+          # E.g. the trainer's keep-last-N deleted that checkpoint mid-restore, a follower's
+          # shard timed out, or (followers) the leader restarted and replaced the attempt.
+          # Nothing was published (a version only appears complete), so just look again.
+          logging.warning("index_builder[%d]: building step %d failed (%s: %s); retrying",
+                          self.process_index, step, type(e).__name__, e)
+        else:
+          built.append(step)
+          idle_since = time.time()
           continue
-        built.append(newest)
-        last = newest
-        idle_since = time.time()
-        continue
       if idle_timeout is not None and time.time() - idle_since > idle_timeout:
-        break
+        break  # a failing build does not count as activity
       time.sleep(poll_seconds)
     return built
+
+  def _leader_due(self) -> int | None:
+    """The newest checkpoint, if refresh_every newer than LATEST (or nothing published yet)."""
+    steps = finished_checkpoint_steps(self.checkpoint_dir)
+    if not steps:
+      return None
+    last = index_format.latest_step(self.index_root)
+    newest = steps[-1]
+    if last is None or newest >= last + self.config.retrieval.refresh_every:
+      return newest
+    return None
+
+  def _follower_due(self) -> dict[str, Any] | None:
+    """The newest announced build whose shard of this process is not done for its attempt."""
+    for build in index_format.pending_builds(self.index_root):
+      if build["num_shards"] != self.process_count:
+        if build["attempt"] in self._ignored:
+          continue
+        self._ignored.add(build["attempt"])
+        logging.warning("index_builder[%d]: step %d is announced in %d shards, this job has %d "
+                        "processes; ignoring it", self.process_index, build["step"],
+                        build["num_shards"], self.process_count)
+        continue
+      if index_format.shard_done(self.index_root, build, self.process_index) is None:
+        return build
+    return None

@@ -8,7 +8,13 @@ merged exactly by `ShardedSearcher`. Tiny shards (fewer than `BRUTE_FORCE_BELOW`
 a tree and quantization buy nothing, are searched brute force inside ScaNN.
 
 `make_searcher(kind, embeddings, doc_ids, **options)` builds either kind from the
-`retrieval.searcher` config value ("exact" or "scann").
+`retrieval.searcher` config value ("exact" or "scann"); `options_from_config` reads the
+optional `retrieval.scann` overrides. The defaults scale with the shard's size (~sqrt(N)
+leaves, 10% of them searched), so each shard of a sharded index gets its own.
+
+`save`/`load` serialize a trained searcher (ScaNN's assets with relative paths, so the folder
+can be moved or renamed): the index builder stores them in each shard of a version, and
+trainers load them instead of re-training the tree (`index_format.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ BRUTE_FORCE_BELOW = 2000
 ANISOTROPIC_THRESHOLD = 0.2
 _META = "realm_scann_searcher.json"
 _DOC_IDS = "doc_ids.npy"
-_SCANN_DIR = "scann"
+_ASSETS_DIR = "assets"  # ScaNN's own files (scann_assets.pbtxt, ...)
 
 
 def default_num_leaves(num_docs: int) -> int:
@@ -125,10 +131,11 @@ class ScannSearcher:
     """Writes ScaNN's assets (`serialize`, relative paths) + doc ids + params to `directory`.
 
     Local paths only (ScaNN reads and writes through the local filesystem): copy the folder
-    to/from `gs://` around this call.
+    to/from `gs://` around this call (`index_format` does). With relative paths in
+    `assets/scann_assets.pbtxt` the folder loads from wherever it is moved to.
     """
     directory = os.fspath(directory)
-    scann_dir = os.path.join(directory, _SCANN_DIR)
+    scann_dir = os.path.join(directory, _ASSETS_DIR)
     os.makedirs(scann_dir, exist_ok=True)
     self._scann.serialize(scann_dir, relative_path=True)
     np.save(os.path.join(directory, _DOC_IDS), self.doc_ids)
@@ -153,7 +160,7 @@ class ScannSearcher:
     self.reorder = meta["reorder"]
     self.params = {key: meta[key] for key in ("num_leaves", "num_leaves_to_search", "reorder",
                                               "dims_per_block", "brute_force")}
-    self._scann = scann.scann_ops_pybind.load_searcher(os.path.join(directory, _SCANN_DIR))
+    self._scann = scann.scann_ops_pybind.load_searcher(os.path.join(directory, _ASSETS_DIR))
     return self
 
 
@@ -166,6 +173,24 @@ def _check_doc_ids(doc_ids: np.ndarray | None, num_docs: int) -> np.ndarray:
 
 
 SEARCHER_KINDS = ("exact", "scann")
+# `ScannSearcher` arguments that `retrieval.scann` may override (unset/0: scaled to the shard).
+OPTION_KEYS = ("num_leaves", "num_leaves_to_search", "reorder", "dims_per_block",
+               "training_sample_size")
+
+
+def options_from_config(retrieval_config) -> dict[str, int]:
+  """The set ScaNN overrides of `retrieval.scann` (a dict or ConfigDict; absent: {}).
+
+  Unset (None/0) fields are left out, so `ScannSearcher` scales them to each shard's size.
+  """
+  scann_config = retrieval_config.get("scann", None) if retrieval_config is not None else None
+  if not scann_config:
+    return {}
+  scann_config = dict(scann_config)
+  unknown = sorted(set(scann_config) - set(OPTION_KEYS))
+  if unknown:
+    raise ValueError(f"unknown retrieval.scann fields {unknown}; known: {list(OPTION_KEYS)}")
+  return {key: int(value) for key, value in scann_config.items() if value}
 
 
 def make_searcher(kind: str, embeddings: np.ndarray, doc_ids: np.ndarray | None = None,

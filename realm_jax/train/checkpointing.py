@@ -4,16 +4,22 @@ Each checkpoint holds two items: `state` (params, optimizer state, step) and `da
 batch sources are pure functions of the step, so the step *is* the iterator state; saved
 explicitly so a resumed run can check it). Saves are async and atomic (orbax writes a tmp folder
 then renames), keep-last-N; a crash mid-save leaves the previous checkpoint intact.
+
+Other jobs read a run's checkpoints with `restore_params` (all parameters, for warm starts) and
+`restore_embedder_params` (the retriever alone, by orbax partial restore, for the index
+builder); both restore onto one local device whatever topology saved them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from realm_jax.train import state as state_lib
 
 
 class Checkpointer:
@@ -65,27 +71,78 @@ def resolve_checkpoint_dir(path: epath.PathLike) -> epath.Path:
   return path / "checkpoints" if (path / "checkpoints").exists() else path
 
 
+def _read_only_manager(directory: epath.Path, state_handler_cls) -> ocp.CheckpointManager:
+  """A manager over this process alone: no cross-process barriers around a read (builder
+  processes restore independently, and a retried restore must not wait for the others)."""
+  local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           multiprocessing_options=local),
+      item_handlers={"state": state_handler_cls(multiprocessing_options=local),
+                     "data": ocp.JsonCheckpointHandler(multiprocessing_options=local)})
+
+
+def _on_one_device(metadata_tree: Any) -> Any:
+  """Restore targets on this host's first device, whatever topology saved the arrays."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata_tree)
+
+
+def _resolve_step(manager: ocp.CheckpointManager, directory: epath.Path,
+                  step: int | None) -> int:
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found in {directory}")
+  return step
+
+
 def restore_params(path: epath.PathLike, step: int | None = None) -> tuple[Any, int]:
   """Loads the parameters of another run's latest (or given) checkpoint onto this host.
 
   Works across topologies (a checkpoint saved by 8 trainer devices restores in a 1-device
   builder): the restore target is built from the checkpoint's metadata, on one local device.
-  The whole state is read (params and optimizer state); restoring the embedder subtree alone
-  (orbax partial restore) is left for the index builder at scale.
+  The whole state is read (params and optimizer state); `restore_embedder_params` reads only
+  the retriever's subtree.
   """
   directory = resolve_checkpoint_dir(path)
-  manager = ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint found in {directory}")
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      manager.item_metadata(step)["state"])
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  manager.close()
+  manager = _read_only_manager(directory, ocp.StandardCheckpointHandler)
+  try:
+    step = _resolve_step(manager, directory, step)
+    target = _on_one_device(manager.item_metadata(step)["state"])
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  finally:
+    manager.close()
+  return jax.device_get(restored["state"]["params"]), step
+
+
+def restore_embedder_params(path: epath.PathLike, step: int | None = None,
+                            keys: Sequence[str] = state_lib.EMBEDDER_KEYS
+                            ) -> tuple[dict[str, Any], int]:
+  """Loads only `state.params[k]` for the `keys` the checkpoint has: {key: subtree}, step.
+
+  An orbax partial restore (`PyTreeRestore(partial_restore=True)` with a target holding just
+  those subtrees): the optimizer state and the encoder are neither read nor allocated, which
+  is what the index builder needs from a trainer's checkpoint (at BERT-base the embedder is
+  ~1/2 of the parameters and ~1/6 of the state with Adam's two moments). Cross-topology like
+  `restore_params`: onto this host's first device.
+  """
+  directory = resolve_checkpoint_dir(path)
+  manager = _read_only_manager(directory, ocp.PyTreeCheckpointHandler)
+  try:
+    step = _resolve_step(manager, directory, step)
+    params_metadata = manager.item_metadata(step)["state"]["params"]
+    present = [key for key in keys if key in params_metadata]
+    if not present:
+      raise ValueError(f"checkpoint {directory}/{step} has none of {list(keys)} in its "
+                       f"params ({sorted(params_metadata)})")
+    target = {"params": {key: _on_one_device(params_metadata[key]) for key in present}}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    manager.close()
   return jax.device_get(restored["state"]["params"]), step
