@@ -79,6 +79,11 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
+      # Several builder processes: how long process 0 waits for the others' shards.
+      builder_shard_timeout=3600.0,
+      # ScaNN settings; 0 = scaled to each shard's size (retrieval/scann_searcher.py).
+      scann=dict(num_leaves=0, num_leaves_to_search=0, reorder=0, dims_per_block=0,
+                 training_sample_size=0),
       # Retrieve batch t+1 while the devices run step t (its candidates are then chosen with
       # the parameters before step t). False: strictly sequential, bit-exact across resumes.
       prefetch=True,

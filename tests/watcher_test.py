@@ -100,3 +100,24 @@ def test_scann_versions_load_their_stored_searchers_and_bad_assets_are_rejected(
   path.write_text(path.read_text().replace('"dim": 8', '"dim": 9'))
   watcher._poll_once()  # pylint: disable=protected-access
   assert not index.maybe_swap() and index.step == 1 and "checksum" in watcher.rejected[2]
+
+
+def test_polling_thread_survives_an_unexpected_error(tmp_path, monkeypatch):
+  """A surprise exception is logged and counted; the thread keeps polling and loads later."""
+  real_latest_step, calls = index_format.latest_step, []
+
+  def flaky_latest_step(root):
+    calls.append(root)
+    if len(calls) == 1:
+      raise RuntimeError("storage hiccup")
+    return real_latest_step(root)
+
+  monkeypatch.setattr(index_format, "latest_step", flaky_latest_step)
+  _publish(tmp_path, 2)
+  watcher = watcher_lib.IndexWatcher(tmp_path, expected_dim=DIM, expected_num_docs=DOCS,
+                                     poll_seconds=0.01).start()
+  try:
+    step, _, _ = watcher.wait_for_first(timeout=10.0)
+  finally:
+    watcher.stop()
+  assert step == 2 and watcher.errors == 1 and len(calls) >= 2

@@ -48,11 +48,13 @@ class InProcessIndex:
 
   def __init__(self, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
                index_root: epath.PathLike, embed_batch_size: int, keep_versions: int,
-               write: bool, searcher_kind: str = "exact"):
+               write: bool, searcher_kind: str = "exact",
+               searcher_options: dict | None = None):
     self.corpus, self._embed_docs, self._mesh = corpus, embed_docs, mesh
     self.root = epath.Path(index_root)
     self._embed_batch_size, self._keep, self._write = embed_batch_size, keep_versions, write
     self._searcher_kind = searcher_kind
+    self._searcher_options = dict(searcher_options or {})  # ScaNN overrides
     self.searcher: searcher_lib.Searcher | None = None
     self.step: int | None = None  # train step whose parameters embedded the corpus
     self.last_refresh_seconds = 0.0
@@ -61,13 +63,16 @@ class InProcessIndex:
     start = time.time()
     embeddings = embed_corpus(params, self.corpus, self._embed_docs, self._mesh,
                               self._embed_batch_size)
-    self.searcher = scann_searcher.make_searcher(self._searcher_kind, embeddings)
+    self.searcher = scann_searcher.make_searcher(self._searcher_kind, embeddings,
+                                                 **self._searcher_options)
     self.step = step
     if self._write:
       if (self.root / str(step) / index_format.MANIFEST).exists():
         (self.root / str(step)).rmtree()  # a re-run of this step after a resume replaces it
       index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
-                                 searcher=self._searcher_kind, extra=dict(source="in_process"))
+                                 searcher=self._searcher_kind, extra=dict(source="in_process"),
+                                 searcher_options=self._searcher_options,
+                                 searchers=[self.searcher])
       index_format.prune_versions(self.root, self._keep)
     self.last_refresh_seconds = time.time() - start
     logging.info("index: re-embedded %d documents at step %d in %.1fs", len(embeddings), step,

@@ -32,6 +32,7 @@ class IndexWatcher:
     self._pending: tuple[int, searcher_lib.Searcher, float] | None = None
     self._seen: set[int] = set()  # loaded or rejected for good
     self.rejected: dict[int, str] = {}
+    self.errors = 0  # unexpected exceptions survived by the polling thread
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="IndexWatcher", daemon=True)
 
@@ -68,7 +69,13 @@ class IndexWatcher:
 
   def _run(self):
     while not self._stop.is_set():
-      self._poll_once()
+      try:
+        self._poll_once()
+      except Exception:  # pylint: disable=broad-except
+        # Never let a surprise kill the thread silently: the trainer would keep a stale index
+        # forever. Log it and look again at the next poll.
+        self.errors += 1
+        logging.exception("index watcher: unexpected error while polling %s", self.root)
       self._stop.wait(self._poll)
 
   def take_new(self) -> tuple[int, searcher_lib.Searcher, float] | None:

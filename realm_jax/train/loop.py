@@ -25,6 +25,7 @@ from realm_jax.data import prepare
 from realm_jax.models import hf_weights
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import in_process
+from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
@@ -243,7 +244,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
                                       config.retrieval.embed_batch_size,
                                       config.retrieval.keep_index_versions, write=is_main,
-                                      searcher_kind=config.retrieval.searcher)
+                                      searcher_kind=config.retrieval.searcher,
+                                      searcher_options=(
+                                          scann_searcher.options_from_config(config.retrieval)
+                                          if config.retrieval.searcher == "scann" else None))
   # REALM retrieves for its batches; ICT only for judging its embedder on held-out queries;
   # the no-retrieval baseline (no index) gets the null document alone.
   retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries, mesh)
