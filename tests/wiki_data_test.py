@@ -72,10 +72,14 @@ def test_heldout_sentences_leave_their_blocks(wiki):
 
 
 def test_queries_mask_stored_spans_and_keep_heldout_apart(wiki):
-  _, data, _ = wiki
+  config, data, _ = wiki
   corpus, held = data.corpus, set(data.heldout_doc_ids.tolist())
-  train, evaluation_q, ict = data.train_queries, data.eval_queries, data.ict_eval_queries
-  assert len(train["query_tokens"]) > 50 and len(evaluation_q["query_tokens"]) >= 8
+  evaluation_q, ict = data.eval_queries, data.ict_eval_queries
+  assert len(data.train_span_ids) > 50 and len(evaluation_q["query_tokens"]) >= 8
+  source = data.train_source(config.data, 16, seed=0)
+  train = {k: np.concatenate([source.batch_at(step)[k] for step in range(source.steps_per_epoch)])
+           for k in ("query_tokens", "masked_positions", "masked_labels", "masked_weights",
+                     "source_ids", "gold_ids")}
   assert not held & set(train["source_ids"].tolist())
   assert (train["gold_ids"] == -1).all()
   assert set(evaluation_q["gold_ids"].tolist()) <= held and (evaluation_q["source_ids"] == -1).all()
@@ -101,6 +105,25 @@ def test_queries_mask_stored_spans_and_keep_heldout_apart(wiki):
 
 def _contains(row: np.ndarray, ids: np.ndarray) -> bool:
   return any((row[i:i + len(ids)] == ids).all() for i in range(len(row) - len(ids) + 1))
+
+
+@pytest.mark.parametrize("masking", ["salient", "random"])
+def test_span_query_source_is_a_function_of_step_split_over_processes(wiki, masking):
+  config, data, _ = wiki
+  make = lambda index, count: pipeline.SpanQuerySource(
+      data.corpus, data.salient_spans, data.train_span_ids, 8, 3, config.data.query_len,
+      config.data.max_masked, masking, index, count)
+  whole, halves = make(0, 1), [make(0, 2), make(1, 2)]
+  for step in (0, 5):
+    batch = whole.batch_at(step)
+    assert batch["query_tokens"].shape == (8, config.data.query_len)
+    for key, value in batch.items():
+      np.testing.assert_array_equal(value, make(0, 1).batch_at(step)[key], err_msg=key)
+      np.testing.assert_array_equal(
+          value, np.concatenate([h.batch_at(step)[key] for h in halves]), err_msg=key)
+    masked = batch["masked_weights"] > 0
+    assert masked.any(axis=1).all() and (batch["masked_labels"][masked] > 4).all()
+  assert not np.array_equal(whole.batch_at(0)["query_tokens"], whole.batch_at(1)["query_tokens"])
 
 
 def test_ict_never_sees_heldout_sentences(wiki):
@@ -189,8 +212,9 @@ def test_sharded_build_corpus_equals_one_process(wiki, tmp_path):
   b = prepare.prepare_data(single, None)
   for name in ("retriever_tokens", "reader_tokens", "sentence_token_ids"):
     np.testing.assert_array_equal(getattr(a.corpus, name), getattr(b.corpus, name), err_msg=name)
-  for key in b.train_queries:
-    np.testing.assert_array_equal(a.train_queries[key], b.train_queries[key], err_msg=key)
+  np.testing.assert_array_equal(a.train_span_ids, b.train_span_ids)
+  for key in b.eval_queries:
+    np.testing.assert_array_equal(a.eval_queries[key], b.eval_queries[key], err_msg=key)
 
 
 @pytest.mark.skipif(not SAMPLE.exists(), reason=f"real Wikipedia sample not found at {SAMPLE}")
@@ -207,4 +231,4 @@ def test_real_wiki_sample_prepares(tmp_path):
   assert len(data.heldout_doc_ids) == 50 and len(data.ict_eval_queries["query_tokens"]) == 50
   report = json.loads((data.directory / "build_report.json").read_text())
   assert report["records_read"] == 400
-  assert len(data.train_queries["query_tokens"]) > 1000  # several salient spans per passage
+  assert len(data.train_span_ids) > 1000  # several salient spans per passage

@@ -116,7 +116,7 @@ def random_masked_queries(
   replacement_ids = np.setdiff1d(np.arange(vocab_size), special.as_tuple())
   kept, ids, positions, labels = [], [], [], []
   for index, row in enumerate(wordpiece_ids):
-    row_ids = np.asarray(row[:query_len - 2], np.int32)
+    row_ids = np.array(row[:query_len - 2], np.int32)  # a copy: rows may be read-only
     if not len(row_ids):
       continue
     expected_count = mask_prob * len(row_ids)
@@ -299,3 +299,61 @@ class IctBatchSource:
     draws = rng.random((self._global_batch_size, 2))  # [B, 2]
     return _ict_examples(self._corpus, doc_ids[self._local_slice], draws[self._local_slice],
                          self._query_len, self._remove_prob, self._excluded)
+
+
+class SpanQuerySource:
+  """Masked-span queries built per batch from stored salient spans: nothing materialized.
+
+  For Wikipedia-scale corpora (~10^8 spans). Row r of the shuffled order is span
+  `span_ids[r]` of `spans` (span_sentence, span_start, span_end): its sentence as
+  `[CLS] sentence [SEP]` with the span masked ("salient"), or BERT random masking of the same
+  sentence ("random"), with the sentence's block as source_ids (excluded from retrieval).
+  Spans must fit query_len and max_masked (wiki_data filters them). Same contract as
+  BatchSource: `batch_at(step)` is a pure function of (seed, step, process).
+  """
+
+  def __init__(self, corpus: BlockCorpus, spans: Mapping[str, np.ndarray], span_ids: np.ndarray,
+               global_batch_size: int, seed: int, query_len: int, max_masked: int,
+               masking: str = "salient", process_index: int = 0, process_count: int = 1):
+    span_ids = np.asarray(span_ids, np.int64)
+    if global_batch_size > len(span_ids):
+      raise ValueError(f"global_batch_size {global_batch_size} > {len(span_ids)} span queries.")
+    lengths = spans["span_end"][span_ids] - spans["span_start"][span_ids]
+    if (spans["span_end"][span_ids] > query_len - 2).any() or (lengths > max_masked).any():
+      raise ValueError("span_ids include spans that do not fit query_len / max_masked")
+    self._corpus, self._spans, self._span_ids = corpus, spans, span_ids
+    self._seed, self._query_len, self._max_masked = seed, query_len, max_masked
+    self._masking = masking
+    self._local_slice = _local_slice(global_batch_size, process_index, process_count)
+    self._index_batches = (grain.MapDataset.source(range(len(span_ids))).shuffle(seed=seed)
+                           .batch(global_batch_size, drop_remainder=True).repeat())
+    self.steps_per_epoch = len(span_ids) // global_batch_size
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch of `step`: query_tokens, masked_*, source_ids,
+    gold_ids (-1), each [global_batch // process_count, ...]."""
+    rows = np.asarray(self._index_batches[step])[self._local_slice]
+    chosen = self._span_ids[rows]  # [B_local] span indices
+    sentences = self._spans["span_sentence"][chosen]
+    offsets = self._corpus.sentence_offsets
+    wordpieces = [np.asarray(self._corpus.sentence_token_ids[offsets[i]:offsets[i + 1]])
+                  for i in sentences.tolist()]
+    docs = np.searchsorted(np.asarray(self._corpus.doc_sentence_offsets), sentences,
+                           side="right") - 1
+    if self._masking == "salient":
+      spans = list(zip(self._spans["span_start"][chosen].tolist(),
+                       self._spans["span_end"][chosen].tolist()))
+      arrays = span_masked_queries(wordpieces, spans, self._corpus.special, self._query_len,
+                                   self._max_masked, source_ids=docs)
+    else:  # each row seeded by its place in the global batch, so processes agree
+      per_row = [random_masked_queries(
+          [row], self._corpus.special, self._corpus.vocab_size, self._query_len,
+          self._max_masked, seed=int(np.random.SeedSequence(
+              [self._seed, step, self._local_slice.start + i]).generate_state(1)[0]),
+          source_ids=docs[i:i + 1]) for i, row in enumerate(wordpieces)]
+      arrays = {k: np.concatenate([a[k] for a in per_row]) for k in per_row[0]}
+    if len(arrays["kept"]) != len(chosen):
+      raise AssertionError("a filtered span query was dropped")
+    arrays.pop("kept")
+    arrays["query_tokens"] = arrays.pop("tokens")
+    return arrays

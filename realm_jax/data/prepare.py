@@ -30,6 +30,7 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
 from realm_jax.data import pipeline
 from realm_jax.data import tokenizer as tokenizer_lib
+from realm_jax.data import wiki_corpus
 from realm_jax.data import wiki_data
 
 BUILD_CONFIG = "build_config.json"
@@ -46,7 +47,8 @@ _BUILD_FIELDS = {
 @dataclasses.dataclass
 class PreparedData:
   corpus: corpus_lib.BlockCorpus
-  train_queries: dict[str, np.ndarray]  # query_tokens, masked_*, source_ids, gold_ids: [Q, ...]
+  # query_tokens, masked_*, source_ids, gold_ids: [Q, ...] (facts; wiki: see train_span_ids)
+  train_queries: dict[str, np.ndarray]
   eval_queries: dict[str, np.ndarray]
   directory: epath.Path
   # Unmasked held-out pseudo-queries with their gold block, for ICT recall (wiki); None: use
@@ -56,6 +58,21 @@ class PreparedData:
   # which ICT never trains on.
   heldout_doc_ids: np.ndarray | None = None
   heldout_sentences: np.ndarray | None = None
+  # Wiki: training queries are built per batch from these spans (span_sentence, span_start,
+  # span_end [P]) and the usable span ids [P'] (SpanQuerySource), not materialized.
+  salient_spans: dict[str, np.ndarray] | None = None
+  train_span_ids: np.ndarray | None = None
+
+  def train_source(self, data_config: ml_collections.ConfigDict, global_batch_size: int,
+                   seed: int, process_index: int = 0, process_count: int = 1):
+    """The REALM batch source: `batch_at(step)` -> this process's masked queries."""
+    if self.train_span_ids is not None:
+      return pipeline.SpanQuerySource(
+          self.corpus, self.salient_spans, self.train_span_ids, global_batch_size, seed,
+          data_config.query_len, data_config.max_masked, data_config.masking, process_index,
+          process_count)
+    return pipeline.BatchSource(self.train_queries, global_batch_size, seed, process_index,
+                                process_count)
 
   @property
   def special(self) -> tokenizer_lib.SpecialIds:
@@ -145,7 +162,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     arrays = dict(np.load(f))
   split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
   heldout = wiki_data.load_heldout(directory)
+  train_span_ids = arrays.pop("train_span_ids", None)
   return PreparedData(blocks, split("train_"), split("eval_"), directory,
                       ict_eval_queries=split("ict_eval_") or None,
                       heldout_doc_ids=None if heldout is None else heldout[0],
-                      heldout_sentences=None if heldout is None else heldout[1])
+                      heldout_sentences=None if heldout is None else heldout[1],
+                      salient_spans=(None if train_span_ids is None
+                                     else wiki_corpus.load_salient_spans(directory)),
+                      train_span_ids=train_span_ids)

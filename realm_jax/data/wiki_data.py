@@ -6,8 +6,9 @@ merged the blocks there:
 heldout.npz    doc_ids [E] int64, sentences [E] int64 (global sentence index): one held-out
                sentence per evaluation block, removed from that block's retriever and reader
                rows (the sentence arrays keep it), so neither retrieval nor the reader sees it
-queries.npz    train_* : masked-span queries from the salient spans of all other blocks'
-                         sentences (source_ids = their block, excluded from retrieval)
+queries.npz    train_span_ids: the salient spans (indices into salient_spans.npz) of all other
+                         blocks' sentences that fit a query; each batch's masked queries are
+                         built from them (pipeline.SpanQuerySource; source = their block)
                eval_*  : masked-span queries from the held-out sentences (gold_ids = the
                          block they were removed from; nothing to exclude)
                ict_eval_*: the held-out sentences unmasked, as ICT pseudo-queries (gold_ids)
@@ -138,27 +139,19 @@ def _sentence_rows(corpus: corpus_lib.BlockCorpus, sentences: np.ndarray) -> lis
 def build_queries(corpus: corpus_lib.BlockCorpus, spans: dict[str, np.ndarray],
                   heldout_docs: np.ndarray, heldout_sentences: np.ndarray,
                   data_config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
-  """train_*, eval_* and ict_eval_* query arrays (see the module docstring)."""
+  """train_span_ids, eval_* and ict_eval_* query arrays (see the module docstring)."""
   special, query_len = corpus.special, data_config.query_len
   span_sentence = spans["span_sentence"]
   span_doc = doc_of_sentence(corpus, span_sentence)
   held_out = np.isin(span_doc, heldout_docs)
   rng = np.random.default_rng(seed)
 
-  # Training queries: spans of every sentence outside the held-out blocks.
+  # Training queries: spans of every sentence outside the held-out blocks, stored as span ids
+  # (pipeline.SpanQuerySource builds each batch's queries from them).
   train = np.flatnonzero(~held_out & (spans["span_end"] <= query_len - 2) &
                          (spans["span_end"] - spans["span_start"] <= data_config.max_masked))
   if data_config.max_train_queries and len(train) > data_config.max_train_queries:
     train = np.sort(rng.choice(train, data_config.max_train_queries, replace=False))
-  rows = _sentence_rows(corpus, span_sentence[train])
-  if data_config.masking == "salient":
-    train_arrays = pipeline.span_masked_queries(
-        rows, list(zip(spans["span_start"][train], spans["span_end"][train])), special,
-        query_len, data_config.max_masked, source_ids=span_doc[train])
-  else:  # the random-masking ablation: the same sentences, BERT-style masks
-    train_arrays = pipeline.random_masked_queries(
-        rows, special, corpus.vocab_size, query_len, data_config.max_masked, seed=seed,
-        source_ids=span_doc[train])
 
   # Evaluation: the spans of the held-out sentences, which no block contains any more.
   evaluation = np.flatnonzero(np.isin(span_sentence, heldout_sentences))
@@ -174,7 +167,7 @@ def build_queries(corpus: corpus_lib.BlockCorpus, spans: dict[str, np.ndarray],
     ict_tokens[row, :len(packed)] = packed
   ict_eval = dict(query_tokens=ict_tokens, gold_ids=heldout_docs.astype(np.int32),
                   source_ids=np.full(len(heldout_docs), -1, np.int32))
-  out = {f"train_{k}": v for k, v in _queries(train_arrays).items()}
+  out = {"train_span_ids": train.astype(np.int64)}
   out.update({f"eval_{k}": v for k, v in _queries(eval_arrays).items()})
   out.update({f"ict_eval_{k}": v for k, v in ict_eval.items()})
   return out
@@ -208,7 +201,7 @@ def build_wiki_data(data_config: ml_collections.ConfigDict, directory: epath.Pat
   corpus = corpus_lib.load_block_corpus(directory / "blocks")
   queries = build_queries(corpus, spans, docs, sentences, data_config, seed)
   logging.info("wiki data: %d blocks, %d held out; %d train, %d eval span queries",
-               corpus.num_docs, len(docs), len(queries["train_query_tokens"]),
+               corpus.num_docs, len(docs), len(queries["train_span_ids"]),
                len(queries["eval_query_tokens"]))
   return queries
 

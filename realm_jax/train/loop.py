@@ -228,8 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   else:
     train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
                                                  config.loss.marginalization)
-    source = pipeline.BatchSource(data.train_queries, batch_size, config.seed,
-                                  jax.process_index(), jax.process_count())
+    source = data.train_source(config.data, batch_size, config.seed, jax.process_index(),
+                               jax.process_count())
   eval_step = steps_lib.make_realm_eval_step(model, mesh, config.loss.marginalization)
 
   # ---- Index: the trainer's own exact index (REALM with retrieval) ---------------------
