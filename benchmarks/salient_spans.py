@@ -20,11 +20,15 @@ import collections
 import dataclasses
 import json
 import os
+import sys
 import platform
 import time
 from collections.abc import Sequence
 
 from realm_jax.data import salient_spans
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(_REPO_ROOT, "..", "shared", "data", "ner", "wikigold.conll.txt")
@@ -192,17 +196,6 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data", default=DEFAULT_DATA, help="WikiGold CoNLL file.")
@@ -216,7 +209,7 @@ def main() -> None:
   texts = [s.text for s in sentences]
   gold_by_type = collections.Counter(kind for s in sentences for _, _, kind in s.gold)
   print(f"{len(sentences)} sentences, {sum(gold_by_type.values())} gold spans "
-        f"({', '.join(f'{k} {gold_by_type[k]}' for k in TYPES)}); {cpu_name()}, "
+        f"({', '.join(f'{k} {gold_by_type[k]}' for k in TYPES)}); {cpu_model()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, "
         f"Python {platform.python_version()}")
   results = {}

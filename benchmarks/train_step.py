@@ -24,7 +24,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -32,6 +31,9 @@ from typing import Any
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import cpu_model, git_state  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -74,17 +76,6 @@ def peak_flops_per_device(device_kind: str) -> float | None:
     if name.lower() in kind:
       return peak
   return None
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def realm_batch(rng, batch: int, k: int, query_len: int, doc_len: int, max_masked: int,
@@ -299,20 +290,6 @@ def format_table(r: dict[str, Any]) -> str:
   rows.append(("final loss", f"{r['final_loss']:.4f}"))
   width = max(len(name) for name, _ in rows)
   return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def git_state() -> str:
-  """`<commit>` or `<commit>+dirty` of the checkout the benchmark runs from, if it is one."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  return commit + ("+dirty" if dirty else "")
 
 
 def main(argv):
