@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 import ml_collections
 import numpy as np
@@ -40,11 +41,22 @@ def tokenizer_for(data_config: ml_collections.ConfigDict,
                   directory: epath.Path) -> tokenizers.Tokenizer:
   """`directory/vocab.txt`: a copy of data.vocab_file, or trained on the source's texts."""
   vocab = directory / tokenizer_lib.VOCAB_FILENAME
-  if vocab.exists():
+  if vocab.exists():  # only ever renamed into place complete (below)
     return tokenizer_lib.load_tokenizer(vocab)
+  tmp = directory / f".vocab.tmp-{uuid.uuid4().hex[:8]}"
   if data_config.vocab_file:
-    vocab.write_text(epath.Path(data_config.vocab_file).read_text())
-    return tokenizer_lib.load_tokenizer(vocab)
+    tmp.mkdir(parents=True)
+    (tmp / tokenizer_lib.VOCAB_FILENAME).write_text(
+        epath.Path(data_config.vocab_file).read_text())
+  else:
+    _train_vocab(data_config, tmp)
+  (tmp / tokenizer_lib.VOCAB_FILENAME).rename(vocab)
+  tmp.rmtree()
+  return tokenizer_lib.load_tokenizer(vocab)
+
+
+def _train_vocab(data_config: ml_collections.ConfigDict, directory: epath.Path) -> None:
+  """Trains data.vocab_size wordpieces on the first data.vocab_records records' texts."""
   source = wiki_corpus.open_source(data_config.source,
                                    tfds_data_dir=data_config.tfds_data_dir or None)
   stop = min(len(source), data_config.limit or len(source), data_config.vocab_records)
@@ -57,7 +69,7 @@ def tokenizer_for(data_config: ml_collections.ConfigDict,
         continue
       yield title
       yield text
-  return tokenizer_lib.train_wordpiece(texts(), data_config.vocab_size, directory)
+  tokenizer_lib.train_wordpiece(texts(), data_config.vocab_size, directory)
 
 
 def doc_of_sentence(corpus: corpus_lib.BlockCorpus, sentences: np.ndarray) -> np.ndarray:
