@@ -1,4 +1,4 @@
-"""Small helpers shared by the data tests."""
+"""Small helpers shared by the tests."""
 
 import dataclasses
 
@@ -14,3 +14,10 @@ class PlainDoc:
 def ids(tokenizer, text):
   """Wordpiece ids of `text` without special tokens."""
   return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def flip_byte(path, offset: int) -> None:
+  """Corrupts one byte of a file in place (offset from the end when negative)."""
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0xFF
+  path.write_bytes(bytes(data))

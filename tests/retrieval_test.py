@@ -8,6 +8,7 @@ import pytest
 from realm_jax.retrieval import candidates
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import searcher
+from data_helpers import flip_byte  # pylint: disable=g-bad-import-order
 
 
 def _brute_force(queries, docs, k):
@@ -77,9 +78,7 @@ def test_corrupted_shard_and_mismatched_manifest_are_rejected(tmp_path):
   with pytest.raises(index_format.IndexVersionError, match="docs"):
     index_format.load_index(tmp_path, 3, expected_num_docs=41)
   path = version / "shard-00001-of-00002" / "embeddings.npy"
-  data = bytearray(path.read_bytes())
-  data[-1] ^= 0xFF
-  path.write_bytes(bytes(data))
+  flip_byte(path, -1)
   with pytest.raises(index_format.IndexVersionError, match="checksum"):
     index_format.load_index(tmp_path, 3)
 
@@ -211,9 +210,7 @@ def test_corrupted_scann_asset_is_rejected(tmp_path):
   emb, _ = _clustered(2, num_docs=300)  # brute-force ScaNN: still its own stored files
   version = _publish_scann(tmp_path, 4, emb, num_shards=1)
   path = version / "shard-00000-of-00001" / "scann" / "assets" / "dataset.npy"
-  data = bytearray(path.read_bytes())
-  data[-3] ^= 0xFF
-  path.write_bytes(bytes(data))
+  flip_byte(path, -3)
   with pytest.raises(index_format.IndexVersionError, match="checksum"):
     index_format.load_index(tmp_path, 4)
 

@@ -5,6 +5,7 @@ import pytest
 
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import watcher as watcher_lib
+from data_helpers import flip_byte  # pylint: disable=g-bad-import-order
 
 DIM, DOCS = 8, 30
 
@@ -41,9 +42,7 @@ def test_corrupted_or_mismatched_version_is_rejected_and_old_index_kept(tmp_path
   index.maybe_swap()
   version = _publish(tmp_path, 2, seed=2)
   path = version / "shard-00000-of-00001" / "embeddings.npy"
-  data = bytearray(path.read_bytes())
-  data[-4] ^= 0xFF
-  path.write_bytes(bytes(data))
+  flip_byte(path, -4)
   watcher._poll_once()  # pylint: disable=protected-access
   assert not index.maybe_swap() and index.step == 1
   assert "checksum" in watcher.rejected[2]
