@@ -139,3 +139,107 @@ def recall_at_k(retrieved_ids, gold_ids) -> float:
   known = gold_ids >= 0
   hit = (retrieved_ids == gold_ids[:, None]).any(axis=-1) & known
   return float(hit.sum() / max(int(known.sum()), 1))
+
+
+# ---- Open-QA fine-tuning (ORQA/REALM, DESIGN.md §1) ----------------------------------------------
+#
+# Shapes: B questions, R reader blocks (reader_k, 5), S spans per block (the reader's span table),
+# K retriever blocks (retriever_k, 5000 at paper scale); the R reader blocks are the first R of K.
+
+
+class QAOutputs(NamedTuple):
+  """Loss and metrics of one Open-QA batch (scalars, float32)."""
+
+  loss: jax.Array  # reader_loss + retriever_loss
+  reader_loss: jax.Array  # mean over questions with an answer span among the reader blocks
+  retriever_loss: jax.Array  # mean over questions with an answer block among the K
+  reader_answerable: jax.Array  # fraction of questions with an answer span in the R blocks
+  retriever_answerable: jax.Array  # fraction with an answer-bearing block among the K
+  span_accuracy: jax.Array  # the argmax (block, span) matches an answer, over all questions
+  num_questions: jax.Array
+
+
+def marginal_log_loss(logits, is_correct, valid):
+  """-log of the softmax mass on the correct entries; 0 where no valid entry is correct.
+
+  logits, is_correct, valid: [B, N]. The softmax runs over the valid entries only. Returns
+  (loss [B] float32, has_correct [B] bool). Finite values and gradients throughout: masked
+  entries are NEG_INF, not -inf, and a question without a correct entry gets zero gradient.
+  """
+  valid = valid.astype(bool)
+  correct = is_correct.astype(bool) & valid
+  logits = jnp.where(valid, logits.astype(jnp.float32), NEG_INF)
+  has_correct = jnp.any(correct, axis=-1)
+  log_denominator = jax.nn.logsumexp(logits, axis=-1)
+  log_numerator = jax.nn.logsumexp(jnp.where(correct, logits, NEG_INF), axis=-1)
+  return jnp.where(has_correct, log_denominator - log_numerator, 0.0), has_correct
+
+
+def reader_marginal_loss(span_logits, span_mask, retrieval_logits, block_mask, span_is_correct):
+  """The reader loss: one softmax over all (block, span) pairs of a question.
+
+  Each pair's logit is the span's reader score plus the block's retrieval score
+  f(x, z) = Embed(x) . Embed(z), so the loss also trains the query tower (ORQA eq. 4);
+  loss = -log sum over answer-matching pairs of the joint softmax.
+
+  Args:
+    span_logits: [B, R, S] reader span scores.
+    span_mask: [B, R, S] bool, True for real spans (inside the block, width <= max).
+    retrieval_logits: [B, R] retrieval scores of the reader blocks.
+    block_mask: [B, R] bool, False for padding blocks.
+    span_is_correct: [B, R, S] bool, the span's wordpieces are an answer.
+
+  Returns:
+    (loss [B], has_correct [B]): loss 0 where no valid span matches.
+  """
+  batch = span_logits.shape[0]
+  joint = span_logits.astype(jnp.float32) + retrieval_logits.astype(jnp.float32)[..., None]
+  valid = span_mask.astype(bool) & block_mask.astype(bool)[..., None]
+  return marginal_log_loss(joint.reshape(batch, -1), span_is_correct.reshape(batch, -1),
+                           valid.reshape(batch, -1))
+
+
+def retriever_marginal_loss(retrieval_logits, candidate_mask, has_answer):
+  """The retriever's weak supervision: -log sum_{z contains an answer} p(z|x) over the top K.
+
+  retrieval_logits, candidate_mask, has_answer: [B, K]. Returns (loss [B], has_answer_any [B]),
+  loss 0 where no candidate contains an answer.
+  """
+  return marginal_log_loss(retrieval_logits, has_answer, candidate_mask)
+
+
+def qa_loss(span_logits, span_mask, reader_retrieval_logits, reader_block_mask, span_is_correct,
+            retrieval_logits, candidate_mask, has_answer) -> QAOutputs:
+  """ORQA/REALM fine-tuning loss: reader loss + retriever loss, each averaged over the questions
+  for which it is defined (an answer span among the reader blocks; an answer block among the K).
+
+  Shapes as in `reader_marginal_loss` ([B, R, S], [B, R]) and `retriever_marginal_loss`
+  ([B, K]). Questions with neither contribute nothing (as in ORQA, where their loss is 0).
+  """
+  reader, reader_has = reader_marginal_loss(span_logits, span_mask, reader_retrieval_logits,
+                                            reader_block_mask, span_is_correct)
+  retriever, retriever_has = retriever_marginal_loss(retrieval_logits, candidate_mask,
+                                                     has_answer)
+  reader_n = jnp.sum(reader_has)
+  retriever_n = jnp.sum(retriever_has)
+  reader_mean = jnp.sum(reader) / jnp.maximum(reader_n, 1)
+  retriever_mean = jnp.sum(retriever) / jnp.maximum(retriever_n, 1)
+
+  batch = span_logits.shape[0]
+  valid = (span_mask.astype(bool) & reader_block_mask.astype(bool)[..., None]).reshape(batch, -1)
+  joint = jnp.where(valid, (span_logits + reader_retrieval_logits[..., None]).reshape(batch, -1),
+                    NEG_INF)
+  best = jnp.argmax(joint, axis=-1)
+  best_correct = jnp.take_along_axis(span_is_correct.reshape(batch, -1).astype(bool),
+                                     best[:, None], axis=-1)[:, 0]
+  best_correct &= jnp.take_along_axis(valid, best[:, None], axis=-1)[:, 0]
+  num = jnp.float32(batch)
+  return QAOutputs(
+      loss=reader_mean + retriever_mean,
+      reader_loss=reader_mean,
+      retriever_loss=retriever_mean,
+      reader_answerable=reader_n / num,
+      retriever_answerable=retriever_n / num,
+      span_accuracy=jnp.sum(best_correct) / num,
+      num_questions=num,
+  )
