@@ -1,5 +1,6 @@
 """Searchers, candidate assembly and the index format."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -274,3 +275,108 @@ def test_a_replaced_attempt_is_never_published(tmp_path):
   index_format.write_shard(tmp_path, new, 1, *shards[1])
   assert index_format.finish_version(tmp_path, new).name == "9"
   assert index_format.list_versions(tmp_path) == [9]
+
+
+# ---- Versions that pass their checksums but are wrong ---------------------------------------
+
+
+def _rewrite(version, shard, name, array):
+  """Replaces a shard file by `array` *with* a matching checksum (a writer that wrote garbage)."""
+  path = version / shard / name
+  np.save(path.open("wb"), array)
+  manifest_path = version / index_format.MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  key = "embeddings_sha256" if name == "embeddings.npy" else "doc_ids_sha256"
+  for entry in manifest["shards"]:
+    if entry["name"] == shard:
+      entry[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+  manifest_path.write_text(json.dumps(manifest))
+
+
+def _edit_manifest(version, **changes):
+  path = version / index_format.MANIFEST
+  manifest = json.loads(path.read_text())
+  manifest.update(changes)
+  path.write_text(json.dumps(manifest))
+
+
+S0, S1 = "shard-00000-of-00002", "shard-00001-of-00002"
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda v, e: _rewrite(v, S1, "doc_ids.npy", np.arange(40)[1::2] + 1), r"outside \[0, 40\)"),
+    (lambda v, e: _rewrite(v, S0, "doc_ids.npy", np.arange(40)[0::2] - 2), r"outside \[0, 40\)"),
+    (lambda v, e: _rewrite(v, S1, "doc_ids.npy", np.arange(40)[0::2]), "more than once"),
+    (lambda v, e: _rewrite(v, S0, "doc_ids.npy", np.zeros(20, np.int64)), "more than once"),
+    (lambda v, e: _rewrite(v, S0, "doc_ids.npy", np.arange(40)[0::2] + 0.5), "dtype"),
+    (lambda v, e: _rewrite(v, S0, "doc_ids.npy", np.arange(40)[0:30:2]), "shape"),
+    (lambda v, e: _rewrite(v, S0, "embeddings.npy",
+                           np.where(np.arange(20)[:, None] == 3, np.nan, e[0::2])), "not finite"),
+    (lambda v, e: _rewrite(v, S1, "embeddings.npy", np.full((20, 8), np.inf, np.float32)),
+     "not finite"),
+    (lambda v, e: _rewrite(v, S1, "embeddings.npy", np.full((20, 8), 3e38, np.float32)),
+     "probe search"),
+    (lambda v, e: _rewrite(v, S1, "embeddings.npy", e[1::2, :4]), "shape"),
+    (lambda v, e: _edit_manifest(v, num_docs=41), "total"),
+    (lambda v, e: _edit_manifest(v, dim=0), "dim"),
+    (lambda v, e: _edit_manifest(v, step=4), "step"),
+    (lambda v, e: _edit_manifest(v, shards=[]), "shard"),
+    (lambda v, e: _edit_manifest(v, searcher="faiss"), "searcher"),
+    (lambda v, e: _edit_manifest(v, format_version=99), "format_version"),
+    (lambda v, e: (v / index_format.MANIFEST).write_bytes(b"\x00\xff{garbage"), "not JSON"),
+    (lambda v, e: (v / index_format.MANIFEST).write_text("[1, 2]"), "not a JSON object"),
+])
+def test_versions_that_pass_checksums_but_are_wrong_are_rejected(tmp_path, corrupt, message):
+  """Content checks: ids in range and unique, shapes, dtypes, finite values, a sane manifest."""
+  shards, emb = _shards(np.random.default_rng(0))
+  version = index_format.publish_index(tmp_path, 3, shards)
+  index_format.load_index(tmp_path, 3, expected_dim=8, expected_num_docs=40)  # fine before
+  corrupt(version, emb)
+  with pytest.raises(index_format.IndexVersionError, match=message):
+    index_format.load_index(tmp_path, 3, expected_dim=8, expected_num_docs=40)
+  if message != "probe search":  # the builder's lighter check (no searchers, no probe)
+    with pytest.raises(index_format.IndexVersionError, match=message):
+      index_format.check_version(tmp_path, 3, expected_dim=8, expected_num_docs=40)
+
+
+def test_scann_version_with_non_finite_embeddings_is_rejected(tmp_path):
+  """A "scann" shard is judged by its stored embeddings too (its searcher was trained on them)."""
+  pytest.importorskip("scann")
+  rng = np.random.default_rng(1)
+  emb = rng.normal(size=(60, 8)).astype(np.float32)
+  version = index_format.publish_index(tmp_path, 2, [(emb, np.arange(60))], searcher="scann")
+  index_format.load_index(tmp_path, 2, expected_num_docs=60)
+  _rewrite(version, "shard-00000-of-00001", "embeddings.npy",
+           np.where(np.arange(60)[:, None] == 59, np.nan, emb).astype(np.float32))
+  with pytest.raises(index_format.IndexVersionError, match="not finite"):
+    index_format.load_index(tmp_path, 2, expected_num_docs=60)
+  # Doc ids that disagree with the ones stored inside the searcher.
+  _rewrite(version, "shard-00000-of-00001", "embeddings.npy", emb)
+  _rewrite(version, "shard-00000-of-00001", "doc_ids.npy", np.arange(60)[::-1].copy())
+  with pytest.raises(index_format.IndexVersionError, match="does not match"):
+    index_format.load_index(tmp_path, 2, expected_num_docs=60)
+
+
+@pytest.mark.parametrize("content", [b"", b"seven", b"\x00\xff\xfe", b"-3", b"7.0", b"\n"])
+def test_garbage_latest_is_an_index_version_error(tmp_path, content):
+  (tmp_path / index_format.LATEST).write_bytes(content)
+  with pytest.raises(index_format.IndexVersionError, match="not a step number"):
+    index_format.latest_step(tmp_path)
+  (tmp_path / index_format.LATEST).write_bytes(b" 12\n")
+  assert index_format.latest_step(tmp_path) == 12
+
+
+def test_latest_never_moves_backwards_but_replaces_garbage_or_missing_targets(tmp_path):
+  shards, _ = _shards(np.random.default_rng(0))
+  index_format.publish_index(tmp_path, 10, shards)
+  index_format.publish_index(tmp_path, 5, shards)  # a late publish of an older step
+  assert index_format.latest_step(tmp_path) == 10
+  (tmp_path / index_format.LATEST).write_bytes(b"\x00garbage")
+  index_format.publish_index(tmp_path, 7, shards)
+  assert index_format.latest_step(tmp_path) == 7
+  (tmp_path / index_format.LATEST).write_text("99")  # names a version that does not exist
+  index_format.publish_index(tmp_path, 8, shards)
+  assert index_format.latest_step(tmp_path) == 8
+  index_format.publish_index(tmp_path, 12, shards)
+  assert index_format.latest_step(tmp_path) == 12
+  assert index_format.prune_versions(tmp_path, keep_last=2) == [5, 7, 8]

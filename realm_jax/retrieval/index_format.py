@@ -25,6 +25,19 @@ A reader never sees half a version: the rename publishes it whole, and LATEST na
 renamed ones. `publish_index` is the one-process case (all shards from one caller). Every file
 is listed with its sha256 and checked by `load_index`. Paths are `etils.epath`, so `gs://`
 works the same as a local folder (ScaNN's assets are staged through a local temp folder).
+
+A checksum only proves a file is what its writer wrote, so `load_index` also checks the
+*content*: every doc id an integer in [0, num_docs), each id once across
+all shards, counts that agree (shards == manifest == the trainer's corpus), one dim, and every
+stored embedding finite. A "scann" shard is checked on what it stores: its doc ids (also those
+inside the searcher), counts and dim, its `embeddings.npy` (read and checked for NaN/inf; the
+searcher's own codebooks are covered by their checksums), and a probe search must return
+in-range ids with finite scores. Any defect is one `IndexVersionError` naming it.
+
+LATEST never moves backwards: `finish_version` replaces it only when the version it names is
+missing, unreadable or older (`latest_step` raises IndexVersionError on a garbage LATEST).
+Readers that find LATEST unusable fall back to the newest *valid* version among the listed
+ones (`list_versions`, newest first).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from etils import epath
@@ -255,11 +268,15 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
 
 def finish_version(index_root: epath.PathLike, build: dict[str, Any], timeout: float = 0.0,
                    poll_seconds: float = 1.0, expected_num_docs: int | None = None,
-                   extra: dict[str, Any] | None = None) -> epath.Path:
+                   extra: dict[str, Any] | None = None,
+                   before_publish: Callable[[], None] | None = None) -> epath.Path:
   """The leader: waits for every shard of `build`, writes the manifest, renames, moves LATEST.
 
   Raises IndexVersionError if shards are still missing after `timeout` seconds (nothing is
-  published; the next `start_version` of the step starts over).
+  published; the next `start_version` of the step starts over). `before_publish` runs once
+  the shards are done, right before the manifest is written; whatever it raises stops the
+  publish (the builder checks its workdir lease there). LATEST moves only forwards
+  (`move_latest`).
   """
   root = epath.Path(index_root)
   step, num_shards = build["step"], build["num_shards"]
@@ -290,12 +307,14 @@ def finish_version(index_root: epath.PathLike, build: dict[str, Any], timeout: f
                   searcher_options=build["searcher_options"], attempt=build["attempt"],
                   shards=shards, build_seconds=round(time.time() - build["created"], 3),
                   created=time.time(), **(extra or {}))
+  if before_publish is not None:
+    before_publish()
   _pause("before_manifest")
   (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
   if final.exists():  # leftover of a crashed publish without a manifest
     final.rmtree()
   tmp.rename(final)
-  _replace_text(root / LATEST, str(step))
+  move_latest(root, step)
   return final
 
 
@@ -319,10 +338,58 @@ def publish_index(index_root: epath.PathLike, step: int,
   return finish_version(index_root, build, extra=extra)
 
 
+def parse_step(text: str | bytes) -> int:
+  """The step a LATEST file holds: a non-negative decimal integer (IndexVersionError if not)."""
+  try:
+    if isinstance(text, bytes):
+      text = text.decode("ascii")
+    value = text.strip()
+    if not value.isdigit() or not value.isascii():
+      raise ValueError(value)
+    return int(value)
+  except (UnicodeDecodeError, ValueError):
+    shown = text[:40] if isinstance(text, (str, bytes)) else text
+    raise IndexVersionError(f"LATEST holds {shown!r}, not a step number") from None
+
+
 def latest_step(index_root: epath.PathLike) -> int | None:
-  """The step LATEST points at, or None before the first publish."""
+  """The step LATEST points at, or None before the first publish.
+
+  Raises IndexVersionError when LATEST is not a step number (empty, text, binary): the callers
+  fall back to the newest valid version (`list_versions`) rather than crash.
+  """
   path = epath.Path(index_root) / LATEST
-  return int(path.read_text().strip()) if path.exists() else None
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    return None
+  return parse_step(data)
+
+
+def _latest_or_none(index_root: epath.PathLike) -> int | None:
+  """LATEST's step, None when it is missing or garbage (for writers deciding what to replace)."""
+  try:
+    return latest_step(index_root)
+  except IndexVersionError:
+    return None
+
+
+def move_latest(index_root: epath.PathLike, step: int) -> bool:
+  """Points LATEST at complete version `step` unless it names a complete newer one.
+
+  LATEST never moves backwards: a publish of an older step (a late or re-run build) leaves it.
+  A LATEST that is garbage or names a version that no longer exists is replaced. Returns
+  whether LATEST now names `step`.
+  """
+  root = epath.Path(index_root)
+  current = _latest_or_none(root)
+  if current is not None and current > step and (root / str(current) / MANIFEST).exists():
+    logging.warning("index: published step %d but LATEST stays at the newer version %d", step,
+                    current)
+    return False
+  if current != step:
+    _replace_text(root / LATEST, str(step))
+  return True
 
 
 def list_versions(index_root: epath.PathLike) -> list[int]:
@@ -334,16 +401,19 @@ def list_versions(index_root: epath.PathLike) -> list[int]:
                 if p.name.isdigit() and (p / MANIFEST).exists())
 
 
-def _load_scann_shard(shard: epath.Path, entry: dict[str, Any]
-                      ) -> scann_searcher.ScannSearcher:
-  """Checks every stored ScaNN file against the manifest, then loads (no re-training)."""
+def _load_scann_shard(shard: epath.Path, entry: dict[str, Any], build: bool = True
+                      ) -> scann_searcher.ScannSearcher | None:
+  """Checks every stored ScaNN file against the manifest, then loads (no re-training).
+
+  With `build=False` only the checksums are checked (streamed; nothing is loaded).
+  """
   for relative in entry["scann_files"]:
     if relative.startswith("/") or ".." in relative.split("/"):
       raise IndexVersionError(f"{shard}: bad ScaNN file name {relative!r} in the manifest")
-  if _is_local(shard):
+  if _is_local(shard) or not build:
     for relative, sha256 in entry["scann_files"].items():
       _check_file(shard / relative, sha256)
-    return _scann_load(shard, os.fspath(shard / SCANN_DIR))
+    return _scann_load(shard, os.fspath(shard / SCANN_DIR)) if build else None
   with tempfile.TemporaryDirectory(prefix="realm-scann-") as local:
     for relative, sha256 in entry["scann_files"].items():
       target = os.path.join(local, *relative.split("/"))
@@ -363,54 +433,210 @@ def _scann_load(shard: epath.Path, local_dir: str) -> scann_searcher.ScannSearch
     raise IndexVersionError(f"{shard}: ScaNN could not load the stored searcher: {e}") from e
 
 
-def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, Any]
-                ) -> searcher_lib.Searcher:
-  shard = version / entry["name"]
-  doc_ids = _read_npy(shard / "doc_ids.npy", entry["doc_ids_sha256"])
-  if doc_ids.shape != (entry["num_docs"],):
-    raise IndexVersionError(f"{shard}: {doc_ids.shape[0]} doc ids, the manifest says "
-                            f"{entry['num_docs']}")
-  kind = manifest["searcher"]
-  if kind == "scann" and entry.get("scann_files"):
-    searcher = _load_scann_shard(shard, entry)
-    if ((searcher.num_docs, searcher.dim) != (entry["num_docs"], manifest["dim"]) or
-        not np.array_equal(searcher.doc_ids, doc_ids)):
-      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
-    return searcher
-  # Exact shards, and "scann" shards of versions written without ScaNN files: from embeddings.
-  embeddings = _read_npy(shard / "embeddings.npy", entry["embeddings_sha256"])
-  if embeddings.shape != (entry["num_docs"], manifest["dim"]):
-    raise IndexVersionError(f"{shard}: shape {embeddings.shape} does not match the manifest")
-  options = (manifest.get("searcher_options") or {}) if kind == "scann" else {}
-  return scann_searcher.make_searcher(kind, embeddings, doc_ids, **options)
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
-               expected_num_docs: int | None = None) -> tuple[dict, searcher_lib.ShardedSearcher]:
-  """Loads and validates one version (checksums, dim, doc count) into the manifest's searcher.
+def read_manifest(index_root: epath.PathLike, step: int) -> dict[str, Any]:
+  """The parsed, structurally checked manifest of version `step` (IndexVersionError if not).
 
-  A "scann" shard loads its stored searcher (every file checked against the manifest); one
-  without stored files (format version 1) is built here from the embeddings, in the caller's
-  thread (the trainer's IndexWatcher: off the training thread).
+  Checks what the manifest says about itself: its step, format, searcher kind, a positive dim
+  and doc count, and shard entries (safe unique names, counts summing to the total).
   """
   version = epath.Path(index_root) / str(step)
-  manifest_path = version / MANIFEST
-  if not manifest_path.exists():
-    raise IndexVersionError(f"{version} has no {MANIFEST}: not a complete index version")
-  manifest = json.loads(manifest_path.read_text())
+  path = version / MANIFEST
+  try:
+    text = path.read_bytes()
+  except FileNotFoundError:
+    raise IndexVersionError(f"{version} has no {MANIFEST}: not a complete index version"
+                            ) from None
+  try:
+    manifest = json.loads(text)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise IndexVersionError(f"{path} is not JSON ({e})") from None
+  if not isinstance(manifest, dict):
+    raise IndexVersionError(f"{path} is not a JSON object")
+  problem = None
+  shards = manifest.get("shards")
+  if manifest.get("step") != step:
+    problem = f"its step is {manifest.get('step')!r}, the folder's {step}"
+  elif not _is_int(manifest.get("format_version", 1)) or not (
+      1 <= manifest.get("format_version", 1) <= FORMAT_VERSION):
+    problem = (f"format_version {manifest.get('format_version')!r} (this code reads 1.."
+               f"{FORMAT_VERSION})")
+  elif manifest.get("searcher") not in scann_searcher.SEARCHER_KINDS:
+    problem = f"unknown searcher {manifest.get('searcher')!r}"
+  elif not _is_int(manifest.get("dim")) or manifest["dim"] < 1:
+    problem = f"dim {manifest.get('dim')!r} is not a positive integer"
+  elif not _is_int(manifest.get("num_docs")) or manifest["num_docs"] < 1:
+    problem = f"num_docs {manifest.get('num_docs')!r} is not a positive integer"
+  elif not isinstance(shards, list) or not shards or not all(
+      isinstance(e, dict) for e in shards):
+    problem = "no shard list"
+  else:
+    names = [e.get("name") for e in shards]
+    counts = [e.get("num_docs") for e in shards]
+    if not all(isinstance(n, str) and n.startswith("shard-") and "/" not in n and
+               ".." not in n for n in names) or len(set(names)) != len(names):
+      problem = f"bad or repeated shard names {names}"
+    elif not all(_is_int(c) and c >= 1 for c in counts):
+      problem = f"shard doc counts {counts} are not positive integers"
+    elif sum(counts) != manifest["num_docs"]:
+      problem = f"shards hold {sum(counts)} docs, the manifest's total says {manifest['num_docs']}"
+    elif any(e.get("dim", manifest["dim"]) != manifest["dim"] for e in shards):
+      problem = f"shard dims {[e.get('dim') for e in shards]} differ from dim {manifest['dim']}"
+    elif not all(isinstance(e.get("doc_ids_sha256"), str) and
+                 isinstance(e.get("embeddings_sha256"), str) for e in shards):
+      problem = "a shard lacks its checksums"
+  if problem:
+    raise IndexVersionError(f"{path}: {problem}")
+  return manifest
+
+
+def manifest_id(index_root: epath.PathLike, step: int) -> str | None:
+  """A short digest of version `step`'s manifest bytes (None if it has none).
+
+  Tells two publishes of one step apart (a rebuilt version is a new candidate for readers that
+  rejected the old one) without parsing or trusting the manifest.
+  """
+  try:
+    data = (epath.Path(index_root) / str(step) / MANIFEST).read_bytes()
+  except FileNotFoundError:
+    return None
+  return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _check_finite(shard: epath.Path, embeddings: np.ndarray, rows: int = 1 << 16):
+  """Every embedding finite (row blocks, so a huge shard needs no [N, D] bool temporary)."""
+  for begin in range(0, len(embeddings), rows):
+    block = embeddings[begin:begin + rows]
+    if not np.isfinite(block).all():
+      bad = begin + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+      raise IndexVersionError(f"{shard}: embeddings are not finite (first in row {bad}: "
+                              f"{block[bad - begin][~np.isfinite(block[bad - begin])][:3]})")
+
+
+def _read_array(shard: epath.Path, name: str, sha256: str, kinds: str, shape: tuple[int, ...]
+                ) -> np.ndarray:
+  """A checksummed .npy of one of the dtype `kinds` ("iu", "f") and this exact shape."""
+  try:
+    array = _read_npy(shard / name, sha256)
+  except ValueError as e:  # not a plain .npy (np.load refuses pickles and bad headers)
+    if isinstance(e, IndexVersionError):
+      raise
+    raise IndexVersionError(f"{shard / name} is not a readable array ({e})") from None
+  if array.dtype.kind not in kinds:
+    raise IndexVersionError(f"{shard / name}: dtype {array.dtype}, expected "
+                            f"{'integers' if 'i' in kinds else 'floats'}")
+  if array.shape != shape:
+    raise IndexVersionError(f"{shard / name}: shape {array.shape}, the manifest says {shape}")
+  return array
+
+
+def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, Any],
+                total_docs: int, build: bool = True
+                ) -> tuple[searcher_lib.Searcher | None, np.ndarray]:
+  """Checks one shard's files and content; -> (its searcher, or None unless `build`; doc ids)."""
+  shard = version / entry["name"]
+  num_docs, dim = entry["num_docs"], manifest["dim"]
+  doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu", (num_docs,))
+  doc_ids = doc_ids.astype(np.int64)
+  out_of_range = (doc_ids < 0) | (doc_ids >= total_docs)
+  if out_of_range.any():
+    raise IndexVersionError(f"{shard}: {int(out_of_range.sum())} doc ids outside [0, "
+                            f"{total_docs}) (e.g. {doc_ids[out_of_range][:3].tolist()})")
+  # The stored embeddings, also of "scann" shards whose searcher is stored: a NaN/inf there
+  # means the searcher was trained on it too (its codebooks themselves are only checksummed).
+  embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
+                           (num_docs, dim))
+  _check_finite(shard, embeddings)
+  kind = manifest["searcher"]
+  if kind == "scann" and entry.get("scann_files"):
+    if not isinstance(entry["scann_files"], dict):
+      raise IndexVersionError(f"{shard}: scann_files is not a mapping")
+    del embeddings
+    searcher = _load_scann_shard(shard, entry, build=build)
+    if searcher is not None and (
+        (searcher.num_docs, searcher.dim) != (num_docs, dim) or
+        not np.array_equal(searcher.doc_ids, doc_ids)):
+      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
+    return searcher, doc_ids
+  if not build:
+    return None, doc_ids
+  # Exact shards, and "scann" shards of versions written without ScaNN files: from embeddings.
+  options = (manifest.get("searcher_options") or {}) if kind == "scann" else {}
+  return scann_searcher.make_searcher(kind, embeddings, doc_ids, **options), doc_ids
+
+
+def _probe(version: epath.Path, searcher: searcher_lib.Searcher, num_docs: int):
+  """A few fixed queries must return in-range ids with finite scores (catches what the stored
+  files cannot show alone: e.g. dot products that overflow, or a searcher answering garbage)."""
+  queries = np.random.default_rng(0).normal(size=(4, searcher.dim)).astype(np.float32)
+  with np.errstate(over="ignore", invalid="ignore"):
+    ids, scores = searcher.search(queries, min(10, num_docs))
+  if ((ids < 0) | (ids >= num_docs)).any() or not np.isfinite(scores).all():
+    raise IndexVersionError(f"{version}: a probe search returned ids {ids[0][:5].tolist()} "
+                            f"with scores {scores[0][:5].tolist()} (out of range or not finite)")
+
+
+def _load(index_root: epath.PathLike, step: int, expected_dim: int | None,
+          expected_num_docs: int | None, build: bool
+          ) -> tuple[dict, searcher_lib.ShardedSearcher | None]:
+  version = epath.Path(index_root) / str(step)
+  manifest = read_manifest(index_root, step)
   if expected_dim is not None and manifest["dim"] != expected_dim:
     raise IndexVersionError(f"{version}: dim {manifest['dim']} != model's {expected_dim}")
   if expected_num_docs is not None and manifest["num_docs"] != expected_num_docs:
     raise IndexVersionError(f"{version}: {manifest['num_docs']} docs != corpus's "
                             f"{expected_num_docs}")
-  shards = [_load_shard(version, manifest, entry) for entry in manifest["shards"]]
-  return manifest, searcher_lib.ShardedSearcher(shards)
+  total = manifest["num_docs"]
+  try:
+    loaded = [_load_shard(version, manifest, entry, total, build)
+              for entry in manifest["shards"]]
+    # In range and as many ids as docs: a repeat is exactly a doc that is missing.
+    counts = np.bincount(np.concatenate([ids for _, ids in loaded]), minlength=total)
+    repeated = np.flatnonzero(counts > 1)
+    if repeated.size:
+      raise IndexVersionError(f"{version}: {repeated.size} doc ids appear more than once "
+                              f"(e.g. {repeated[:3].tolist()}), so {repeated.size} or more docs "
+                              "are missing")
+    if not build:
+      return manifest, None
+    searcher = searcher_lib.ShardedSearcher([s for s, _ in loaded])
+    _probe(version, searcher, total)
+  except (IndexVersionError, OSError):  # OSError: vanished while loading (pruned): retry later
+    raise
+  except (KeyError, TypeError, ValueError, AttributeError) as e:  # whatever slipped past
+    raise IndexVersionError(f"{version}: malformed ({type(e).__name__}: {e})") from e
+  return manifest, searcher
+
+
+def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
+               expected_num_docs: int | None = None) -> tuple[dict, searcher_lib.ShardedSearcher]:
+  """Loads and validates one version into the manifest's searcher.
+
+  Checked: the manifest's structure, every file's checksum, dim and doc count against the
+  caller's model and corpus, and the content (see the module docstring:
+  ids in range and unique, embeddings finite, a probe search). Any defect raises
+  IndexVersionError with one line naming it; FileNotFoundError/OSError mean the version
+  vanished (was pruned) while loading. A "scann" shard loads its stored searcher; one without
+  stored files (format version 1) is built here from the embeddings, in the caller's thread
+  (the trainer's IndexWatcher: off the training thread).
+  """
+  return _load(index_root, step, expected_dim, expected_num_docs, build=True)
+
+
+def check_version(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
+                  expected_num_docs: int | None = None) -> dict[str, Any]:
+  """`load_index`'s checks without building or loading searchers (ScaNN files only checksummed,
+  no probe search): what the index builder runs on existing versions. -> the manifest."""
+  return _load(index_root, step, expected_dim, expected_num_docs, build=False)[0]
 
 
 def prune_versions(index_root: epath.PathLike, keep_last: int) -> list[int]:
   """Deletes all but the newest `keep_last` versions, never the one LATEST names."""
   root = epath.Path(index_root)
-  protected = latest_step(root)
+  protected = _latest_or_none(root)
   versions = list_versions(root)
   doomed = [s for s in versions[:-keep_last] if s != protected] if keep_last > 0 else []
   for step in doomed:
