@@ -1,0 +1,170 @@
+"""The Open-QA span reader (ORQA/REALM) and the fine-tuning model around it.
+
+The reader reads `[CLS] question [SEP] block [SEP]` for each of the top `reader_k` blocks and
+scores every span of <= `max_span_width` (10) wordpieces inside the block: start and end
+projections of BERT's hidden states (one dense to 2 x 256, split in halves), their sum, ReLU,
+LayerNorm, dense(1). This is HF's `RealmReaderProjection` (names `qa_outputs/dense_intermediate`,
+`layer_normalization`, `dense_output`), whose LayerNorm epsilon is `reader_layer_norm_eps` =
+1e-3 (HF `RealmConfig`), not BERT's 1e-12.
+
+Spans are indexed *block-locally* in a fixed start-major table (`span_table`): span j is
+[start, end] = [j // W, j // W + j % W] in block tokens, the same for every question, so the
+answer spans of a (question, block) pair can be computed once on the host
+(`realm_jax.qa.answers.spans_to_mask`) and never depend on the question's length. HF instead
+enumerates spans over the whole `[CLS] q [SEP] block [SEP]` sequence and masks those outside
+the block; the scores of the real spans are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax.models import bert
+from realm_jax.models import embedder as embedder_lib
+from realm_jax.models import reader_inputs
+
+NEG_INF = -1e9  # as realm_jax.objectives: finite, so softmax and gradients stay NaN-free
+
+
+def span_table(block_len: int, max_span_width: int) -> np.ndarray:
+  """[block_len * max_span_width, 2] int32 (start, end) inclusive, block-local, start-major.
+
+  Rows whose end reaches past the block are kept (static shape) and masked by the reader.
+  """
+  starts = np.repeat(np.arange(block_len), max_span_width)
+  ends = starts + np.tile(np.arange(max_span_width), block_len)
+  return np.stack([starts, ends], axis=-1).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderConfig:
+  """The reader's BERT plus its span head (HF RealmConfig defaults)."""
+
+  bert: bert.BertConfig
+  span_hidden_size: int = 256
+  max_span_width: int = 10
+  layer_norm_eps: float = 1e-3  # HF reader_layer_norm_eps
+  pad_id: int = 0
+
+
+class ReaderOutput(NamedTuple):
+  span_logits: jax.Array  # [B, R, S] float32, NEG_INF where span_mask is False
+  span_mask: jax.Array  # [B, R, S] bool: the span lies inside the block (before its [SEP])
+  spans: np.ndarray  # [S, 2] int32 block-local (start, end) inclusive (`span_table`)
+
+
+class ReaderProjection(nn.Module):
+  """HF `RealmReaderProjection`: span score from start and end projections."""
+
+  config: ReaderConfig
+
+  @nn.compact
+  def __call__(self, hidden, start_positions, end_positions):
+    """hidden [N, T, H]; start/end_positions [N, S] int32 (sequence positions) -> [N, S] f32."""
+    c = self.config
+    init = nn.initializers.normal(c.bert.initializer_range)
+    projected = nn.Dense(2 * c.span_hidden_size, dtype=c.bert.dtype, kernel_init=init,
+                         name="dense_intermediate")(hidden)  # [N, T, 2P]
+    start_proj, end_proj = jnp.split(projected, 2, axis=-1)  # [N, T, P] each
+    span_hidden = (jnp.take_along_axis(start_proj, start_positions[..., None], axis=1) +
+                   jnp.take_along_axis(end_proj, end_positions[..., None], axis=1))  # [N, S, P]
+    span_hidden = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=c.bert.dtype,
+                               name="layer_normalization")(nn.relu(span_hidden))
+    logits = nn.Dense(1, dtype=c.bert.dtype, kernel_init=init, name="dense_output")(span_hidden)
+    return logits[..., 0].astype(jnp.float32)
+
+
+class SpanReader(nn.Module):
+  """BERT over `[CLS] question [SEP] block [SEP]` + `ReaderProjection` over the block's spans.
+
+  Parameters: `bert` (same names as every BERT here) and `qa_outputs`.
+  """
+
+  config: ReaderConfig
+
+  def setup(self):
+    self.bert = bert.BertModel(self.config.bert)
+    self.qa_outputs = ReaderProjection(self.config)
+
+  def encode(self, question_tokens, block_tokens, deterministic: bool = True):
+    """-> (hidden [B, R, T, H], question_lengths [B], block_lengths [B, R]).
+
+    question_tokens: [B, Lq] `[CLS] question [SEP]` right-padded; block_tokens: [B, R, Lb]
+    `block [SEP]` right-padded. A block's length excludes its final [SEP].
+    """
+    pad = self.config.pad_id
+    batch, r, _ = block_tokens.shape
+    tokens, segments = reader_inputs.concat_query_and_bodies(question_tokens, block_tokens, pad)
+    total = tokens.shape[-1]
+    flat = tokens.reshape(batch * r, total)
+    hidden = self.bert(flat, segments.reshape(batch * r, total), flat != pad, deterministic)
+    question_lengths = jnp.sum(question_tokens != pad, axis=-1)
+    block_lengths = jnp.maximum(jnp.sum(block_tokens != pad, axis=-1) - 1, 0)
+    return hidden.reshape(batch, r, total, -1), question_lengths, block_lengths
+
+  def __call__(self, question_tokens, block_tokens, deterministic: bool = True) -> ReaderOutput:
+    c = self.config
+    batch, r, block_len = block_tokens.shape
+    hidden, question_lengths, block_lengths = self.encode(question_tokens, block_tokens,
+                                                          deterministic)
+    total = hidden.shape[2]
+    spans = span_table(block_len, c.max_span_width)  # [S, 2]
+    starts, ends = jnp.asarray(spans[:, 0]), jnp.asarray(spans[:, 1])
+    offset = question_lengths[:, None, None]  # [B, 1, 1]: the block starts after the question
+    start_pos = jnp.broadcast_to(offset + starts, (batch, r, len(spans)))
+    end_pos = jnp.clip(jnp.broadcast_to(offset + ends, (batch, r, len(spans))), 0, total - 1)
+    logits = self.qa_outputs(hidden.reshape(batch * r, total, -1),
+                             start_pos.reshape(batch * r, -1),
+                             end_pos.reshape(batch * r, -1)).reshape(batch, r, -1)
+    span_mask = ends[None, None, :] < block_lengths[..., None]  # [B, R, S]
+    return ReaderOutput(jnp.where(span_mask, logits, NEG_INF), span_mask, spans)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenQAModelConfig:
+  reader: ReaderConfig
+  embed_dim: int = 128
+
+
+class OpenQAOutput(NamedTuple):
+  retrieval_logits: jax.Array  # [B, K] Embed(question) . doc_emb over the retrieved blocks
+  span_logits: jax.Array  # [B, R, S]
+  span_mask: jax.Array  # [B, R, S]
+  spans: np.ndarray  # [S, 2]
+
+
+class OpenQAModel(nn.Module):
+  """Fine-tuning model: the trainable query tower and reader; documents are fixed embeddings.
+
+  Parameters: `query_embedder` (an `Embedder`, warm-started from pretraining's `embedder` or
+  `query_embedder`) and `reader` (a `SpanReader`, its `bert` from pretraining's `encoder/bert`).
+  The block embeddings come from the frozen index, never re-embedded (ORQA/REALM).
+  """
+
+  config: OpenQAModelConfig
+
+  def setup(self):
+    reader_config = self.config.reader
+    self.query_embedder = embedder_lib.Embedder(reader_config.bert, self.config.embed_dim,
+                                                reader_config.pad_id)
+    self.reader = SpanReader(reader_config)
+
+  def embed_questions(self, question_tokens, deterministic: bool = True):
+    """[B, Lq] -> [B, D] float32 (one segment, like pretraining queries)."""
+    return self.query_embedder(question_tokens, jnp.zeros_like(question_tokens), deterministic)
+
+  def __call__(self, question_tokens, cand_doc_emb, reader_block_tokens,
+               deterministic: bool = True) -> OpenQAOutput:
+    """question_tokens [B, Lq]; cand_doc_emb [B, K, D] (index embeddings of the top K);
+    reader_block_tokens [B, R, Lb] the first R of those K, as `block [SEP]`."""
+    question_emb = self.embed_questions(question_tokens, deterministic)  # [B, D]
+    retrieval_logits = jnp.einsum("bd,bkd->bk", question_emb,
+                                  cand_doc_emb.astype(jnp.float32))
+    read = self.reader(question_tokens, reader_block_tokens, deterministic)
+    return OpenQAOutput(retrieval_logits, read.span_logits, read.span_mask, read.spans)
