@@ -111,8 +111,8 @@ def test_polling_thread_survives_an_unexpected_error(tmp_path, monkeypatch):
       raise RuntimeError("storage hiccup")
     return real_latest_step(root)
 
-  monkeypatch.setattr(index_format, "latest_step", flaky_latest_step)
   _publish(tmp_path, 2)
+  monkeypatch.setattr(index_format, "latest_step", flaky_latest_step)
   watcher = watcher_lib.IndexWatcher(tmp_path, expected_dim=DIM, expected_num_docs=DOCS,
                                      poll_seconds=0.01).start()
   try:
@@ -120,3 +120,111 @@ def test_polling_thread_survives_an_unexpected_error(tmp_path, monkeypatch):
   finally:
     watcher.stop()
   assert step == 2 and watcher.errors == 1 and len(calls) >= 2
+
+
+# ---- Wrong versions, unusable LATEST, fallback to the newest valid version ------------------
+
+
+def _publish_bad(root, step, kind):
+  """A version whose files match their checksums but whose content is wrong."""
+  emb = np.random.default_rng(step).normal(size=(DOCS, DIM)).astype(np.float32)
+  ids = np.arange(DOCS)
+  if kind == "nan":
+    emb[7, 3] = np.nan
+  elif kind == "inf":
+    emb[0] = np.inf
+  elif kind == "out_of_range":
+    ids = ids + 1  # id DOCS is the null row: the trainer's gather would go past the corpus
+  elif kind == "repeated":
+    ids[5] = ids[4]
+  return index_format.publish_index(root, step, [(emb, ids)])
+
+
+def _lines(caplog, text):
+  return [r for r in caplog.records if text in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "out_of_range", "repeated"])
+def test_wrong_content_is_never_swapped_in_and_is_logged_once(tmp_path, caplog, kind):
+  watcher, index = _watched(tmp_path)
+  _publish(tmp_path, 1)
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and index.step == 1
+  _publish_bad(tmp_path, 2, kind)
+  for _ in range(5):
+    watcher._poll_once()  # pylint: disable=protected-access
+    assert not index.maybe_swap() and index.step == 1
+  assert 2 in watcher.rejected
+  rejections = _lines(caplog, "rejected version 2")
+  assert len(rejections) == 1, [r.getMessage() for r in caplog.records]
+  assert rejections[0].exc_info is None  # one line, no traceback
+
+
+def test_restart_on_a_corrupted_newest_version_starts_from_the_newest_valid_one(tmp_path, caplog):
+  """Used to deadlock: the trainer's wait_for_first timed out although versions 1, 2 are fine."""
+  _publish(tmp_path, 1)
+  _publish(tmp_path, 2, seed=2)
+  _publish_bad(tmp_path, 3, "nan")
+  assert index_format.latest_step(tmp_path) == 3
+  watcher = watcher_lib.IndexWatcher(tmp_path, DIM, DOCS, poll_seconds=0.01).start()
+  try:
+    step, searcher, _ = watcher.wait_for_first(timeout=10)
+  finally:
+    watcher.stop()
+  assert step == 2 and searcher.num_docs == DOCS
+  assert "not finite" in watcher.rejected[3]
+  assert len(_lines(caplog, "fell back to version 2")) == 1
+
+
+@pytest.mark.parametrize("latest", [b"", b"\x00\xff\x13binary", b"not a number", b"99"])
+def test_unusable_latest_falls_back_to_the_newest_valid_version(tmp_path, caplog, latest):
+  """Garbage LATEST, or one naming a version that does not exist."""
+  watcher, index = _watched(tmp_path)
+  _publish(tmp_path, 1)
+  _publish(tmp_path, 4, seed=4)
+  (tmp_path / index_format.LATEST).write_bytes(latest)
+  for _ in range(3):
+    watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and index.step == 4
+  assert len(_lines(caplog, "fell back to version 4")) == 1
+  for _ in range(3):  # nothing newer: quiet
+    watcher._poll_once()  # pylint: disable=protected-access
+  assert not index.maybe_swap()
+  assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+  _publish(tmp_path, 6, seed=6)  # the builder publishes again (and repairs LATEST)
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and index.step == 6
+
+
+def test_a_rebuilt_version_of_a_rejected_step_is_looked_at_again(tmp_path):
+  watcher, index = _watched(tmp_path)
+  bad = _publish_bad(tmp_path, 3, "out_of_range")
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert not index.maybe_swap() and 3 in watcher.rejected
+  bad.rmtree()
+  _publish(tmp_path, 3)
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.maybe_swap() and index.step == 3
+
+
+def test_a_version_missing_a_file_is_rejected_once_not_retried_every_poll(tmp_path, caplog):
+  watcher, index = _watched(tmp_path)
+  version = _publish(tmp_path, 2)
+  (version / "shard-00000-of-00001" / "doc_ids.npy").unlink()
+  for _ in range(4):
+    watcher._poll_once()  # pylint: disable=protected-access
+  assert not index.maybe_swap() and 2 in watcher.rejected
+  assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_wait_for_first_says_what_it_waits_for(tmp_path, caplog):
+  caplog.set_level("INFO")
+  _publish_bad(tmp_path, 5, "nan")
+  watcher = watcher_lib.IndexWatcher(tmp_path, DIM, DOCS, poll_seconds=0.01).start()
+  try:
+    with pytest.raises(TimeoutError, match="rejected 5: .*not finite"):
+      watcher.wait_for_first(timeout=0.5, log_every=0.1)
+  finally:
+    watcher.stop()
+  assert len(_lines(caplog, "still waiting")) >= 2
+  assert "not finite" in _lines(caplog, "still waiting")[-1].getMessage()

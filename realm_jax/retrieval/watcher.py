@@ -1,9 +1,16 @@
 """The trainer's side of the index-builder job: notice, load and validate new index versions.
 
 A daemon thread polls `index/LATEST`; a new version is loaded and validated (manifest,
-checksums, dim and document count) entirely off the training thread. The loop calls
-`take_new()` between two steps and swaps the searcher in; a version that fails validation is
-logged and skipped (the old index stays), one deleted while loading is retried later.
+checksums, dim, document count and content: `index_format.load_index`) entirely off the
+training thread. The loop calls `take_new()` between two steps and swaps the searcher in.
+
+- A version that fails validation is rejected for good (keyed by step *and* manifest digest, so
+  a rebuilt version of the same step is looked at again), with one log line; the old index stays.
+- When LATEST is unusable (garbage, names a missing or a rejected version), the watcher falls
+  back to the newest valid version newer than the one it has (`list_versions`, newest first)
+  and says so once; a trainer restarted on a corrupted newest version thus starts from the
+  newest valid older one instead of waiting forever.
+- A version deleted while loading (pruned) is retried later, silently: LATEST moves on.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import searcher as searcher_lib
 
+_LOADED, _REJECTED, _MISSING, _VANISHED = "loaded", "rejected", "missing", "vanished"
+
 
 class IndexWatcher:
-  """Background loader of the newest published index version."""
+  """Background loader of the newest published (valid) index version."""
 
   def __init__(self, index_root: epath.PathLike, expected_dim: int, expected_num_docs: int,
                poll_seconds: float = 1.0):
@@ -30,7 +39,9 @@ class IndexWatcher:
     self._poll = poll_seconds
     self._lock = threading.Lock()
     self._pending: tuple[int, searcher_lib.Searcher, float] | None = None
-    self._seen: set[int] = set()  # loaded or rejected for good
+    self._newest: int | None = None  # newest step loaded (pending or taken)
+    self._rejected_keys: set[tuple[int, str]] = set()  # (step, manifest digest) rejected
+    self._notes: set[str] = set()  # LATEST problems already logged
     self.rejected: dict[int, str] = {}
     self.errors = 0  # unexpected exceptions survived by the polling thread
     self._stop = threading.Event()
@@ -44,28 +55,73 @@ class IndexWatcher:
     self._stop.set()
     self._thread.join(timeout=10)
 
-  def _poll_once(self):
-    try:
-      step = index_format.latest_step(self.root)
-    except (OSError, ValueError):  # LATEST being replaced, or unreadable: try again later
-      return
-    if step is None or step in self._seen:
-      return
+  def _note_once(self, key: str, message: str):
+    """Logs `message` unless something was already said about `key` (a LATEST problem)."""
+    if key not in self._notes:
+      self._notes.add(key)
+      logging.warning("index watcher: %s", message)
+
+  def _try(self, step: int) -> str:
+    """Loads version `step` unless rejected before: one of _LOADED/_REJECTED/_MISSING/_VANISHED."""
+    key = index_format.manifest_id(self.root, step)
+    if key is None:
+      return _MISSING
+    if (step, key) in self._rejected_keys:
+      return _REJECTED
     start = time.time()
     try:
       _, searcher = index_format.load_index(self.root, step, **self._expected)
-    except index_format.IndexVersionError as e:
-      self._seen.add(step)
-      self.rejected[step] = str(e)
-      logging.warning("index watcher: rejected version %d: %s (keeping the current index)",
-                      step, e)
-      return
-    except (FileNotFoundError, OSError) as e:  # deleted while loading: LATEST will move on
-      logging.warning("index watcher: version %d vanished while loading (%s); retrying", step, e)
-      return
-    self._seen.add(step)
+    except Exception as e:  # pylint: disable=broad-except
+      if index_format.manifest_id(self.root, step) != key:  # pruned or rebuilt meanwhile
+        logging.debug("index watcher: version %d changed while loading (%s)", step, e)
+        return _VANISHED
+      reason = str(e) if isinstance(e, index_format.IndexVersionError) else (
+          f"{type(e).__name__}: {e}")
+      self._rejected_keys.add((step, key))
+      self.rejected[step] = reason
+      logging.warning("index watcher: rejected version %d: %s (not loaded; keeping %s)", step,
+                      reason, "no index yet" if self._newest is None else
+                      f"version {self._newest}")
+      return _REJECTED
+    self._newest = step
     with self._lock:
       self._pending = (step, searcher, time.time() - start)
+    return _LOADED
+
+  def _poll_once(self):
+    try:
+      latest, problem = index_format.latest_step(self.root), None
+    except index_format.IndexVersionError as e:  # garbage LATEST: fall back to the listing
+      latest, problem = None, str(e)
+    except OSError:  # LATEST being replaced, or unreadable: try again later
+      return
+    outcome_of_latest = None
+    if latest is not None:
+      if self._newest is not None and latest <= self._newest:
+        return  # nothing newer (the common case)
+      outcome_of_latest = self._try(latest)
+      if outcome_of_latest in (_LOADED, _VANISHED):
+        return
+      problem = (f"LATEST names version {latest}, which does not exist"
+                 if outcome_of_latest == _MISSING
+                 else f"LATEST names the rejected version {latest}")
+    try:
+      versions = index_format.list_versions(self.root)
+    except OSError:
+      return
+    candidates = [s for s in reversed(versions)
+                  if s != latest and (self._newest is None or s > self._newest)]
+    for step in candidates:
+      outcome = self._try(step)
+      if outcome == _LOADED:
+        if problem:
+          self._notes.add(problem)
+          logging.warning("index watcher: %s; fell back to version %d, the newest valid one",
+                          problem, step)
+        return
+    if problem and outcome_of_latest != _REJECTED:  # a rejection has said its line already
+      self._note_once(problem, f"{problem}; no valid newer version to fall back to (have "
+                      f"{'none' if self._newest is None else self._newest})")
 
   def _run(self):
     while not self._stop.is_set():
@@ -84,9 +140,18 @@ class IndexWatcher:
       pending, self._pending = self._pending, None
     return pending
 
-  def wait_for_first(self, timeout: float) -> tuple[int, searcher_lib.Searcher, float]:
-    """Blocks until a first version is loaded (only the very first index is waited for)."""
-    deadline = time.time() + timeout
+  def _rejections(self) -> str:
+    return "; ".join(f"rejected {step}: {why}" for step, why in sorted(self.rejected.items()))
+
+  def wait_for_first(self, timeout: float, log_every: float = 60.0
+                     ) -> tuple[int, searcher_lib.Searcher, float]:
+    """Blocks until a first version is loaded (only the very first index is waited for).
+
+    Says what it waits for when it starts and every `log_every` seconds (the versions it has
+    seen and rejected), so a trainer blocked on a missing builder is never silent.
+    """
+    start = time.time()
+    deadline, next_log = start + timeout, start + log_every
     logging.info("index watcher: waiting up to %.0fs for the index builder's first version in "
                  "%s (run --mode=index_builder with the same --config and --workdir)", timeout,
                  self.root)
@@ -94,9 +159,15 @@ class IndexWatcher:
       pending = self.take_new()
       if pending is not None:
         return pending
+      if time.time() >= next_log:
+        next_log += log_every
+        logging.info("index watcher: still waiting (%.0fs) for a valid version in %s: %s",
+                     time.time() - start, self.root,
+                     self._rejections() or "no version published yet")
       time.sleep(min(self._poll, 0.2))
     raise TimeoutError(f"no valid index version appeared in {self.root} within {timeout:.0f}s: "
-                       "is the index-builder job running on this workdir?")
+                       "is the index-builder job running on this workdir?"
+                       + (f" ({self._rejections()})" if self.rejected else ""))
 
 
 class WatchedIndex:
