@@ -7,12 +7,12 @@ Each process builds only its own slice `[global_batch // process_count]` of the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
 import tokenizers
-from absl import logging
 
 from realm_jax.data.corpus import BlockCorpus, pack_block
 from realm_jax.data.facts_corpus import Query

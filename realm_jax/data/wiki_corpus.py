@@ -4,9 +4,15 @@ Each article is split into sentences, tokenized, and its consecutive sentences a
 into blocks `[CLS] title [SEP] body [SEP]` of at most doc_len wordpieces (a sentence too long for
 a block gets a block of its own, truncated). Every block is one document of a BlockCorpus; doc
 ids follow the input order (record order, then block order within the article), whatever the
-number of shards. Bad records (invalid UTF-8 or JSON, missing or non-string title or text, empty
-title or text, over-long title, text without wordpieces) are counted by reason, skipped and
-reported; they never stop a build.
+number of shards. Bad records (invalid UTF-8 or JSON, JSON nested too deeply, missing or
+non-string title or text, empty title or text, over-long title, text without wordpieces, a record
+the source cannot read, any exception while parsing, splitting, tokenizing or tagging one record)
+are counted by reason, skipped and reported; they never stop a build. A UTF-8 byte-order mark
+before a record is ignored. Exact duplicates (a record whose stripped text equals an earlier
+record's text in the same shard, whatever its title) are dropped and counted as `duplicate`;
+duplicates in different shards are counted at merge (`duplicates_across_shards` of the report)
+but kept, and `wiki_data` never holds out a sentence that occurs twice in the corpus. A build
+whose shards hold no usable record at all is an error (with the report), never a finished corpus.
 
 Layout of `out_dir`:
 ```
@@ -15,6 +21,8 @@ shards/shard-00000-of-00004/   one per shard, renamed into place when complete (
     report.json                  this shard's BuildReport
     <stream>.bin                 raw little-endian arrays (see _STREAMS), rows in doc/sentence order
     block_texts.jsonl            {"record", "title", "text"} per block
+    record_hashes.bin            uint64 fingerprint of each kept record's text (cross-shard
+                                   duplicates, counted at merge)
 blocks/                        the merged BlockCorpus (corpus.load_block_corpus(out_dir / "blocks"))
 salient_spans.npz              span_sentence [P] int64 (global sentence index, as in
                                  blocks/sentence_offsets), span_start, span_end [P] int32
@@ -36,6 +44,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -46,9 +55,9 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import tokenizers
-from absl import logging
 from etils import epath
 
+from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data.sentences import split_sentences
 from realm_jax.data.tokenizer import special_ids
@@ -82,6 +91,12 @@ EMPTY_TITLE = "empty_title"
 EMPTY_TEXT = "empty_text"
 TITLE_TOO_LONG = "title_too_long"
 NO_WORDPIECES = "no_wordpieces"
+TOO_DEEP = "too_deeply_nested"  # JSON nested beyond the parser's recursion limit
+READ_ERROR = "read_error"  # the source could not return the record
+DUPLICATE = "duplicate"  # same stripped text as an earlier record of the shard
+RECORD_ERROR = "error"  # any other exception on one record: "error:<where>:<ExceptionType>"
+_BOM = "\ufeff"
+HASHES_FILE = "record_hashes.bin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,20 +192,58 @@ class SequenceSource:
   def __len__(self) -> int:
     return len(self.records)
 
-  def read(self, start: int, stop: int) -> Iterator[tuple[int, Mapping[str, Any]]]:
+  def read(self, start: int, stop: int) -> Iterator[tuple[int, Any]]:
+    """(index, record) for [start, stop); a record the sequence fails to return is yielded as
+    an Unreadable (counted as read_error by the build), so one bad record never stops a read."""
     get_many = getattr(self.records, "__getitems__", None) if self.batched else None
     for batch_start in range(start, stop, self.batch_size):
       keys = list(range(batch_start, min(stop, batch_start + self.batch_size)))
-      batch = get_many(keys) if get_many else [self.records[k] for k in keys]
+      try:
+        batch = get_many(keys) if get_many else None
+      except Exception:  # pylint: disable=broad-except
+        batch = None  # retry record by record to find the bad ones
+      if batch is None:
+        batch = [self._get(k) for k in keys]
       yield from zip(keys, batch)
+
+  def _get(self, key: int) -> Any:
+    try:
+      return self.records[key]
+    except Exception as e:  # pylint: disable=broad-except
+      return Unreadable(f"{type(e).__name__}: {e}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+  """Stands for a record its source failed to return (why: the exception)."""
+
+  why: str
+
+
+TFDS_INSTALL_HINT = (
+    "data.source=tfds:... needs TensorFlow Datasets: pip install 'realm_jax[tfds]'. Reading a "
+    "prepared dataset needs only that; building (preparing) Wikipedia with TFDS also needs "
+    "TensorFlow and Apache Beam, or point data.tfds_data_dir at an already prepared copy (or "
+    "use a data.source=jsonl:<glob> of {\"title\", \"text\"} lines instead).")
+
+
+def _import_tfds():
+  """tensorflow_datasets, imported only when a tfds: source is used (an optional extra)."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(f"{TFDS_INSTALL_HINT} (import failed: {e})") from e
+  return tfds
 
 
 def tfds_source(name: str, split: str = "train", data_dir: str | None = None) -> SequenceSource:
   """A prepared TFDS dataset (e.g. wikipedia/20230601.en) read by random access, no TensorFlow.
 
   Never downloads: the dataset must already be prepared (ArrayRecord files) under data_dir.
+  tensorflow_datasets is imported here only (the `[tfds]` extra); without it, an ImportError
+  says what to install.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _import_tfds()
   records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   return SequenceSource(records, description=f"tfds:{name}:{split}")
 
@@ -239,18 +292,27 @@ def _as_text(value: Any, missing: str, not_string: str) -> str:
   return value
 
 
-def parse_record(raw: bytes | str | Mapping[str, Any], max_title_chars: int) -> tuple[str, str]:
-  """(title, text), both stripped, from a JSONL line or a dict; raises BadRecord."""
-  if isinstance(raw, (bytes, str)):
-    if isinstance(raw, bytes):
+def parse_record(raw: Any, max_title_chars: int) -> tuple[str, str]:
+  """(title, text), both stripped, from a JSONL line or a dict; raises BadRecord.
+
+  A UTF-8 byte-order mark before the JSON (the first line of a file saved "with BOM") is
+  ignored. Any failure of this one record raises BadRecord, never another exception.
+  """
+  if isinstance(raw, Unreadable):
+    raise BadRecord(READ_ERROR)
+  if isinstance(raw, (bytes, bytearray, memoryview, str)):
+    if not isinstance(raw, str):
       try:
-        raw = raw.decode("utf-8")
+        raw = bytes(raw).decode("utf-8")
       except UnicodeDecodeError as e:
         raise BadRecord(INVALID_UTF8) from e
+    raw = raw.removeprefix(_BOM)
     if not raw.strip():
       raise BadRecord(EMPTY_LINE)
     try:
       raw = json.loads(raw)
+    except RecursionError as e:
+      raise BadRecord(TOO_DEEP) from e
     except ValueError as e:
       raise BadRecord(INVALID_JSON) from e
   if not isinstance(raw, Mapping):
@@ -279,6 +341,7 @@ class BuildReport:
   truncated_sentences: int = 0  # sentences longer than a block's body, cut
   spans: int = 0
   spans_dropped: int = 0  # spans covering no wordpiece or more than max_span_wordpieces
+  duplicates_across_shards: int = 0  # records whose text an earlier shard has (kept; merge)
   seconds: float = 0.0
 
   def add_bad(self, reason: str, record_index: int) -> None:
@@ -309,29 +372,26 @@ class BuildReport:
 
   def summary(self) -> str:
     bad = ", ".join(f"{reason}={count}" for reason, count in sorted(self.bad_records.items()))
+    examples = "; ".join(f"{reason}: records {indices}"
+                         for reason, indices in sorted(self.bad_examples.items()))
+    across = (f"; {self.duplicates_across_shards} duplicates across shards (kept)"
+              if self.duplicates_across_shards else "")
     return (f"{self.records_read} records read, {self.records_ok} ok, "
-            f"{sum(self.bad_records.values())} bad ({bad or 'none'}); {self.blocks} blocks, "
+            f"{sum(self.bad_records.values())} skipped ({bad or 'none'}); {self.blocks} blocks, "
             f"{self.sentences} sentences ({self.truncated_sentences} truncated), "
-            f"{self.spans} salient spans ({self.spans_dropped} dropped); {self.seconds:.1f} s")
+            f"{self.spans} salient spans ({self.spans_dropped} dropped){across}; "
+            f"{self.seconds:.1f} s" + (f" [first skipped: {examples}]" if examples else ""))
 
 
-class _Progress:
-  """Logs records done, records/s and the ETA every `every_s` seconds."""
+class NoUsableRecords(ValueError):
+  """A source (or a whole build) gave no usable record: nothing to build a corpus from."""
 
-  def __init__(self, name: str, total: int, every_s: float):
-    self.name, self.total, self.every_s = name, total, every_s
-    self.done = 0
-    self.start = self.last = time.monotonic()
 
-  def update(self, count: int) -> None:
-    self.done += count
-    now = time.monotonic()
-    if now - self.last >= self.every_s:
-      self.last = now
-      rate = self.done / max(now - self.start, 1e-9)
-      eta = (self.total - self.done) / max(rate, 1e-9)
-      logging.info("%s: %d/%d records (%.1f%%), %.0f records/s, ETA %.0f s", self.name,
-                   self.done, self.total, 100 * self.done / max(self.total, 1), rate, eta)
+def no_usable_records(what: str, report: BuildReport) -> NoUsableRecords:
+  """The error for a build with 0 usable records, with what was read and why it was skipped."""
+  hint = ("the source is empty" if not report.records_read else
+          "expected JSON lines (UTF-8) of objects with string \"title\" and \"text\"")
+  return NoUsableRecords(f"{what}: 0 usable records ({hint}): {report.summary()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +455,7 @@ class _ShardWriter:
     self.files: dict[str, BinaryIO] = {
         name: (directory / f"{name}.bin").open("wb") for name in _STREAMS}
     self.texts = (directory / TEXTS_FILE).open("w")
+    self.hashes = (directory / HASHES_FILE).open("wb")
     self.rows = collections.Counter({name: 0 for name in _STREAMS})
 
   def write(self, name: str, values: Any) -> None:
@@ -408,10 +469,14 @@ class _ShardWriter:
   def write_texts(self, lines: Iterable[str]) -> None:
     self.texts.write("".join(lines))
 
+  def write_hashes(self, fingerprints: Sequence[int]) -> None:
+    self.hashes.write(np.asarray(fingerprints, np.dtype("<u8")).tobytes())
+
   def close(self) -> None:
     for f in self.files.values():
       f.close()
     self.texts.close()
+    self.hashes.close()
 
 
 @dataclasses.dataclass
@@ -421,20 +486,44 @@ class _Article:
   record: int
   title: str
   sentences: list[str]
+  fingerprint: int = 0  # text_fingerprint of the record's text
+
+
+def text_fingerprint(text: str) -> int:
+  """64-bit fingerprint of a record's (stripped) text: the key of exact-duplicate detection."""
+  digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+  return int.from_bytes(digest, "little")
+
+
+def _error_reason(where: str, error: BaseException) -> str:
+  return f"{RECORD_ERROR}:{where}:{type(error).__name__}"
 
 
 def _parse_batch(batch: Sequence[tuple[int, Any]], max_title_chars: int,
-                 report: BuildReport) -> list[_Article]:
-  """Valid records of a batch as articles split into sentences; bad ones counted."""
+                 report: BuildReport, seen: dict[int, int] | None = None) -> list[_Article]:
+  """Valid records of a batch as articles split into sentences; bad ones counted.
+
+  seen (text fingerprint -> first record) drops exact duplicates (counted as `duplicate`); it
+  is updated with the batch's new texts. Any exception on one record is counted, not raised.
+  """
   articles = []
   for index, raw in batch:
     report.records_read += 1
     try:
       title, text = parse_record(raw, max_title_chars)
+      key = text_fingerprint(text)
+      if seen is not None and key in seen:
+        raise BadRecord(DUPLICATE)
+      sentences = [text[a:b] for a, b in split_sentences(text)]
     except BadRecord as e:
       report.add_bad(e.reason, index)
       continue
-    articles.append(_Article(index, title, [text[a:b] for a, b in split_sentences(text)]))
+    except Exception as e:  # pylint: disable=broad-except
+      report.add_bad(_error_reason("parse", e), index)
+      continue
+    if seen is not None:
+      seen[key] = index
+    articles.append(_Article(index, title, sentences, key))
   return articles
 
 
@@ -453,68 +542,144 @@ def _tag_sentences(span_fn: SpanFn | None, sentences: Sequence[str]
   return spans
 
 
+class _StageError(Exception):
+  """An exception of one stage ("tokenize", "tag") of encoding articles."""
+
+  def __init__(self, where: str, error: BaseException):
+    super().__init__(f"{where}: {error!r}")
+    self.where, self.error = where, error
+
+
+def _encode_all(articles: Sequence[_Article], tokenizer: tokenizers.Tokenizer,
+                span_fn: SpanFn | None) -> list[tuple[_Article, Any, list[Any], list[Any]]]:
+  """(article, title encoding, sentence encodings, sentence char spans) of each article."""
+  sentences = [s for a in articles for s in a.sentences]
+  try:
+    title_encodings = tokenizer.encode_batch([a.title for a in articles],
+                                             add_special_tokens=False)
+    sentence_encodings = iter(tokenizer.encode_batch(sentences, add_special_tokens=False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _StageError("tokenize", e) from e
+  try:
+    sentence_spans = iter(_tag_sentences(span_fn, sentences))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _StageError("tag", e) from e
+  return [(article, title_encoding, [next(sentence_encodings) for _ in article.sentences],
+           [next(sentence_spans) for _ in article.sentences])
+          for article, title_encoding in zip(articles, title_encodings)]
+
+
+def _encode_articles(articles: Sequence[_Article], tokenizer: tokenizers.Tokenizer,
+                     span_fn: SpanFn | None, report: BuildReport
+                     ) -> list[tuple[_Article, Any, list[Any], list[Any]]]:
+  """_encode_all of the batch; if it fails, article by article, failures counted by stage."""
+  try:
+    return _encode_all(articles, tokenizer, span_fn)
+  except _StageError:
+    pass
+  encoded = []
+  for article in articles:
+    try:
+      encoded.extend(_encode_all([article], tokenizer, span_fn))
+    except _StageError as e:
+      report.add_bad(_error_reason(e.where, e.error), article.record)
+  return encoded
+
+
+def _pack_article(
+    article: _Article, title_encoding: Any, encodings: Sequence[Any],
+    char_spans: Sequence[Sequence[tuple[int, int]]], first_sentence: int, doc_len: int,
+    body_len: int, special: corpus_lib.SpecialIds, max_span_wordpieces: int,
+) -> tuple[dict[str, list[Any]], list[str], collections.Counter[str]] | None:
+  """The stream rows, block_texts lines and report counts of one article's blocks.
+
+  first_sentence: the shard-local index its first kept sentence gets. None: no wordpieces.
+  """
+  kept = [(s, e, c) for s, e, c in zip(article.sentences, encodings, char_spans) if e.ids]
+  if not kept:
+    return None
+  out: dict[str, list[Any]] = collections.defaultdict(list)
+  counts: collections.Counter[str] = collections.Counter()
+  texts = []
+  title_ids = np.asarray(title_encoding.ids, np.int32)
+  capacity = doc_len - 3 - min(len(title_ids), doc_len // 4)
+  sentence_index = first_sentence
+  for first, stop in pack_sentences([len(e.ids) for _, e, _ in kept], capacity):
+    block = kept[first:stop]
+    body = np.asarray([i for _, e, _ in block for i in e.ids], np.int32)
+    if len(body) > capacity:
+      counts["truncated_sentences"] += 1
+    tokens, segments = corpus_lib.pack_block(title_ids, body, doc_len, special)
+    reader = np.full(body_len, special.pad, np.int32)
+    reader_body = np.append(body[:body_len - 1], special.sep)
+    reader[:len(reader_body)] = reader_body
+    out["retriever_tokens"].append(tokens)
+    out["retriever_segments"].append(segments)
+    out["reader_tokens"].append(reader)
+    out["reader_lengths"].append(len(reader_body))
+    out["title_token_ids"].extend(title_encoding.ids)
+    out["title_lengths"].append(len(title_ids))
+    out["doc_sentence_counts"].append(len(block))
+    for _, encoding, spans in block:
+      out["sentence_token_ids"].extend(encoding.ids)
+      out["sentence_lengths"].append(len(encoding.ids))
+      found = set()
+      for start, end in spans:
+        first_piece, stop_piece = align_span(encoding.offsets, start, end)
+        if 1 <= stop_piece - first_piece <= max_span_wordpieces:
+          found.add((first_piece, stop_piece))
+        else:
+          counts["spans_dropped"] += 1
+      for first_piece, stop_piece in sorted(found):
+        out["span_sentence"].append(sentence_index)
+        out["span_start"].append(first_piece)
+        out["span_end"].append(stop_piece)
+      counts["spans"] += len(found)
+      sentence_index += 1
+    counts["blocks"] += 1
+    counts["sentences"] += len(block)
+    texts.append(json.dumps(dict(record=article.record, title=article.title,
+                                 text=" ".join(s for s, _, _ in block))) + "\n")
+  return out, texts, counts
+
+
 def _write_batch(
     articles: Sequence[_Article], tokenizer: tokenizers.Tokenizer, writer: _ShardWriter,
     doc_len: int, body_len: int, span_fn: SpanFn | None, max_span_wordpieces: int,
     report: BuildReport,
 ) -> None:
-  """Tokenizes, packs and writes the blocks (and salient spans) of a batch of articles."""
+  """Tokenizes, packs and writes the blocks (and salient spans) of a batch of articles.
+
+  An article that fails (tokenizer, tagger or packing exception) is counted and left out
+  whole; the others are written.
+  """
   special = special_ids(tokenizer)
-  title_encodings = tokenizer.encode_batch([a.title for a in articles], add_special_tokens=False)
-  sentences = [s for a in articles for s in a.sentences]
-  sentence_encodings = iter(tokenizer.encode_batch(sentences, add_special_tokens=False))
-  sentence_spans = iter(_tag_sentences(span_fn, sentences))
-  out = collections.defaultdict(list)
-  texts = []
-  for article, title_encoding in zip(articles, title_encodings):
-    encodings = [next(sentence_encodings) for _ in article.sentences]
-    char_spans = [next(sentence_spans) for _ in article.sentences]
-    kept = [(s, e, c) for s, e, c in zip(article.sentences, encodings, char_spans) if e.ids]
-    if not kept:
+  out: dict[str, list[Any]] = collections.defaultdict(list)
+  texts, fingerprints = [], []
+  for article, title_encoding, encodings, char_spans in _encode_articles(
+      articles, tokenizer, span_fn, report):
+    try:
+      packed = _pack_article(article, title_encoding, encodings, char_spans,
+                             writer.rows["sentence_lengths"] + len(out["sentence_lengths"]),
+                             doc_len, body_len, special, max_span_wordpieces)
+    except Exception as e:  # pylint: disable=broad-except
+      report.add_bad(_error_reason("pack", e), article.record)
+      continue
+    if packed is None:
       report.add_bad(NO_WORDPIECES, article.record)
       continue
+    rows, article_texts, counts = packed
     report.records_ok += 1
-    title_ids = np.asarray(title_encoding.ids, np.int32)
-    capacity = doc_len - 3 - min(len(title_ids), doc_len // 4)
-    for first, stop in pack_sentences([len(e.ids) for _, e, _ in kept], capacity):
-      block = kept[first:stop]
-      body = np.asarray([i for _, e, _ in block for i in e.ids], np.int32)
-      if len(body) > capacity:
-        report.truncated_sentences += 1
-      tokens, segments = corpus_lib.pack_block(title_ids, body, doc_len, special)
-      reader = np.full(body_len, special.pad, np.int32)
-      reader_body = np.append(body[:body_len - 1], special.sep)
-      reader[:len(reader_body)] = reader_body
-      out["retriever_tokens"].append(tokens)
-      out["retriever_segments"].append(segments)
-      out["reader_tokens"].append(reader)
-      out["reader_lengths"].append(len(reader_body))
-      out["title_token_ids"].extend(title_encoding.ids)
-      out["title_lengths"].append(len(title_ids))
-      out["doc_sentence_counts"].append(len(block))
-      for _, encoding, spans in block:
-        sentence_index = writer.rows["sentence_lengths"] + len(out["sentence_lengths"])
-        out["sentence_token_ids"].extend(encoding.ids)
-        out["sentence_lengths"].append(len(encoding.ids))
-        found = set()
-        for start, end in spans:
-          first_piece, stop_piece = align_span(encoding.offsets, start, end)
-          if 1 <= stop_piece - first_piece <= max_span_wordpieces:
-            found.add((first_piece, stop_piece))
-          else:
-            report.spans_dropped += 1
-        for first_piece, stop_piece in sorted(found):
-          out["span_sentence"].append(sentence_index)
-          out["span_start"].append(first_piece)
-          out["span_end"].append(stop_piece)
-        report.spans += len(found)
-      report.blocks += 1
-      report.sentences += len(block)
-      texts.append(json.dumps(dict(record=article.record, title=article.title,
-                                   text=" ".join(s for s, _, _ in block))) + "\n")
+    for name, values in rows.items():
+      out[name].extend(values)
+    texts.extend(article_texts)
+    fingerprints.append(article.fingerprint)
+    for name, count in counts.items():
+      setattr(report, name, getattr(report, name) + count)
   for name in _STREAMS:
     writer.write(name, out[name])
   writer.write_texts(texts)
+  writer.write_hashes(fingerprints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,16 +779,19 @@ def build_shard(
   tmp.mkdir(parents=True)
   writer = _ShardWriter(tmp, dict(doc_len=doc_len, body_len=body_len))
   report = BuildReport()
-  progress = _Progress(name, stop - start, progress_every_s)
+  progress = progress_lib.Progress(f"corpus {name}", stop - start, unit="records",
+                                   every_seconds=progress_every_s)
   records = source.read(start, stop)
+  seen: dict[int, int] = {}  # text fingerprint -> first record (exact duplicates)
   try:
     while batch := [record for _, record in zip(range(batch_size), records)]:
-      articles = _parse_batch(batch, max_title_chars, report)
+      articles = _parse_batch(batch, max_title_chars, report, seen)
       _write_batch(articles, tokenizer, writer, doc_len, body_len, span_fn, max_span_wordpieces,
                    report)
       progress.update(len(batch))
   finally:
     writer.close()
+  progress.close()
   report.seconds = time.monotonic() - start_time
   (tmp / SHARD_REPORT).write_text(json.dumps(report.to_dict(), indent=1))
   metadata = dict(format_version=SHARD_FORMAT_VERSION, params=params, shard_index=shard_index,
@@ -718,6 +886,20 @@ def _write_spans_npz(f: BinaryIO, shard_dirs: Sequence[epath.Path],
         stream.check(name)
 
 
+def _duplicates_across_shards(shard_dirs: Sequence[epath.Path]) -> int:
+  """Kept records whose text fingerprint an earlier shard also has (within a shard there are
+  none: build_shard drops them). Shards without record_hashes.bin count as none."""
+  hashes = []
+  for d in shard_dirs:
+    if (d / HASHES_FILE).exists():
+      with (d / HASHES_FILE).open("rb") as f:
+        hashes.append(np.frombuffer(f.read(), np.dtype("<u8")))
+  if not hashes:
+    return 0
+  values = np.concatenate(hashes)
+  return int(len(values) - len(np.unique(values)))
+
+
 def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
                  delete_shards: bool = False) -> BuildReport:
   """Merges all finished shards into out_dir/blocks/, salient_spans.npz, block_texts.jsonl and
@@ -742,6 +924,14 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   report = BuildReport()
   for d in shard_dirs:
     report += BuildReport.from_dict(_read_json(d / SHARD_REPORT))
+  if not report.blocks:
+    raise no_usable_records(f"{params['source']} ({len(shard_dirs)} shards in "
+                            f"{os.fspath(out_dir)})", report)
+  report.duplicates_across_shards = _duplicates_across_shards(shard_dirs)
+  if report.duplicates_across_shards:
+    logging.warning("%s: %d records repeat the text of a record in another shard; kept (only "
+                    "duplicates within a shard are dropped).", os.fspath(out_dir),
+                    report.duplicates_across_shards)
 
   doc_len, body_len = params["doc_len"], params["body_len"]
   widths = dict(doc_len=doc_len, body_len=body_len)
@@ -771,6 +961,9 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
                  title_offsets="title_lengths")
   array_names = corpus_lib._ARRAY_NAMES  # pylint: disable=protected-access
   assert set(null_rows) | set(lengths) == set(array_names)
+  # Files written: the arrays, block_texts.jsonl and salient_spans.npz.
+  progress = progress_lib.Progress(f"corpus merge ({num_docs} blocks)", len(array_names) + 2,
+                                   unit="files", every_seconds=10.0)
   for name, null_row in null_rows.items():
     dtype, width = _STREAMS[name]
     shape = (total(name) + (null_row is not None),) + ((widths[width],) if width else ())
@@ -782,6 +975,7 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
       if null_row is not None:
         stream.write(null_row)
       stream.check(name)
+    progress.update(1)
   for name, lengths_name in lengths.items():
     with (blocks_tmp / f"{name}.npy").open("wb") as f:
       stream = _NpyStream(f, np.int64, (total(lengths_name) + 1,))
@@ -794,6 +988,7 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
             running = int(sums[-1])
             stream.write(sums)
       stream.check(name)
+    progress.update(1)
 
   titles = []
   with (tmp / TEXTS_FILE).open("w") as texts:
@@ -807,6 +1002,7 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
           doc_id += 1
   if len(titles) != num_docs:
     raise RuntimeError(f"block_texts has {len(titles)} blocks, the arrays {num_docs}.")
+  progress.update(1)
   corpus_metadata = dict(
       format_version=corpus_lib.FORMAT_VERSION, num_docs=num_docs, doc_len=doc_len,
       body_len=body_len, vocab_size=params["vocab_size"], special=params["special"],
@@ -814,6 +1010,7 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   (blocks_tmp / corpus_lib.METADATA_FILENAME).write_text(json.dumps(corpus_metadata))
   with (tmp / SPANS_FILE).open("wb") as f:
     _write_spans_npz(f, shard_dirs, metadata, sentence_starts[:-1].tolist())
+  progress.update(1)
 
   for name in (BLOCKS_DIR, SPANS_FILE, TEXTS_FILE):
     (tmp / name).rename(out_dir / name)

@@ -14,7 +14,9 @@ queries.npz    train_span_ids: the salient spans (indices into salient_spans.npz
                ict_eval_*: the held-out sentences unmasked, as ICT pseudo-queries (gold_ids)
 ```
 ICT trains on every block, but never sees a held-out sentence (as query or as block text);
-no REALM training query comes from a held-out block.
+no REALM training query comes from a held-out block. A sentence whose wordpieces occur more than
+once in the corpus (a duplicated record across shards, a boilerplate sentence) is never held
+out, since its copy would stay in a training block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import tokenizers
 from etils import epath
 
+from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import pipeline
 from realm_jax.data import salient_spans
@@ -56,20 +59,39 @@ def tokenizer_for(data_config: ml_collections.ConfigDict,
 
 
 def _train_vocab(data_config: ml_collections.ConfigDict, directory: epath.Path) -> None:
-  """Trains data.vocab_size wordpieces on the first data.vocab_records records' texts."""
+  """Trains data.vocab_size wordpieces on the first data.vocab_records records' texts.
+
+  Bad records are skipped and counted (logged); none usable at all is a NoUsableRecords error
+  with that count, before anything else is built.
+  """
   source = wiki_corpus.open_source(data_config.source,
                                    tfds_data_dir=data_config.tfds_data_dir or None)
   stop = min(len(source), data_config.limit or len(source), data_config.vocab_records)
+  report = wiki_corpus.BuildReport()
+  progress = progress_lib.Progress("vocab: read records", stop, unit="records",
+                                   every_seconds=30.0)
 
   def texts():
-    for _, raw in source.read(0, stop):
+    for index, raw in source.read(0, stop):
+      report.records_read += 1
+      progress.update(1)
       try:
         title, text = wiki_corpus.parse_record(raw, max_title_chars=256)
-      except wiki_corpus.BadRecord:
+      except wiki_corpus.BadRecord as e:
+        report.add_bad(e.reason, index)
         continue
+      except Exception as e:  # pylint: disable=broad-except
+        report.add_bad(f"{wiki_corpus.RECORD_ERROR}:parse:{type(e).__name__}", index)
+        continue
+      report.records_ok += 1
       yield title
       yield text
+    progress.close()
+    if not report.records_ok:
+      raise wiki_corpus.no_usable_records(
+          f"{data_config.source} (vocabulary: first {stop} records)", report)
   tokenizer_lib.train_wordpiece(texts(), data_config.vocab_size, directory)
+  logging.info("vocab: trained on %s", report.summary())
 
 
 def doc_of_sentence(corpus: corpus_lib.BlockCorpus, sentences: np.ndarray) -> np.ndarray:
@@ -77,15 +99,63 @@ def doc_of_sentence(corpus: corpus_lib.BlockCorpus, sentences: np.ndarray) -> np
   return np.searchsorted(np.asarray(corpus.doc_sentence_offsets), sentences, side="right") - 1
 
 
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finalizer, elementwise on uint64 (wrapping arithmetic)."""
+  x = x ^ (x >> np.uint64(30))
+  x = x * _MIX[1]
+  x = x ^ (x >> np.uint64(27))
+  x = x * _MIX[2]
+  return x ^ (x >> np.uint64(31))
+
+
+def sentence_fingerprints(corpus: corpus_lib.BlockCorpus,
+                          chunk_sentences: int = 1 << 20) -> np.ndarray:
+  """A 64-bit fingerprint of each sentence's wordpiece sequence: [S] uint64.
+
+  Order-sensitive (each token mixed with its position), vectorized over chunks of sentences, so
+  it stays fast and bounded in memory for Wikipedia-sized corpora.
+  """
+  offsets = np.asarray(corpus.sentence_offsets, np.int64)
+  num = len(offsets) - 1
+  out = np.zeros(num, np.uint64)
+  with np.errstate(over="ignore"):
+    for a in range(0, num, chunk_sentences):
+      b = min(num, a + chunk_sentences)
+      lo, hi = offsets[a], offsets[b]
+      lengths = np.diff(offsets[a:b + 1])
+      if hi == lo:
+        continue
+      ids = np.asarray(corpus.sentence_token_ids[lo:hi]).astype(np.uint64)
+      position = (np.arange(hi - lo, dtype=np.int64)
+                  - np.repeat(offsets[a:b] - lo, lengths)).astype(np.uint64)
+      mixed = _mix64(ids * _MIX[0] + _mix64(position + np.uint64(1)))
+      nonempty = lengths > 0
+      sums = np.add.reduceat(mixed, (offsets[a:b] - lo)[nonempty])
+      out[a:b][nonempty] = _mix64(sums ^ lengths[nonempty].astype(np.uint64))
+  return out
+
+
+def repeated_sentences(corpus: corpus_lib.BlockCorpus) -> np.ndarray:
+  """Whether each sentence's wordpieces occur again elsewhere in the corpus: [S] bool."""
+  fingerprints = sentence_fingerprints(corpus)
+  _, inverse, counts = np.unique(fingerprints, return_inverse=True, return_counts=True)
+  return counts[inverse] > 1
+
+
 def choose_heldout(corpus: corpus_lib.BlockCorpus, spans: dict[str, np.ndarray],
                    num_docs: int, query_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """One held-out sentence per evaluation block: doc_ids [E], sentences [E] (sorted by doc).
 
   Candidates are blocks with >= 2 sentences (one stays) and sentences with a salient span that
-  fits a query of query_len.
+  fits a query of query_len and whose wordpieces occur nowhere else in the corpus (a copy in
+  another block would leak the held-out sentence into training).
   """
   fits = spans["span_end"] <= query_len - 2
   sentence = np.unique(spans["span_sentence"][fits])  # [S'] sentences with a usable span
+  sentence = sentence[~repeated_sentences(corpus)[sentence]]
   docs = doc_of_sentence(corpus, sentence)
   multi = corpus.sentence_counts()[docs] >= 2
   sentence, docs = sentence[multi], docs[multi]
