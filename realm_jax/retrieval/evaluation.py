@@ -48,7 +48,7 @@ def decode_rows(tokenizer: tokenizers.Tokenizer, rows: np.ndarray) -> list[str]:
 
 def bm25_top_ids(block_texts: Sequence[str], query_texts: Sequence[str], k: int) -> np.ndarray:
   """BM25 top-k block ids [Q, k] (bm25s; Lucene scoring, English stopwords)."""
-  import bm25s  # pylint: disable=g-import-not-at-top  (an optional dependency)
+  import bm25s  # pylint: disable=g-import-not-at-top  (core dependency; imported when used)
   retriever = bm25s.BM25()
   retriever.index(bm25s.tokenize(list(block_texts), stopwords="en", show_progress=False),
                   show_progress=False)
