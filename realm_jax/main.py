@@ -11,15 +11,26 @@ Modes:
          data.num_build_shards (one process each, data.vocab_file required); then once
          without --corpus_shard (or the first train run) merges the shards
   eval_retrieval recall@k of the run's latest checkpoint on held-out queries vs BM25
+  print_config   print the resolved config (after overrides), one `field = value  # help`
+         line per field; needs no --workdir
 
-Any config field can be overridden, e.g. `--config.train.batch_size=64`.
+Any config field can be overridden, e.g. `--config.train.batch_size=64`; an override that
+cannot affect the chosen objective or mode (e.g. `train.num_steps` on an ICT run, which reads
+`ict.num_steps`) is reported with a warning. `--force` takes over the workdir's lease from a
+trainer or builder that holds it.
+
+Exit codes: 0 done; 1 an error (its traceback, then one last line `error: <Type>: <message>
+(caused by <root cause>)`, or `config error: ...` for a bad config); 130 interrupted (Ctrl-C;
+the trainer saves a checkpoint first, so the same command resumes).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -29,8 +40,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "demo", "index_builder", "build_corpus", "eval_retrieval"],
-    "What to run.")
+    "mode", "train",
+    ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config"],
+    "What to run (see the module docstring: `python -m realm_jax.main --helpfull`).")
 _CORPUS_SHARD = flags.DEFINE_integer(
     "corpus_shard", -1, "build_corpus: build only this shard of data.num_build_shards.")
 _CONFIG_WAIT = flags.DEFINE_float(
@@ -39,6 +51,9 @@ _CONFIG_WAIT = flags.DEFINE_float(
 _MAX_BUILDS = flags.DEFINE_integer(
     "max_builds", 0, "index_builder: exit after this many published versions (0: run until "
     "stopped).")
+_FORCE = flags.DEFINE_bool(
+    "force", False, "Take over the workdir's lease held by another trainer/builder (one that "
+    "is gone but whose lease has not expired yet).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; the launcher or the "
     "TPU/GPU cluster environment supplies coordinator and process ids).")
@@ -78,43 +93,119 @@ def _build_corpus(config, workdir: str, shard: int) -> None:
                data.num_build_shards)
 
 
-def main(argv):
-  del argv
-  import jax  # pylint: disable=g-import-not-at-top
+def _root_cause(error: BaseException) -> BaseException:
+  """The last exception of `error`'s chain (`raise ... from` or raised while handling)."""
+  seen = {id(error)}
+  while True:
+    nxt = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    if nxt is None or id(nxt) in seen:
+      return error
+    seen.add(id(nxt))
+    error = nxt
 
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def error_line(error: BaseException) -> str:
+  """`error: <Type>: <message> (caused by <Type>: <message>)`, the root cause when chained."""
+  line = f"error: {_one_line(error)}"
+  root = _root_cause(error)
+  if root is not error:
+    line += f" (caused by {_one_line(root)})"
+  return line
+
+
+def _with_force(fn, *args, **kwargs):
+  """Calls `fn` with force_lease=--force where it accepts it (leases may be absent)."""
+  parameters = inspect.signature(fn).parameters
+  if "force_lease" in parameters or any(
+      p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    kwargs["force_lease"] = _FORCE.value
+  elif _FORCE.value:
+    logging.warning("--force: %s takes no lease; nothing to take over", fn.__qualname__)
+  return fn(*args, **kwargs)
+
+
+def _warn_ineffective(config, mode: str) -> None:
+  """One warning line per `--config.<field>` override that cannot affect this run."""
+  from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  if config is None:
+    return
+  overridden = list(config_flags.get_override_values(flags.FLAGS["config"]))
+  for field, reason in config_lib.ineffective_fields(config, overridden, mode):
+    logging.warning("override --config.%s has no effect: %s", field, reason)
+
+
+def _print_config(config) -> None:
+  """Prints every field with its help, then checks the fields' ranges (a bad one: exit 1)."""
+  from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  print("\n".join(config_lib.describe_config(config)), flush=True)
+  try:
+    config_lib.check_fields(config)
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+
+
+def _run_mode(mode: str, config, workdir: str) -> None:
+  """Runs one mode (everything after flag checks and distributed init)."""
   from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
   from realm_jax import demo  # pylint: disable=g-import-not-at-top
   from realm_jax.retrieval import index_builder  # pylint: disable=g-import-not-at-top
   from realm_jax.train import loop  # pylint: disable=g-import-not-at-top
 
+  if mode == "demo":
+    demo.run_demo(config, workdir)
+  elif mode == "index_builder":
+    config = config or config_lib.load_run_config(workdir, _CONFIG_WAIT.value)
+    _with_force(index_builder.IndexBuilder, config, workdir).run(
+        poll_seconds=config.retrieval.builder_poll_seconds,
+        max_builds=_MAX_BUILDS.value or None)
+  elif mode == "build_corpus":
+    _build_corpus(config, workdir, _CORPUS_SHARD.value)
+  elif mode == "eval_retrieval":
+    from realm_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
+    config_lib.validate(config, 1)
+    print(json.dumps(evaluation.evaluate_retrieval(config, workdir), indent=1))
+  else:
+    _with_force(loop.train_and_evaluate, config, workdir)
+
+
+def main(argv):
+  del argv
   logging.getLogger().setLevel(logging.INFO)
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  mode, config = _MODE.value, _CONFIG.value
+  if config is None and mode != "index_builder":
+    sys.exit("error: --config is required")
+  _warn_ineffective(config, mode)
+  if mode == "print_config":
+    _print_config(config)
+    return
   if not _WORKDIR.value:
     sys.exit("error: --workdir is required")
-  if _CONFIG.value is None and _MODE.value != "index_builder":
-    sys.exit("error: --config is required")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+
+  from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
   try:
-    if _MODE.value == "demo":
-      demo.run_demo(_CONFIG.value, _WORKDIR.value)
-    elif _MODE.value == "index_builder":
-      config = _CONFIG.value or config_lib.load_run_config(_WORKDIR.value,
-                                                           _CONFIG_WAIT.value)
-      index_builder.IndexBuilder(config, _WORKDIR.value).run(
-          poll_seconds=config.retrieval.builder_poll_seconds,
-          max_builds=_MAX_BUILDS.value or None)
-    elif _MODE.value == "build_corpus":
-      _build_corpus(_CONFIG.value, _WORKDIR.value, _CORPUS_SHARD.value)
-    elif _MODE.value == "eval_retrieval":
-      from realm_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
-      config_lib.validate(_CONFIG.value, 1)
-      print(json.dumps(evaluation.evaluate_retrieval(_CONFIG.value, _WORKDIR.value), indent=1))
-    else:
-      loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _DISTRIBUTED.value:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize()
+    _run_mode(mode, config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
+  except KeyboardInterrupt:
+    sys.stderr.flush()
+    print(f"interrupted: --mode={mode} stopped by Ctrl-C; run the same command to resume "
+          "(the trainer saves a checkpoint on interrupt)", file=sys.stderr, flush=True)
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    sys.stderr.flush()
+    print(error_line(e), file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
