@@ -314,4 +314,5 @@ def test_tiny_builds_log_progress_lines(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     prepare.prepare_data(tiny_configs.tiny_config(tmp_path / "facts"), tmp_path)
   progress = [r.getMessage() for r in caplog.records if r.name == "realm_jax.progress"]
-  assert any(line.startswith("[vocab: count words]") for line in progress), progress
+  for name in ("[vocab: count words]", "[vocab: learn wordpieces]", "[corpus: pack blocks]"):
+    assert any(line.startswith(name) for line in progress), (name, progress)

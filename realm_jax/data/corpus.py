@@ -19,6 +19,7 @@ import numpy as np
 import tokenizers
 from etils import epath
 
+from realm_jax import progress as progress_lib
 from realm_jax.data.tokenizer import SpecialIds, special_ids
 
 FORMAT_VERSION = 1
@@ -141,6 +142,8 @@ def build_block_corpus(
   reader_tokens = np.full((num_rows, body_len), special.pad, np.int32)
   reader_lengths = np.zeros(num_rows, np.int32)
   empty = np.zeros(0, np.int32)
+  progress = progress_lib.Progress("corpus: pack blocks", num_rows, unit="blocks",
+                                   every_seconds=30.0)
   for row in range(num_rows):
     if row < len(docs):
       title = title_token_ids[title_offsets[row]:title_offsets[row + 1]]
@@ -153,6 +156,7 @@ def build_block_corpus(
     reader_body = np.append(body[:body_len - 1], special.sep)
     reader_tokens[row, :len(reader_body)] = reader_body
     reader_lengths[row] = len(reader_body)
+    progress.update(1)
 
   return BlockCorpus(
       retriever_tokens=retriever_tokens, retriever_segments=retriever_segments,
