@@ -91,7 +91,9 @@ def _train_vocab(data_config: ml_collections.ConfigDict, directory: epath.Path) 
       raise wiki_corpus.no_usable_records(
           f"{data_config.source} (vocabulary: first {stop} records)", report)
   tokenizer_lib.train_wordpiece(texts(), data_config.vocab_size, directory)
-  logging.info("vocab: trained on %s", report.summary())
+  skipped = ", ".join(f"{k}={v}" for k, v in sorted(report.bad_records.items()))
+  logging.info("vocab: trained on %d of %d records read (skipped: %s)", report.records_ok,
+               report.records_read, skipped or "none")
 
 
 def doc_of_sentence(corpus: corpus_lib.BlockCorpus, sentences: np.ndarray) -> np.ndarray:
