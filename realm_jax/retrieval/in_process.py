@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh
 
+from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import index_format
@@ -25,11 +26,18 @@ from realm_jax.train import partitioning
 
 
 def embed_corpus(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
-                 batch_size: int) -> np.ndarray:
-  """Embeds every real document (not the null row): -> [num_docs, D] float32 on the host."""
+                 batch_size: int, progress_name: str = "embed corpus",
+                 progress_seconds: float = 30.0) -> np.ndarray:
+  """Embeds every real document (not the null row): -> [num_docs, D] float32 on the host.
+
+  Logs progress (blocks, rate, ETA; `realm_jax.progress`) every `progress_seconds` and once
+  at the end.
+  """
   shards = partitioning.data_parallel_size(mesh)
   batch_size = max(shards, batch_size // shards * shards)
   outputs = []
+  progress = progress_lib.Progress(progress_name, corpus.num_docs, unit="blocks",
+                                   every_seconds=progress_seconds)
   for start in range(0, corpus.num_docs, batch_size):
     stop = min(start + batch_size, corpus.num_docs)
     rows = np.arange(start, start + batch_size)
@@ -40,6 +48,8 @@ def embed_corpus(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, m
     device = partitioning.shard_batch_global({"t": tokens, "s": segments}, mesh)
     emb = partitioning.to_host(embed_docs(params, device["t"], device["s"]))
     outputs.append(emb[:stop - start])
+    progress.update(stop - start)
+  progress.close()
   return np.concatenate(outputs, axis=0)
 
 
@@ -62,7 +72,7 @@ class InProcessIndex:
   def refresh(self, params, step: int) -> None:
     start = time.time()
     embeddings = embed_corpus(params, self.corpus, self._embed_docs, self._mesh,
-                              self._embed_batch_size)
+                              self._embed_batch_size, progress_name=f"index refresh @{step}")
     self.searcher = scann_searcher.make_searcher(self._searcher_kind, embeddings,
                                                  **self._searcher_options)
     self.step = step
@@ -75,8 +85,10 @@ class InProcessIndex:
                                  searchers=[self.searcher])
       index_format.prune_versions(self.root, self._keep)
     self.last_refresh_seconds = time.time() - start
-    logging.info("index: re-embedded %d documents at step %d in %.1fs", len(embeddings), step,
-                 self.last_refresh_seconds)
+    logging.info("index: re-embedded %d documents at step %d in %.1fs (%.0f docs/s, %s "
+                 "searcher%s)", len(embeddings), step, self.last_refresh_seconds,
+                 len(embeddings) / max(self.last_refresh_seconds, 1e-9), self._searcher_kind,
+                 ", published" if self._write else "")
 
   def load_or_refresh(self, params, step: int, refresh_every: int) -> None:
     """On resume: reuse the version the interrupted run was using, else re-embed now."""

@@ -24,6 +24,20 @@ alone, at start-up: followers only ever write into the attempt the *live* leader
 starts belongs to a dead leader's attempt; a follower still busy with one finds its attempt
 gone and drops the work. (A timeout rule would have to outlast the slowest shard's embedding,
 hours at scale.) The trainer side is `retrieval/watcher.py` (`retrieval.index_source="builder"`).
+
+One builder job per workdir: the leader holds the workdir's "index_builder" lease
+(`realm_jax.lease`) for the whole `run()`, checks it before it announces, publishes or prunes,
+and stops (LeaseLostError) once another builder took it over (`force_lease`, the CLI's
+`--force`). The leader resumes from the newest *valid* version (`index_format.check_version`,
+newest first), not from whatever LATEST says: a garbage LATEST, one naming a missing version
+or a corrupted newest version is reported in one line and LATEST is pointed at that valid
+version; an invalid version is replaced when its checkpoint is built again.
+
+Never silent: while nothing is due it logs what it waits for (paths, the newest checkpoint vs
+the last version + refresh_every) when the wait starts and every `wait_log_seconds`; each
+build shows embedding progress and ends in one summary line. `run()` returns once the
+trainer's final checkpoint (`train.num_steps` of a realm run; built even if less than
+refresh_every newer) is indexed, or after `max_builds`.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from realm_jax import config_lib
+from realm_jax import lease as lease_lib
+from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import prepare
 from realm_jax.retrieval import index_format
@@ -83,11 +99,17 @@ def shard_rows(num_docs: int, shard_index: int, num_shards: int) -> tuple[int, i
 
 
 def embed_rows(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
-               batch_size: int, rows: np.ndarray) -> np.ndarray:
-  """Embeds the corpus rows `rows` [n] on `mesh` (this process's devices): -> [n, D] float32."""
+               batch_size: int, rows: np.ndarray, progress_name: str = "embed corpus",
+               progress_seconds: float = 30.0) -> np.ndarray:
+  """Embeds the corpus rows `rows` [n] on `mesh` (this process's devices): -> [n, D] float32.
+
+  Logs progress (blocks, rate, ETA) every `progress_seconds` and once at the end.
+  """
   shards = partitioning.data_parallel_size(mesh)
   batch_size = max(shards, batch_size // shards * shards)
   outputs = []
+  progress = progress_lib.Progress(progress_name, len(rows), unit="blocks",
+                                   every_seconds=progress_seconds)
   for begin in range(0, len(rows), batch_size):
     chunk = rows[begin:begin + batch_size]
     padded = np.full(batch_size, corpus.null_id, np.int64)  # pad the last batch: null row
@@ -97,6 +119,8 @@ def embed_rows(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mes
     device = partitioning.shard_batch_global(batch, mesh)
     emb = partitioning.to_host(embed_docs(params, device["t"], device["s"]))  # [batch, D]
     outputs.append(emb[:len(chunk)])
+    progress.update(len(chunk))
+  progress.close()
   return np.concatenate(outputs, axis=0)
 
 
@@ -110,11 +134,13 @@ class IndexBuilder:
     process_index, process_count: this builder's place among the builder processes
       (default: `jax.process_index()`, `jax.process_count()`); injectable so several builders
       can share a workdir without multi-host JAX (tests, or independent jobs).
+    force_lease: the leader takes the workdir's builder lease even from a live holder (which
+      then stops before its next publish); a stale lease is taken over without it.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: epath.PathLike,
                devices=None, process_index: int | None = None,
-               process_count: int | None = None):
+               process_count: int | None = None, force_lease: bool = False):
     self.config = config
     self.workdir = epath.Path(workdir)
     self.checkpoint_dir = self.workdir / "checkpoints"
@@ -135,23 +161,37 @@ class IndexBuilder:
     self.corpus = None
     self._embed_docs = None
     self._ignored: set[str] = set()  # attempts announced for another number of processes
+    self.force_lease = bool(force_lease)
+    self._lease: lease_lib.Lease | None = None  # held by the leader during run()
+    self._last: int | None = None  # the leader's newest valid published version
+    # The trainer's last checkpoint: once it is indexed the builder is done (realm runs only;
+    # ICT trainers index in-process).
+    self.final_step = (int(config.train.num_steps) if config.get("objective") == "realm"
+                       else None)
+    self._failures: dict[int, tuple[str, float]] = {}  # step -> (last error, when logged)
 
   @property
   def is_leader(self) -> bool:
     return self.process_index == 0
 
-  def _ensure_model(self, wait_seconds: float, poll_seconds: float):
+  def _ensure_model(self, wait_seconds: float, poll_seconds: float,
+                    wait_log_seconds: float = 60.0):
     """The corpus is prepared by the trainer; wait for it rather than build it twice."""
     if self.corpus is not None:
       return
-    deadline = time.time() + wait_seconds
+    start = time.time()
+    deadline, next_log = start + wait_seconds, start
     while True:
       try:
         data = prepare.prepare_data(self.config, self.workdir, build=False)
         break
-      except FileNotFoundError:
+      except FileNotFoundError as e:
         if time.time() > deadline:
           raise
+        if time.time() >= next_log:
+          next_log = time.time() + wait_log_seconds
+          logging.info("index_builder[%d]: waiting (%.0fs) for the trainer's corpus: %s%s",
+                       self.process_index, time.time() - start, e, self._workdir_hint())
         time.sleep(poll_seconds)
     self.corpus = data.corpus
     model = state_lib.build_model(self.config, data.corpus.vocab_size, data.corpus.special.pad)
@@ -182,9 +222,11 @@ class IndexBuilder:
     self._ensure_model(wait_seconds=0.0, poll_seconds=0.0)
     start = time.time()
     version = self.index_root / str(step)
-    if version.exists():  # a crashed run's leftover (never the version LATEST names)
-      if index_format.latest_step(self.index_root) == step:
-        raise ValueError(f"step {step} is the published LATEST version")
+    self._check_lease()
+    if version.exists():  # a crashed run's leftover, or an invalid version of this step
+      if step == self._last:
+        raise ValueError(f"step {step} is the newest valid version already")
+      logging.info("index_builder: replacing the existing (unfinished or invalid) %s", version)
       version.rmtree()
     build = index_format.start_version(self.index_root, step, self.process_count,
                                        self.config.retrieval.searcher, self.searcher_options)
@@ -195,33 +237,77 @@ class IndexBuilder:
           self.index_root, build, timeout=self.shard_timeout,
           poll_seconds=min(self.poll_seconds, 1.0), expected_num_docs=self.corpus.num_docs,
           extra=dict(source="index_builder", num_processes=self.process_count,
-                     embed_seconds=round(shard_seconds, 3)))
+                     embed_seconds=round(shard_seconds, 3)),
+          before_publish=self._check_lease)
     except Exception:
       # Withdraw the announcement, so followers stop working on a build that will not finish.
       current = index_format.read_build(self.index_root, step)
       if current is not None and current["attempt"] == build["attempt"]:
         index_format.tmp_dir(self.index_root, step).rmtree()
       raise
-    index_format.prune_versions(self.index_root, self.config.retrieval.keep_index_versions)
-    logging.info("index_builder: published step %d (%d docs, %d shard(s)) in %.1fs", step,
-                 self.corpus.num_docs, self.process_count, time.time() - start)
+    self._last = step if self._last is None else max(self._last, step)
+    self._check_lease()
+    pruned = index_format.prune_versions(self.index_root,
+                                         self.config.retrieval.keep_index_versions)
+    newest = finished_checkpoint_steps(self.checkpoint_dir)
+    logging.info(
+        "index_builder: published step %d: %d docs in %d shard(s), %s searcher, %.1fs (own "
+        "shard embedded and written in %.1fs, %.0f docs/s); newest checkpoint %s%s%s", step,
+        self.corpus.num_docs, self.process_count, self.config.retrieval.searcher,
+        time.time() - start, shard_seconds,
+        self.corpus.num_docs / self.process_count / max(shard_seconds, 1e-9),
+        newest[-1] if newest else None,
+        f", final step {self.final_step}" if self.final_step is not None else "",
+        f"; pruned {pruned}" if pruned else "")
     return path
 
+  def _check_lease(self):
+    """Raises lease.LeaseLostError if another builder took this workdir over (leader, run())."""
+    if self._lease is not None:
+      self._lease.check()
+
   def run(self, poll_seconds: float | None = None, max_builds: int | None = None,
-          idle_timeout: float | None = None) -> list[int]:
+          idle_timeout: float | None = None, wait_log_seconds: float = 60.0) -> list[int]:
     """Polls and builds; returns the steps this process built (published, or its shard of).
 
-    Stops after `max_builds` builds, or after `idle_timeout` seconds without a successful one.
+    Stops once the trainer's final checkpoint is indexed, after `max_builds` builds, or after
+    `idle_timeout` seconds without a successful one. The leader holds the workdir's builder
+    lease throughout (raises lease.LeaseHeldError if another live builder has it, and
+    lease.LeaseLostError once one took it over). While waiting it logs what for, when the
+    wait starts and then every `wait_log_seconds`.
     """
     poll_seconds = self.poll_seconds if poll_seconds is None else poll_seconds
+    if self.is_leader:
+      self._lease = lease_lib.acquire(self.workdir, "index_builder", force=self.force_lease)
+    try:
+      return self._run(poll_seconds, max_builds, idle_timeout, wait_log_seconds)
+    except lease_lib.LeaseLostError as e:
+      logging.error("index_builder: %s", e)
+      raise
+    finally:
+      if self._lease is not None:
+        self._lease.release()
+        self._lease = None
+
+  def _run(self, poll_seconds: float, max_builds: int | None, idle_timeout: float | None,
+           wait_log_seconds: float) -> list[int]:
     if self.is_leader:
       removed = remove_stale_tmp(self.index_root)
       if removed:
         logging.info("index_builder: removed stale %s", removed)
-    self._ensure_model(wait_seconds=idle_timeout or float("inf"), poll_seconds=poll_seconds)
+    self._ensure_model(wait_seconds=idle_timeout or float("inf"), poll_seconds=poll_seconds,
+                       wait_log_seconds=wait_log_seconds)
+    if self.is_leader:
+      self._last = self.resume_point()
     built: list[int] = []
     idle_since = time.time()
+    wait_start = next_log = None
     while max_builds is None or len(built) < max_builds:
+      self._check_lease()
+      if self._final_indexed():
+        logging.info("index_builder[%d]: the trainer's final checkpoint %d is indexed; done",
+                     self.process_index, self.final_step)
+        break
       build = None if self.is_leader else self._follower_due()  # an announced build
       step = self._leader_due() if self.is_leader else build and build["step"]
       if step is not None:
@@ -230,30 +316,127 @@ class IndexBuilder:
             self.build(step)
           else:
             self.build_shard(build)
+        except lease_lib.LeaseLostError:
+          raise
         except Exception as e:  # pylint: disable=broad-except
           # E.g. the trainer's keep-last-N deleted that checkpoint mid-restore, a follower's
           # shard timed out, or (followers) the leader restarted and replaced the attempt.
           # Nothing was published (a version only appears complete), so just look again.
-          logging.warning("index_builder[%d]: building step %d failed (%s: %s); retrying",
-                          self.process_index, step, type(e).__name__, e)
+          self._log_failure(step, e, wait_log_seconds)
         else:
           built.append(step)
+          self._failures.pop(step, None)
           idle_since = time.time()
+          wait_start = None
           continue
-      if idle_timeout is not None and time.time() - idle_since > idle_timeout:
+      now = time.time()
+      if idle_timeout is not None and now - idle_since > idle_timeout:
         break  # a failing build does not count as activity
+      if wait_start is None:
+        wait_start, next_log = now, now
+      if now >= next_log:
+        next_log = now + wait_log_seconds
+        logging.info("index_builder[%d]: waiting (%.0fs): %s", self.process_index,
+                     now - wait_start, self._waiting_for())
       time.sleep(poll_seconds)
     return built
 
+  def _log_failure(self, step: int, error: Exception, period: float):
+    """A failed build in one line; the same failure again at most once per `period`."""
+    message = f"{type(error).__name__}: {error}"
+    last = self._failures.get(step)
+    if last is not None and last[0] == message and time.time() - last[1] < period:
+      return
+    self._failures[step] = (message, time.time())
+    logging.warning("index_builder[%d]: building step %d failed (%s); retrying%s",
+                    self.process_index, step, message,
+                    " (same error as before)" if last is not None and last[0] == message else "")
+
+  def _workdir_hint(self) -> str:
+    if (self.workdir / config_lib.RUN_CONFIG).exists():
+      return ""
+    return (f" (no {config_lib.RUN_CONFIG} in {self.workdir} either: is the trainer running "
+            f"with --workdir={self.workdir}?)")
+
+  def _waiting_for(self) -> str:
+    """What the builder waits for, in words: paths, the newest checkpoint, the next due step."""
+    if not self.is_leader:
+      return (f"no build announced in {self.index_root} for process {self.process_index} of "
+              f"{self.process_count} (the leader, process 0, announces them)")
+    steps = finished_checkpoint_steps(self.checkpoint_dir)
+    if not steps:
+      return (f"no finished checkpoint in {self.checkpoint_dir} yet (the trainer saves step 0 "
+              f"before training){self._workdir_hint()}")
+    refresh = self.config.retrieval.refresh_every
+    due = (f"the next build is due at a checkpoint >= {self._last + refresh}"
+           if self._last is not None else "")
+    if self.final_step is not None and self._last is not None:
+      due += f" (or the final step {self.final_step})"
+    return (f"newest checkpoint {steps[-1]} in {self.checkpoint_dir}, last index version "
+            f"{self._last}, refresh_every {refresh}: {due}")
+
+  def _final_indexed(self) -> bool:
+    if self.final_step is None:
+      return False
+    if self.is_leader:
+      return self._last is not None and self._last >= self.final_step
+    try:  # followers: what the leader published
+      latest = index_format.latest_step(self.index_root)
+    except index_format.IndexVersionError:
+      return False
+    return latest is not None and latest >= self.final_step
+
+  def resume_point(self) -> int | None:
+    """The newest valid published version (the leader resumes from it), repairing LATEST.
+
+    Versions are checked newest first (`index_format.check_version`: checksums and content
+    against this corpus and model); each invalid one is reported in one line. A LATEST that is
+    garbage, names a missing version or an invalid one is pointed at the valid version found.
+    """
+    root = self.index_root
+    try:
+      latest, problem = index_format.latest_step(root), None
+    except index_format.IndexVersionError as e:
+      latest, problem = None, str(e)
+    valid = None
+    for step in reversed(index_format.list_versions(root)):
+      try:
+        index_format.check_version(root, step, expected_dim=self.config.model.embed_dim,
+                                   expected_num_docs=self.corpus.num_docs)
+      except (index_format.IndexVersionError, OSError) as e:
+        logging.warning("index_builder: version %d is invalid (%s); it will be rebuilt or "
+                        "pruned", step, e)
+        if step == latest:
+          problem = f"LATEST names the invalid version {latest}"
+        continue
+      valid = step
+      break
+    if latest is not None and problem is None and valid != latest and (
+        latest not in index_format.list_versions(root)):
+      problem = f"LATEST names version {latest}, which does not exist"
+    if problem and valid is not None:
+      self._check_lease()
+      logging.warning("index_builder: %s; pointing LATEST at version %d, the newest valid one",
+                      problem, valid)
+      index_format.repair_latest(root, valid)
+    elif problem:
+      logging.warning("index_builder: %s, and there is no valid version; building from the "
+                      "newest checkpoint", problem)
+    if valid is not None:
+      logging.info("index_builder: resuming after index version %d", valid)
+    return valid
+
   def _leader_due(self) -> int | None:
-    """The newest checkpoint, if refresh_every newer than LATEST (or nothing published yet)."""
+    """The newest checkpoint, if refresh_every newer than the last valid version (or nothing
+    published yet), or if it is the trainer's final one."""
     steps = finished_checkpoint_steps(self.checkpoint_dir)
     if not steps:
       return None
-    last = index_format.latest_step(self.index_root)
-    newest = steps[-1]
+    last, newest = self._last, steps[-1]
     if last is None or newest >= last + self.config.retrieval.refresh_every:
       return newest
+    if self.final_step is not None and newest >= self.final_step and newest > last:
+      return newest  # the trainer's last checkpoint is indexed even if < refresh_every newer
     return None
 
   def _follower_due(self) -> dict[str, Any] | None:

@@ -374,6 +374,18 @@ def _latest_or_none(index_root: epath.PathLike) -> int | None:
     return None
 
 
+def repair_latest(index_root: epath.PathLike, step: int) -> None:
+  """Points LATEST at valid version `step` unconditionally (write-then-rename).
+
+  For the single writer (the index builder, under its lease) when LATEST is garbage or names
+  a missing or invalid version; publishes go through `move_latest`, which never moves back.
+  """
+  root = epath.Path(index_root)
+  if not (root / str(step) / MANIFEST).exists():
+    raise IndexVersionError(f"{root / str(step)} is not a complete version")
+  _replace_text(root / LATEST, str(step))
+
+
 def move_latest(index_root: epath.PathLike, step: int) -> bool:
   """Points LATEST at complete version `step` unless it names a complete newer one.
 
