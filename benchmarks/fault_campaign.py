@@ -222,6 +222,7 @@ class Child:
   killed_by_us: bool = False
   _offset: int = 0
   max_step: int = -1  # highest train step this run logged
+  first_step: int | None = None  # the first train step this run logged (log_every=1)
   resumed_from: int | None = None
   fresh_start: bool = False
   index_versions: list[int] = dataclasses.field(default_factory=list)
@@ -250,6 +251,8 @@ class Child:
         continue
       if (m := _STEP_RE.search(line)):
         self.max_step = max(self.max_step, int(m.group(1)))
+        if self.first_step is None:
+          self.first_step = int(m.group(1))
       if self.resumed_from is None and (m := _RESUMED_RE.search(line)):
         self.resumed_from = int(m.group(1))
       if _FRESH_RE.search(line) and self.resumed_from is None:
@@ -391,6 +394,7 @@ class Trial:
     index_dir = os.path.join(self.workdir, "index")
     in_flight_before = unfinished_checkpoints(ckpt_dir)
     child.sigkill()
+    self._note_resume(child, final=True, killed=True)
     record = dict(role=child.role, run=child.number, why=why,
                   seconds_after_start=round(time.time() - child.started, 2),
                   trainer_step=self.trainer.max_step if self.trainer else None,
@@ -413,19 +417,34 @@ class Trial:
                 if child.role == "trainer" else ""))
     return record
 
-  def _note_resume(self, child: Child, final: bool = False):
-    """Once a restarted trainer has restored (or started fresh), compare with the expectation."""
+  def _note_resume(self, child: Child, final: bool = False, killed: bool = False):
+    """Once a restarted trainer has restored (or started fresh), compare with the expectation.
+
+    The restored step comes from its `resumed from step N` line; without one (a changed log
+    format), from the first step it logged (log_every=1): N + 1.
+    """
     if child.role != "trainer" or child.number == 1 or child.resume_noted:
       return
-    got = child.resumed_from if child.resumed_from is not None else (
-        None if child.fresh_start else "unknown")
-    if got == "unknown" and not final:
+    expected, source = child.expected, "log line"
+    if child.resumed_from is not None:
+      got = child.resumed_from
+    elif child.fresh_start:
+      got = None
+    elif child.first_step is not None:
+      got, source = child.first_step - 1, "first step logged"
+    elif killed:
+      got, source = "unknown", "killed before restoring"
+    elif final:
+      got, source = "unknown", "neither"
+    else:
       return
     child.resume_noted = True
-    expected = child.expected
-    self.resumes.append(dict(run=child.number, expected=expected, restored=got,
-                             from_newest=(got == expected and got != "unknown"),
-                             observed=got != "unknown"))
+    if source == "first step logged":  # step 0 restored and a fresh start look the same
+      from_newest = got == (expected or 0)
+    else:
+      from_newest = got == expected
+    self.resumes.append(dict(run=child.number, expected=expected, restored=got, source=source,
+                             from_newest=from_newest, observed=got != "unknown"))
 
   # -- watching the workdir
   def _watch_index(self):
@@ -646,7 +665,9 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
       resumes_from_newest_finished=sum(r["from_newest"] for r in resumes),
       resumes_wrong=[dict(trial=t["trial"], **r) for t in trials for r in t["resumes"]
                      if r["observed"] and not r["from_newest"]],
-      restarts_killed_before_restore=sum(not r["observed"] for r in resumes),
+      restarts_killed_before_restore=sum(r["source"] == "killed before restoring"
+                                         for r in resumes),
+      resumes_unparsed=sum(r["source"] == "neither" for r in resumes),
       index_versions_verified=sum(len(t["versions_verified"]) for t in trials),
       index_versions_bad_on_storage=sum(len(t["versions_bad"]) for t in trials),
       index_versions_loaded=sum(len(t["versions_loaded"]) for t in trials),
@@ -666,6 +687,7 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
   s["ok"] = (s["partial_versions_loaded"] == 0 and s["unverified_versions_loaded"] == 0 and
              s["metrics_lost"] == 0 and s["metrics_duplicated"] == 0 and
              s["metrics_torn_lines"] == 0 and not s["resumes_wrong"] and
+             s["resumes_unparsed"] == 0 and
              s["latest_moved_backwards"] == 0 and s["unexpected_exits"] == 0 and
              s["hangs"] == 0 and s["final_runs_finished"] == len(trials) and
              s["final_loss_finite"] == len(trials))
