@@ -42,7 +42,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://
 _MODE = flags.DEFINE_enum(
     "mode", "train",
     ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config"],
-    "What to run (see the module docstring: `python -m realm_jax.main --helpfull`).")
+    "What to run (the modes are listed at the top of --help).")
 _CORPUS_SHARD = flags.DEFINE_integer(
     "corpus_shard", -1, "build_corpus: build only this shard of data.num_build_shards.")
 _CONFIG_WAIT = flags.DEFINE_float(
