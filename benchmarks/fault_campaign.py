@@ -327,7 +327,7 @@ def make_schedule(rng: random.Random, kills: int, num_steps: int, mid_publish: b
       startup_events.append(Event(role, "startup", delay=round(rng.uniform(0.5, 10.0), 2)))
     else:
       step_events.append(Event(role, "step", step=rng.randint(1, max(1, num_steps - 1)),
-                               delay=round(rng.uniform(0.0, 0.6), 2)))
+                               delay=round(rng.uniform(0.0, 0.3), 2)))
   events = sorted(step_events, key=lambda e: e.step)
   for event in startup_events:
     events.insert(rng.randint(0, len(events)), event)
@@ -337,7 +337,7 @@ def make_schedule(rng: random.Random, kills: int, num_steps: int, mid_publish: b
       rng.choice(builders).arm = True
     else:  # a builder kill of its own, early enough that a publish follows it
       events.insert(0, Event("builder", "step", step=rng.randint(1, max(1, num_steps // 2)),
-                             delay=round(rng.uniform(0.0, 0.6), 2), arm=True))
+                             delay=round(rng.uniform(0.0, 0.3), 2), arm=True))
   return events
 
 
@@ -697,7 +697,7 @@ def summarize(trials: list[dict[str, Any]]) -> dict[str, Any]:
 def run_campaign(trials: int = 5, seed: int = 0, kills_per_trial: int = 4,
                  workdir_root: str = "/tmp/fault_campaign", num_steps: int = 60,
                  checkpoint_every: int = 5, refresh_every: int = 5, mid_publish: bool = True,
-                 compile_cache: bool = True, poll: float = 0.1, trial_timeout: float = 420.0,
+                 compile_cache: bool = True, poll: float = 0.05, trial_timeout: float = 420.0,
                  event_timeout: float = 120.0, keep_workdirs: str = "failed",
                  extra_overrides: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
   """Runs the trials; returns {"summary", "trials", "config"} (see the module docstring)."""
