@@ -9,6 +9,9 @@ One file, three sizes (big_vision style):
 
 `size=tiny` is exactly what CI and the demo run on 2 CPU cores. The `ict` block configures the
 Inverse Cloze Task warm start that the demo runs first (`--config.objective=ict` trains it alone).
+
+Every field's help and accepted range: `realm_jax/config_lib.py:FIELDS`, shown by
+`python -m realm_jax.main --mode=print_config --config=experiments/realm_facts.py:size=tiny`.
 """
 
 import ml_collections

@@ -11,6 +11,9 @@ r"""REALM on Wikipedia blocks: the 10k-passage sample here, TFDS Wikipedia at sc
 the model starts from scratch with a WordPiece vocab trained on the corpus. The corpus is built
 on first use into `data.corpus_dir` (default `<workdir>/corpus`); share one between runs.
 `experiments/ict_wiki.py` is the same config with `objective="ict"` (the warm start).
+
+Every field's help and accepted range: `realm_jax/config_lib.py:FIELDS`, shown by
+`python -m realm_jax.main --mode=print_config --config=experiments/realm_wiki.py:size=tiny`.
 """
 
 import importlib.util

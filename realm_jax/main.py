@@ -52,8 +52,8 @@ _MAX_BUILDS = flags.DEFINE_integer(
     "max_builds", 0, "index_builder: exit after this many published versions (0: run until "
     "stopped).")
 _FORCE = flags.DEFINE_bool(
-    "force", False, "Take over the workdir's lease held by another trainer/builder (one that "
-    "is gone but whose lease has not expired yet).")
+    "force", False, "Take over the workdir's lease held by another trainer/builder (e.g. one "
+    "that died before its lease went stale).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; the launcher or the "
     "TPU/GPU cluster environment supplies coordinator and process ids).")
