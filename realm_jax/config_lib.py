@@ -228,11 +228,10 @@ FIELDS: dict[str, Field] = {
 }
 
 
-def leaves(config: ml_collections.ConfigDict | dict, prefix: str = "") -> Iterator[
-    tuple[str, Any]]:
+def leaves(config: ml_collections.ConfigDict | dict,
+           prefix: str = "") -> Iterator[tuple[str, Any]]:
   """(dotted name, value) of every leaf of a config (nested dicts walked; lists are leaves)."""
-  items = config.items() if isinstance(config, dict) else config.items()
-  for key, value in items:
+  for key, value in config.items():
     name = f"{prefix}{key}"
     if isinstance(value, (dict, ml_collections.ConfigDict)):
       yield from leaves(value, name + ".")
