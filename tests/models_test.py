@@ -68,6 +68,14 @@ def _np_gelu(x):
   return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
+def _np_gelu_tanh(x):
+  """HF `gelu_new` (original BERT's tanh approximation)."""
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+NP_ACTIVATIONS = {"gelu": _np_gelu, "gelu_new": _np_gelu_tanh}
+
+
 def _np_softmax(x):
   x = x - x.max(-1, keepdims=True)
   e = np.exp(x)
@@ -96,7 +104,7 @@ def np_bert(params, token_ids, segment_ids, mask, config: bert.BertConfig):
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_dim) + bias  # [B, N, T, S]
     ctx = (_np_softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(x.shape)
     x = _np_layer_norm(_np_dense(ctx, att["output"]["dense"]) + x, att["output"]["LayerNorm"], eps)
-    h = _np_gelu(_np_dense(x, layer["intermediate"]["dense"]))
+    h = NP_ACTIVATIONS[config.hidden_act](_np_dense(x, layer["intermediate"]["dense"]))
     x = _np_layer_norm(_np_dense(h, layer["output"]["dense"]) + x, layer["output"]["LayerNorm"],
                        eps)
   return x
@@ -113,8 +121,15 @@ def _bert_inputs(seed=0):
   return tokens, segments, mask
 
 
-def test_bert_matches_numpy_reference():
-  config = bert_config()
+@pytest.mark.parametrize("overrides", [
+    {}, {"hidden_act": "gelu_new", "layer_norm_eps": 1e-5},
+    # A vanishing attention-dropout rate takes the written-out softmax path (training only),
+    # which must compute the same attention as the fused one.
+    {"attention_dropout_rate": 1e-7, "train": True}], ids=["default", "gelu_new", "att_path"])
+def test_bert_matches_numpy_reference(overrides):
+  overrides = dict(overrides)
+  train = overrides.pop("train", False)
+  config = bert_config(**overrides)
   model = bert.BertModel(config)
   tokens, segments, mask = _bert_inputs()
   params = jax.jit(model.init)(jax.random.key(1), tokens, segments, mask)["params"]
@@ -122,10 +137,54 @@ def test_bert_matches_numpy_reference():
   rng = np.random.default_rng(2)
   params = jax.tree_util.tree_map(
       lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(np.float32), params)
-  out = np.asarray(jax.jit(model.apply)({"params": params}, tokens, segments, mask))
+  out = np.asarray(jax.jit(lambda p, t, s, m: model.apply(
+      {"params": p}, t, s, m, deterministic=not train, rngs={"dropout": jax.random.key(0)}))(
+          params, tokens, segments, mask))
   assert out.dtype == np.float32 and out.shape == tokens.shape + (config.hidden_size,)
   expected = np_bert(params, tokens, segments, mask, config)
   np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_activation_and_eps_matter():
+  """gelu vs gelu_new and eps 1e-12 vs 1e-5 change the output (so the config must be read)."""
+  tokens, segments, mask = _bert_inputs()
+  base = bert.BertModel(bert_config())
+  params = jax.jit(base.init)(jax.random.key(1), tokens, segments, mask)["params"]
+  rng = np.random.default_rng(2)  # pre-activations of order 1, where the GELUs differ
+  params = jax.tree_util.tree_map(
+      lambda a: a + 0.3 * rng.standard_normal(a.shape).astype(np.float32), params)
+  outs = {}
+  for name, over in {"gelu": {}, "gelu_new": {"hidden_act": "gelu_new"},
+                     "eps": {"layer_norm_eps": 1e-5}}.items():
+    model = bert.BertModel(bert_config(**over))
+    outs[name] = np.asarray(jax.jit(model.apply)({"params": params}, tokens, segments, mask))
+  assert np.abs(outs["gelu_new"] - outs["gelu"]).max() > 1e-4
+  assert np.abs(outs["eps"] - outs["gelu"]).max() > 1e-6
+  with pytest.raises(ValueError, match="hidden_act='tanh'"):
+    bert_config(hidden_act="tanh")
+
+
+def test_attention_dropout_trains_only_and_respects_padding():
+  config = bert_config(attention_dropout_rate=0.5)  # hidden dropout stays 0.0
+  assert config.attention_dropout == 0.5 and bert_config().attention_dropout == 0.0
+  assert bert_config(dropout_rate=0.1).attention_dropout == 0.1, "defaults to dropout_rate"
+  model = bert.BertModel(config)
+  tokens, segments, mask = _bert_inputs()
+  params = jax.jit(model.init)(jax.random.key(1), tokens, segments, mask)["params"]
+  run = jax.jit(lambda t, s, key, det: model.apply(
+      {"params": params}, t, s, mask, deterministic=det, rngs={"dropout": key}),
+      static_argnums=3)
+  evaluation = np.asarray(run(tokens, segments, jax.random.key(0), True))
+  reference = np_bert(params, tokens, segments, mask, config)
+  np.testing.assert_allclose(evaluation, reference, atol=1e-4, rtol=0)  # eval: no dropout
+  train_a = np.asarray(run(tokens, segments, jax.random.key(0), False))
+  train_b = np.asarray(run(tokens, segments, jax.random.key(1), False))
+  assert np.abs(train_a - evaluation)[mask].max() > 1e-2, "dropout on probabilities applied"
+  assert np.abs(train_a - train_b)[mask].max() > 1e-2, "masks depend on the rng"
+  # Dropped probabilities still never reach padded keys.
+  changed = np.where(mask, tokens, 7).astype(np.int32)
+  train_changed = np.asarray(run(changed, segments, jax.random.key(0), False))
+  np.testing.assert_allclose(train_changed[mask], train_a[mask], atol=1e-5, rtol=0)
 
 
 def test_bert_padded_keys_do_not_affect_real_positions():
@@ -154,9 +213,18 @@ def test_embedder_matches_numpy_and_ignores_trailing_padding():
   assert out.dtype == np.float32 and out.shape == (3, 8)
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   hidden = np_bert(params["bert"], tokens, segments, tokens != PAD, config)
-  expected = _np_layer_norm(_np_dense(hidden[:, 0], p["projection"]), p["LayerNorm"],
+  pooled = np.tanh(_np_dense(hidden[:, 0], p["bert"]["pooler"]["dense"]))  # BERT's pooler
+  expected = _np_layer_norm(_np_dense(pooled, p["projection"]), p["LayerNorm"],
                             config.layer_norm_eps)
   np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+  # pooler=False is the raw [CLS] state (this project's embedder before the pooler).
+  no_pool = embedder_lib.Embedder(config, embed_dim=8, pad_id=PAD, pooler=False)
+  old = {k: v for k, v in params.items()}
+  old["bert"] = {k: v for k, v in params["bert"].items() if k != "pooler"}
+  out_old = np.asarray(jax.jit(no_pool.apply)({"params": old}, tokens, segments))
+  expected_old = _np_layer_norm(_np_dense(hidden[:, 0], p["projection"]), p["LayerNorm"],
+                                config.layer_norm_eps)
+  np.testing.assert_allclose(out_old, expected_old, atol=1e-4, rtol=0)
   # More padding at the end changes nothing.
   longer = np.pad(tokens, ((0, 0), (0, 5)), constant_values=PAD)
   longer_segments = np.pad(segments, ((0, 0), (0, 5)))
@@ -164,8 +232,9 @@ def test_embedder_matches_numpy_and_ignores_trailing_padding():
   np.testing.assert_allclose(out_longer, out, atol=1e-5, rtol=0)
 
 
-def test_mlm_logits_match_numpy_with_tied_embeddings():
-  config = bert_config()
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_new"])
+def test_mlm_logits_match_numpy_with_tied_embeddings(hidden_act):
+  config = bert_config(hidden_act=hidden_act)
   model = realm.KnowledgeAugmentedEncoder(config, pad_id=PAD)
   tokens, segments, _ = _bert_inputs()
   positions = np.array([[1, 3], [0, 2], [5, 6]], np.int32)
@@ -179,7 +248,8 @@ def test_mlm_logits_match_numpy_with_tied_embeddings():
   hidden = np_bert(params["bert"], tokens, segments, tokens != PAD, config)
   gathered = np.take_along_axis(hidden, positions[..., None], axis=1)
   head = p["cls"]["predictions"]
-  h = _np_layer_norm(_np_gelu(_np_dense(gathered, head["transform"]["dense"])),
+  h = _np_layer_norm(NP_ACTIVATIONS[config.hidden_act](
+      _np_dense(gathered, head["transform"]["dense"])),
                      head["transform"]["LayerNorm"], config.layer_norm_eps)
   expected = h @ p["bert"]["embeddings"]["word_embeddings"]["embedding"].T + head["bias"]
   np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
@@ -213,6 +283,8 @@ def test_realm_parameter_paths_are_hf_names():
       "embedder/bert/embeddings/position_embeddings/embedding": (64, h),
       "embedder/bert/embeddings/token_type_embeddings/embedding": (2, h),
       "embedder/bert/embeddings/LayerNorm/scale": (h,),
+      "embedder/bert/pooler/dense/kernel": (h, h),  # HF realm.pooler.dense
+      "embedder/bert/pooler/dense/bias": (h,),
       "embedder/bert/encoder/layer/0/attention/self/query/kernel": (h, h),
       "embedder/bert/encoder/layer/0/attention/self/key/bias": (h,),
       "embedder/bert/encoder/layer/0/attention/self/value/kernel": (h, h),
@@ -234,6 +306,7 @@ def test_realm_parameter_paths_are_hf_names():
     assert paths[path] == shape, path
   assert set(params) == {"embedder", "encoder"}
   assert not any("decoder" in p for p in paths), "the MLM decoder is tied to word_embeddings"
+  assert not any(p.startswith("encoder/bert/pooler") for p in paths), "the MLM encoder has none"
   assert not any("layer/2/" in p for p in paths)  # exactly num_layers=2
   assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
 

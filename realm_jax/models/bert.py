@@ -4,7 +4,13 @@ Parameter paths follow Hugging Face's Flax BERT (`embeddings/word_embeddings/emb
 `encoder/layer/0/attention/self/query/kernel`, ...), so `bert-base-uncased`-style weights map
 onto it one to one. Compute dtype is configurable (bf16 or float32); parameters stay float32.
 Attention goes through `jax.nn.dot_product_attention`, which picks a fused kernel where one
-applies.
+applies; only when attention-probability dropout is active (training with
+`attention_dropout_rate > 0`) is the softmax written out, as BERT/HF drop attention
+probabilities and the fused kernel cannot.
+
+Numerics follow the checkpoint's `config.json` (see `hf_weights.read_hf_config`): `hidden_act`
+("gelu" is the exact erf GELU of HF BERT; "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" the
+tanh approximation of original BERT and HF REALM) and `layer_norm_eps`.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ class BertConfig:
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   dropout_rate: float = 0.1
+  # Dropout on attention probabilities (HF attention_probs_dropout_prob); None = dropout_rate.
+  attention_dropout_rate: float | None = None
   layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"  # HF names, see ACTIVATIONS
   initializer_range: float = 0.02
   dtype: Any = jnp.float32  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialize each layer in the backward pass
@@ -50,6 +59,61 @@ class BertConfig:
       raise ValueError(
           f"model.hidden_size={self.hidden_size} is not divisible by "
           f"model.num_heads={self.num_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"model.hidden_act={self.hidden_act!r} is not one of "
+                       f"{sorted(ACTIVATIONS)}.")
+
+  @property
+  def attention_dropout(self) -> float:
+    """The attention-probability dropout rate actually used."""
+    return (self.dropout_rate if self.attention_dropout_rate is None
+            else self.attention_dropout_rate)
+
+  @classmethod
+  def from_model_config(cls, model_config: Any, vocab_size: int) -> "BertConfig":
+    """From an ml_collections `config.model`; fields it lacks take this class's defaults.
+
+    `hidden_act`, `layer_norm_eps` and `attention_dropout_rate` are read with `.get`, so a
+    config written before they existed builds today's model (exact GELU, eps 1e-12, attention
+    dropout = dropout_rate).
+    """
+    m = model_config
+    get = m.get if hasattr(m, "get") else lambda k, d=None: getattr(m, k, d)
+    return cls(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+        num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+        max_position_embeddings=m.max_position_embeddings,
+        type_vocab_size=get("type_vocab_size", 2), dropout_rate=m.dropout_rate,
+        attention_dropout_rate=get("attention_dropout_rate", None),
+        layer_norm_eps=get("layer_norm_eps", 1e-12), hidden_act=get("hidden_act", "gelu"),
+        dtype=jnp.dtype(get("dtype", "float32")), remat=get("remat", False))
+
+
+def _gelu_exact(x):
+  return nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return nn.gelu(x, approximate=True)
+
+
+# HF `ACT2FN` names -> functions. "gelu" in HF is the exact erf form; the tanh approximation
+# ("gelu_new", original BERT's and HF RealmConfig's default) differs by up to ~1e-3.
+ACTIVATIONS = {
+    "gelu": _gelu_exact,
+    "gelu_python": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
+
+
+def activation(config: BertConfig):
+  """The feed-forward / MLM-transform activation of `config` (HF `hidden_act`)."""
+  return ACTIVATIONS[config.hidden_act]
 
 
 def _dense(config: BertConfig, features: int, name: str) -> nn.Dense:
@@ -97,7 +161,7 @@ class BertSelfAttention(nn.Module):
   config: BertConfig
 
   @nn.compact
-  def __call__(self, x, attention_mask):
+  def __call__(self, x, attention_mask, deterministic: bool = True):
     # x: [B, T, H]; attention_mask: [B, T] bool (True = real token)
     heads = self.config.num_heads
     head_dim = self.config.hidden_size // heads
@@ -106,7 +170,17 @@ class BertSelfAttention(nn.Module):
     k = split(_dense(self.config, self.config.hidden_size, "key")(x))
     v = split(_dense(self.config, self.config.hidden_size, "value")(x))
     mask = attention_mask[:, None, None, :]  # [B, 1, 1, S] broadcast over heads and queries
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+    rate = self.config.attention_dropout
+    if deterministic or rate == 0.0:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+    else:
+      # Written out so the probabilities can be dropped (BERT / HF attention_probs_dropout).
+      scores = jnp.einsum("btnd,bsnd->bnts", q, k,
+                          preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+      scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)  # [B, N, T, S]
+      probs = jax.nn.softmax(scores, axis=-1)
+      probs = nn.Dropout(rate)(probs, deterministic=False).astype(v.dtype)
+      out = jnp.einsum("bnts,bsnd->btnd", probs, v)
     return out.reshape(out.shape[:-2] + (self.config.hidden_size,))
 
 
@@ -127,7 +201,7 @@ class BertAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, attention_mask, deterministic: bool):
-    attended = BertSelfAttention(self.config, name="self")(x, attention_mask)
+    attended = BertSelfAttention(self.config, name="self")(x, attention_mask, deterministic)
     return BertResidualOutput(self.config, name="output")(attended, x, deterministic)
 
 
@@ -137,7 +211,7 @@ class BertIntermediate(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = _dense(self.config, self.config.intermediate_size, "dense")(x)
-    return nn.gelu(x, approximate=False)
+    return activation(self.config)(x)
 
 
 class BertLayer(nn.Module):
@@ -176,19 +250,38 @@ class BertEncoder(nn.Module):
     return BertLayerStack(self.config, name="layer")(x, attention_mask, deterministic)
 
 
+class BertPooler(nn.Module):
+  """HF `pooler`: dense(H) + tanh over the first ([CLS]) position: [B, T, H] -> [B, H]."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    return jnp.tanh(_dense(self.config, self.config.hidden_size, "dense")(hidden[:, 0]))
+
+
 class BertModel(nn.Module):
-  """BERT without pooler: token ids -> hidden states [B, T, H]."""
+  """BERT: token ids -> hidden states [B, T, H]; `pool` adds HF's pooler (`pooler/dense`).
+
+  The pooler's parameters exist only in models that call `pool` (the retriever embedder);
+  the MLM encoder and the reader never use it, as in REALM/ORQA.
+  """
 
   config: BertConfig
 
   def setup(self):
     self.embeddings = BertEmbeddings(self.config)
     self.encoder = BertEncoder(self.config)
+    self.pooler = BertPooler(self.config)
 
   def __call__(self, token_ids, segment_ids, attention_mask, deterministic: bool = True):
     # token_ids, segment_ids: [B, T] int32; attention_mask: [B, T] bool
     x = self.embeddings(token_ids, segment_ids, deterministic)
     return self.encoder(x, attention_mask, deterministic)
+
+  def pool(self, hidden):
+    """BERT's `pooled_output`: tanh(dense(hidden[:, 0])), [B, T, H] -> [B, H]."""
+    return self.pooler(hidden)
 
   def attend_word_embeddings(self, x):
     """Logits against the (tied) word embedding table: [..., H] -> [..., V]."""

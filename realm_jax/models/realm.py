@@ -26,6 +26,7 @@ class RealmModelConfig:
   embed_dim: int = 128
   share_embedders: bool = True  # one embedder for queries and documents
   pad_id: int = 0
+  embedder_pooler: bool = True  # BERT's pooler in the embedder (ORQA/REALM/HF); see embedder.py
 
 
 class MlmPredictionHead(nn.Module):
@@ -48,7 +49,7 @@ class _MlmTransform(nn.Module):
     x = nn.Dense(self.config.hidden_size, dtype=self.config.dtype,
                  kernel_init=nn.initializers.normal(self.config.initializer_range),
                  name="dense")(x)
-    x = nn.gelu(x, approximate=False)
+    x = bert.activation(self.config)(x)  # HF: config.hidden_act here too
     return nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.config.dtype,
                         name="LayerNorm")(x)
 
@@ -93,7 +94,8 @@ class RealmModel(nn.Module):
 
   def setup(self):
     make = lambda: embedder_lib.Embedder(
-        self.config.bert, self.config.embed_dim, self.config.pad_id)
+        self.config.bert, self.config.embed_dim, self.config.pad_id,
+        pooler=self.config.embedder_pooler)
     if self.config.share_embedders:
       self.embedder = make()
     else:
