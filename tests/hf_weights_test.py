@@ -157,6 +157,9 @@ def _check_applied(before, after, bert_params, max_positions):
     tower, rest = path.split("/", 1)
     assert value.shape == flat_before[path].shape and value.dtype == flat_before[path].dtype
     if rest.startswith("bert/"):
+      if rest.startswith("bert/pooler/") and rest.removeprefix("bert/") not in flat_bert:
+        np.testing.assert_array_equal(np.asarray(value), flat_before[path], err_msg=path)
+        continue  # a checkpoint without a pooler leaves the embedder's as it was
       expected = flat_bert[rest.removeprefix("bert/")]
       if rest.endswith("position_embeddings/embedding"):
         expected = expected[:max_positions]  # the checkpoint's first rows
@@ -176,9 +179,12 @@ def test_minilm_into_realm_params(minilm, share_embedders):
   before = _distinct_constants(shapes)
   snapshot = jax.tree_util.tree_map(np.copy, before)
   after = hf_weights.apply_to_realm_params(before, minilm["params"])
-  towers = 2 if share_embedders else 3
+  embedders = 1 if share_embedders else 2
   per_tower = len(jax.tree_util.tree_leaves(minilm["params"]))
-  assert _check_applied(before, after, minilm["params"], 64) == towers * per_tower
+  pooler = len(jax.tree_util.tree_leaves(minilm["params"].get("pooler", {})))
+  # The embedders take the checkpoint's pooler too; the MLM encoder has none.
+  assert _check_applied(before, after, minilm["params"], 64) == (
+      embedders * per_tower + per_tower - pooler)
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, snapshot)  # input untouched
   # Only the towers asked for.
   only = hf_weights.apply_to_realm_params(before, minilm["params"], towers=("encoder",))
@@ -261,7 +267,9 @@ def write(path, tensors):
 def test_synthetic_checkpoint_names_layout_and_forward(tmp_path):
   tensors = synthetic_tensors()
   params = hf_weights.load_hf_bert_params(write(tmp_path / "model.safetensors", tensors))
-  assert set(params) == {"embeddings", "encoder"}  # pooler and position_ids skipped
+  assert set(params) == {"embeddings", "encoder", "pooler"}  # position_ids skipped
+  np.testing.assert_array_equal(params["pooler"]["dense"]["kernel"],
+                                tensors["pooler.dense.weight"].T)
   layer = params["encoder"]["layer"]["1"]
   np.testing.assert_array_equal(layer["intermediate"]["dense"]["kernel"],
                                 tensors["encoder.layer.1.intermediate.dense.weight"].T)
@@ -324,20 +332,32 @@ def test_config_layer_count_must_match_the_weights(tmp_path):
 def test_bert_config_from_hf(tmp_path):
   hf = {"vocab_size": V, "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": 2,
         "intermediate_size": I, "max_position_embeddings": P, "type_vocab_size": 2,
-        "layer_norm_eps": 1e-7, "hidden_dropout_prob": 0.2, "hidden_act": "gelu"}
+        "layer_norm_eps": 1e-7, "hidden_dropout_prob": 0.2, "hidden_act": "gelu",
+        "attention_probs_dropout_prob": 0.3}
   (tmp_path / "config.json").write_text(json.dumps(hf))
-  config = hf_weights.bert_config_from_hf(tmp_path, dtype=jnp.bfloat16, dropout_rate=0.0)
-  assert config == synthetic_config(layer_norm_eps=1e-7, dtype=jnp.bfloat16)
-  assert hf_weights.bert_config_from_hf(tmp_path).dropout_rate == 0.2
-  (tmp_path / "config.json").write_text(json.dumps({**hf, "hidden_act": "relu"}))
-  with pytest.raises(ValueError, match="relu"):
+  config = hf_weights.bert_config_from_hf(tmp_path, dtype=jnp.bfloat16, dropout_rate=0.0,
+                                          attention_dropout_rate=0.0)
+  assert config == synthetic_config(layer_norm_eps=1e-7, dtype=jnp.bfloat16,
+                                    attention_dropout_rate=0.0)
+  config = hf_weights.bert_config_from_hf(tmp_path)
+  assert (config.dropout_rate, config.attention_dropout) == (0.2, 0.3)
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "hidden_act": "gelu_new"}))
+  assert hf_weights.bert_config_from_hf(tmp_path).hidden_act == "gelu_new"
+  # A REALM config.json without hidden_act means HF RealmConfig's default, gelu_new.
+  realm_hf = {k: v for k, v in hf.items() if k != "hidden_act"}
+  (tmp_path / "config.json").write_text(json.dumps({**realm_hf, "model_type": "realm"}))
+  assert hf_weights.bert_config_from_hf(tmp_path).hidden_act == "gelu_new"
+  (tmp_path / "config.json").write_text(json.dumps(realm_hf))  # BERT: exact gelu
+  assert hf_weights.bert_config_from_hf(tmp_path).hidden_act == "gelu"
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "hidden_act": "tanh"}))
+  with pytest.raises(ValueError, match="tanh"):
     hf_weights.bert_config_from_hf(tmp_path)
 
 
 def test_mlm_head_goes_to_the_encoder(tmp_path):
   tensors = synthetic_tensors(prefix="bert.", legacy=True, mlm_head=True)
   bert_params = hf_weights.load_hf_bert_params(write(tmp_path / "model.safetensors", tensors))
-  assert set(bert_params) == {"embeddings", "encoder", "cls"}  # NSP head skipped
+  assert set(bert_params) == {"embeddings", "encoder", "pooler", "cls"}  # NSP head skipped
   _, shapes = _realm_shapes(synthetic_config(max_position_embeddings=10), share_embedders=True)
   before = _distinct_constants(shapes)
   after = hf_weights.apply_to_realm_params(before, bert_params)
