@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from realm_jax.train import state as state_lib
+from realm_jax.train import teardown
 
 
 class Checkpointer:
@@ -56,12 +57,20 @@ class Checkpointer:
                                       data=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["data"]), step
 
-  def wait(self):
-    """Blocks until pending async saves are on storage."""
-    self._manager.wait_until_finished()
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
-  def close(self):
-    self._manager.wait_until_finished()
+  def wait(self, timeout: float | None = None):
+    """Blocks until pending async saves are on storage; TimeoutError after `timeout` seconds
+    (a save stuck on failing storage; orbax's tmp folder is then never renamed into place, so
+    the step stays absent and the folder is cleaned up when the next run opens the manager)."""
+    teardown.call_with_timeout(self._manager.wait_until_finished, timeout,
+                               f"checkpoint save to {self.directory}")
+
+  def close(self, timeout: float | None = None):
+    """Waits (bounded by `timeout`) for pending saves, then closes; after a timeout the
+    manager is left open (closing would wait again)."""
+    self.wait(timeout)
     self._manager.close()
 
 

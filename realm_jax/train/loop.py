@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -18,7 +18,9 @@ import numpy as np
 from etils import epath
 
 from realm_jax import config_lib
+from realm_jax import lease as lease_lib
 from realm_jax import objectives
+from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import pipeline
 from realm_jax.data import prepare
@@ -32,8 +34,18 @@ from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
+from realm_jax.train import teardown as teardown_lib
 
 QUERY_KEYS = ("query_tokens", "masked_positions", "masked_labels", "masked_weights")
+
+# Bounds of the teardown steps (seconds): a save to slow storage may take minutes; a metrics
+# flush or a thread join that takes longer than this is stuck.
+CHECKPOINT_WAIT_SECONDS = 600.0
+WRITER_CLOSE_SECONDS = 30.0
+WATCHER_STOP_SECONDS = 15.0
+LEASE_RELEASE_SECONDS = 15.0
+METRICS_FLUSH_SECONDS = 30.0  # metrics also reach storage at least this often
+EVAL_PROGRESS_SECONDS = 30.0
 
 
 def recall_key(k: int) -> str:
@@ -107,7 +119,12 @@ def _eval_batches(queries: dict[str, np.ndarray], batch_size: int):
   if "masked_weights" in arrays:
     arrays["masked_weights"] = arrays["masked_weights"] * real[:, None]
   for start in range(0, padded, batch_size):
-    yield _local_slice(arrays, start, start + batch_size)
+    yield _local_slice(arrays, start, start + batch_size), min(batch_size, n - start)
+
+
+def _eval_progress(name: str, queries: dict[str, np.ndarray]) -> progress_lib.Progress:
+  return progress_lib.Progress(name, len(queries["query_tokens"]), unit="queries",
+                               every_seconds=EVAL_PROGRESS_SECONDS)
 
 
 def _gold_hits(ids: np.ndarray, mask: np.ndarray, gold: np.ndarray) -> tuple[int, int]:
@@ -117,12 +134,15 @@ def _gold_hits(ids: np.ndarray, mask: np.ndarray, gold: np.ndarray) -> tuple[int
 
 
 def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Retriever,
-                   eval_step, mesh, batch_size: int) -> dict[str, float]:
-  """Masked-span accuracy, loss, RU and gold recall@k over all held-out queries."""
+                   eval_step, mesh, batch_size: int, progress_name: str = "eval"
+                   ) -> dict[str, float]:
+  """Masked-span accuracy, loss, RU and gold recall@k over all held-out queries (with a
+  progress line over the queries)."""
   totals = dict(loss=0.0, retrieval_utility=0.0, token_accuracy=0.0, span_accuracy=0.0,
                 null_doc_prob=0.0, num_tokens=0.0, num_queries=0.0)
   hits = known = 0
-  for local in _eval_batches(queries, batch_size):
+  progress = _eval_progress(progress_name, queries)
+  for local, num_real in _eval_batches(queries, batch_size):
     ids, mask = retriever(params, local)
     out = jax.device_get(eval_step(params, partitioning.shard_batch(
         _realm_device_batch(local, corpus, ids, mask), mesh)))
@@ -135,6 +155,8 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
     if retriever.enabled:
       batch_hits, batch_known = _gold_hits(ids, mask, local["gold_ids"])
       hits, known = hits + batch_hits, known + batch_known
+    progress.update(num_real)
+  progress.close()
   tokens, num_queries = max(totals["num_tokens"], 1.0), max(totals["num_queries"], 1.0)
   result = {name: totals[name] / tokens for name in ("loss", "retrieval_utility", "token_accuracy")}
   result["span_accuracy"] = totals["span_accuracy"] / num_queries
@@ -146,18 +168,51 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
 
 
 def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
-                 batch_size: int) -> float:
+                 batch_size: int, progress_name: str = "index recall") -> float:
   """Gold-document recall@(k-1) of the current index for held-out queries (retrieval only)."""
   hits = known = 0
-  for local in _eval_batches(queries, batch_size):
+  progress = _eval_progress(progress_name, queries)
+  for local, num_real in _eval_batches(queries, batch_size):
     batch_hits, batch_known = _gold_hits(*retriever(params, local), local["gold_ids"])
     hits, known = hits + batch_hits, known + batch_known
+    progress.update(num_real)
+  progress.close()
   return hits / max(known, 1)
 
 
+def _learning_rates(config: ml_collections.ConfigDict, start: int,
+                    stop: int) -> Callable[[int], float]:
+  """step (0-based) -> the learning rate of that step's update (multiplier-1 group), for the
+  steps [start, stop) of this call, evaluated once (no device work per step)."""
+  schedule = state_lib.learning_rate_schedule(config)
+  values = np.asarray(jax.device_get(schedule(np.arange(start, max(stop, start)))),
+                      np.float64)
+  return lambda step: float(values[step - start])
+
+
+def _eval_metric_tags(config: ml_collections.ConfigDict) -> list[str]:
+  """The eval scalars TensorBoard's hparams table shows next to the config."""
+  recall = f"eval/{recall_key(config.retrieval.k)}"
+  if config.objective == "ict":
+    return [recall]
+  return ["eval/span_accuracy", "eval/loss", "eval/retrieval_utility", recall]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-                       max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
+                       max_steps_this_run: int | None = None, devices=None,
+                       force_lease: bool = False) -> dict[str, Any]:
   """Trains `config.objective` ("realm" or "ict") in `workdir`, resuming if it holds a run.
+
+  One writer per workdir: process 0 takes the workdir's "trainer" lease (realm_jax/lease.py)
+  after the config checks and before it writes anything; a second trainer is refused with a
+  LeaseHeldError naming the holder. The lease is checked before every checkpoint save, so a
+  trainer whose lease was taken over stops (LeaseLostError) without saving.
+
+  However the run ends, one teardown (train/teardown.py) stops the index watcher, closes the
+  metric writers, waits for the in-flight checkpoint (bounded) and releases the lease; an
+  error inside the loop propagates as itself, teardown failures after it are logged.
+  Ctrl-C (KeyboardInterrupt) in the loop saves a checkpoint of the last finished step, logs
+  `interrupted at step N: checkpoint saved to ...` and re-raises.
 
   Args:
     config: a resolved experiment config (see experiments/realm_facts.py).
@@ -165,17 +220,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     max_steps_this_run: stop after this many steps (a preemption stand-in; the schedule still
       follows train.num_steps, and the next call resumes).
     devices: devices for the mesh (default: all).
+    force_lease: take the trainer lease even from a live holder (the CLI's --force).
 
   Returns:
     The final evaluation metrics (held-out queries) and the per-step history of this call.
   """
-  # ---- Set-up: mesh, config checks, data, model ----------------------------------------
+  run_start = time.time()
   workdir = epath.Path(workdir)
   mesh = partitioning.make_mesh(config.mesh, devices)
   config_lib.validate(config, partitioning.data_parallel_size(mesh), jax.process_count())
+  with teardown_lib.Teardown() as teardown:
+    return _train(config, workdir, mesh, max_steps_this_run, force_lease, teardown, run_start)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
+           max_steps_this_run: int | None, force_lease: bool, teardown: teardown_lib.Teardown,
+           run_start: float) -> dict[str, Any]:
+  """`train_and_evaluate` after the config checks; every resource it opens is registered
+  with `teardown` as soon as it exists."""
+  # ---- Set-up: the lease, data, model ----------------------------------------------------
   is_main = jax.process_index() == 0
+  held = None
+  stuck = {"checkpoint": False}  # a save still running at teardown keeps the lease held
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
+    held = lease_lib.acquire(workdir, "trainer", force=force_lease)
+
+    def release_lease():
+      if stuck["checkpoint"]:
+        logging.warning("lease: kept on %s: a checkpoint save is still running", workdir)
+      else:
+        held.release()
+    teardown.add("trainer lease release", release_lease, LEASE_RELEASE_SECONDS)
     config_lib.save_run_config(config, workdir)
   logging.info("setup: %s", partitioning.describe(mesh))
   data = prepare.prepare_data(config, workdir)
@@ -184,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   is_ict = config.objective == "ict"
   phase = config.ict if is_ict else config.train
   num_steps, batch_size = phase.num_steps, phase.batch_size
+  gold_recall = recall_key(config.retrieval.k)
 
   # ---- State: restore, or create (+ warm start) and save step 0 ------------------------
   rng = jax.random.key(config.seed)
@@ -192,13 +269,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=state_sharding),
       state_lib.abstract_train_state(config, model, rng))
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+
+  def close_checkpointer():
+    try:
+      ckpt.close(CHECKPOINT_WAIT_SECONDS)
+    except TimeoutError:
+      stuck["checkpoint"] = True
+      raise
+  teardown.add("checkpoint wait and close", close_checkpointer, None)  # bounded inside
   restored = ckpt.restore(abstract)
+  start_step = 0 if restored is None else restored[2]
+  # Records past the restored step are from a run that crashed after its last checkpoint:
+  # dropped now, logged again as those steps are replayed.
+  writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=is_main,
+                                    phase=config.objective, keep_through_step=start_step,
+                                    flush_every_seconds=METRICS_FLUSH_SECONDS)
+  teardown.add("metrics close", writer.close, WRITER_CLOSE_SECONDS)
+  if not writer.has_record("config"):
+    writer.write_hparams(config, start_step, _eval_metric_tags(config))
+  wall_offset = 0.0  # seconds this run trained in earlier calls (from the checkpoint)
   if restored is not None:
-    state, data_state, start_step = restored
+    state, data_state, _ = restored
     if data_state.get("step") != start_step:
       raise ValueError(f"checkpoint {start_step} holds data state {data_state}")
+    wall_offset = float(data_state.get("wall_seconds", 0.0))
     logging.info("state: resumed from step %d", start_step)
-  else:
+
+  def wall_seconds() -> float:
+    return wall_offset + time.time() - run_start
+
+  def save_checkpoint(done: int):
+    """Checkpoint of `state` after `done` steps, if the lease is still ours; the metrics up to
+    it are put on storage first."""
+    if held is not None:
+      held.check()
+    writer.flush()
+    ckpt.save(done, state, {"step": done, "wall_seconds": wall_seconds()})
+
+  if restored is None:
     state = state_lib.create_train_state(config, model, rng)
     if config.model.get("init_from_hf"):
       state = state.replace(params=hf_weights.apply_to_realm_params(
@@ -213,8 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         logging.info("state: warm start of %s from %s (step %d)", copied, config.train[field],
                      source_step)
     state = jax.device_put(state, state_sharding)
-    start_step = 0
-    ckpt.save(0, state, {"step": 0})  # the index builder's first checkpoint
+    save_checkpoint(0)  # the index builder's first checkpoint
   logging.info("state: %.2fM parameters", state_lib.count_params(state.params) / 1e6)
 
   # ---- Compile: the step functions, with FLOPs and memory before the first step --------
@@ -240,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     index = watcher_lib.WatchedIndex(watcher_lib.IndexWatcher(
         workdir / "index", config.model.embed_dim, corpus.num_docs,
         config.retrieval.watch_poll_seconds).start(), corpus.null_id)
+    teardown.add("index watcher stop", index.watcher.stop, WATCHER_STOP_SECONDS)
   elif retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
                                       config.retrieval.embed_batch_size,
@@ -251,26 +359,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   # REALM retrieves for its batches; ICT only for judging its embedder on held-out queries;
   # the no-retrieval baseline (no index) gets the null document alone.
   retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries, mesh)
-  writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=is_main,
-                                    phase=config.objective)
-  gold_recall = recall_key(config.retrieval.k)
   # Held-out queries whose gold document is known: REALM's masked ones; ICT's unmasked
   # pseudo-queries when the corpus has them (wiki), else the masked ones (facts).
   recall_queries = (data.ict_eval_queries if is_ict and data.ict_eval_queries is not None
                     else data.eval_queries)
 
   def log_index_recall(step: int):
+    """Held-out gold recall of the current index version (recorded once per version: a
+    resumed run does not record again a version its predecessor recorded)."""
     if index is None:
       return
     recall = index_recall(state.params, recall_queries, retriever,
                           config.eval.batch_size)
-    writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
-                 phase="index")
+    if not writer.has_record("index", step):
+      writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
+                   phase="index")
     logging.info("index: version %d, held-out %s = %.3f", index.step, gold_recall, recall)
 
   if from_builder:
-    ckpt.wait()  # the builder embeds the step-0 (or resumed) checkpoint: it must be on storage
-    index.wait_for_first(config.retrieval.first_index_timeout)
+    ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)
+    index.wait_for_first(config.retrieval.first_index_timeout)  # checkpoint: it must be there
     log_index_recall(index.step)
   elif retrieval_on and start_step < num_steps:
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
@@ -308,51 +416,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     logging.info("compile: %.1fs; %s", time.time() - compile_start,
                  ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
 
+  def checkpoint_on_interrupt():
+    """Ctrl-C in the loop: the state of the last finished step goes to storage (waited for)."""
+    done = int(jax.device_get(state.step))
+    try:
+      ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a save in flight when Ctrl-C came
+      if done not in ckpt.all_steps():
+        save_checkpoint(done)
+        ckpt.wait(CHECKPOINT_WAIT_SECONDS)
+      else:
+        writer.flush()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("interrupted at step %d: no checkpoint saved (%s)", done,
+                    teardown_lib.one_line(e))
+      return
+    logging.info("interrupted at step %d: checkpoint saved to %s", done,
+                 ckpt.directory / str(done))
+
   # ---- The loop ------------------------------------------------------------------------
   # With retrieval.prefetch, batch t+1's query embedding is queued before step t and its host
   # search runs while the devices compute step t (candidates chosen with the parameters from
   # before step t's update; the index itself is refresh_every steps stale anyway).
   prefetch = not is_ict and config.retrieval.prefetch
-  progress = metrics_lib.Progress(config.objective, num_steps, start_step,
-                                  config.train.log_every)
+  learning_rate = _learning_rates(config, start_step, stop)
+  progress = progress_lib.Progress(config.objective, num_steps, unit="steps", start=start_step,
+                                   every_count=config.train.log_every)
   history = []
-  for step in range(start_step, stop):
-    step_start = time.time()
-    scalars: dict[str, float] = {}
-    if from_builder and index.maybe_swap():  # between two steps, never inside one
-      scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
-      log_index_recall(index.step)
-    inputs, retrieval_scalars = pending if pending is not None else inputs_at(step)
-    scalars.update(retrieval_scalars)
-    pending = None
-    if prefetch and step + 1 < stop:
-      next_batch = source.batch_at(step + 1)
-      next_emb = retriever.start(state.params, next_batch)  # queued ahead of step t
-    state, step_metrics = train_step(state, partitioning.shard_batch(inputs, mesh))
-    if prefetch and step + 1 < stop:
-      pending = realm_inputs(next_batch, next_emb, step + 1)  # host search overlaps step t
-    scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
-    step_seconds = time.time() - step_start
-    scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds)
-    writer.write(step + 1, scalars)
-    history.append(dict(step=step + 1, **scalars))
-    progress.update(step, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
-                                                   "retrieval_utility") if k in scalars})
+  try:
+    for step in range(start_step, stop):
+      step_start = time.time()
+      scalars: dict[str, float] = {}
+      if from_builder and index.maybe_swap():  # between two steps, never inside one
+        scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
+        log_index_recall(index.step)
+      inputs, retrieval_scalars = pending if pending is not None else inputs_at(step)
+      scalars.update(retrieval_scalars)
+      pending = None
+      if prefetch and step + 1 < stop:
+        next_batch = source.batch_at(step + 1)
+        next_emb = retriever.start(state.params, next_batch)  # queued ahead of step t
+      state, step_metrics = train_step(state, partitioning.shard_batch(inputs, mesh))
+      if prefetch and step + 1 < stop:
+        pending = realm_inputs(next_batch, next_emb, step + 1)  # host search overlaps step t
+      scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
+      step_seconds = time.time() - step_start
+      scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds,
+                     learning_rate=learning_rate(step), wall_seconds=wall_seconds(),
+                     timestamp=time.time())
+      writer.write(step + 1, scalars)
+      history.append(dict(step=step + 1, **scalars))
+      progress.set(step + 1, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
+                                                      "retrieval_utility") if k in scalars})
 
-    done = step + 1
-    if (retrieval_on and not from_builder and done % config.retrieval.refresh_every == 0 and
-        done < num_steps):
-      index.refresh(state.params, done)
-      log_index_recall(done)
-      pending = None  # retrieved from the old index: redo it from the new one
-    if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
-      ckpt.save(done, state, {"step": done})
-    if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
-      writer.write(done, evaluate_realm(state.params, data.eval_queries, corpus,
-                                        retriever, eval_step, mesh,
-                                        config.eval.batch_size), phase="eval")
+      done = step + 1
+      if (retrieval_on and not from_builder and done % config.retrieval.refresh_every == 0 and
+          done < num_steps):
+        index.refresh(state.params, done)
+        log_index_recall(done)
+        pending = None  # retrieved from the old index: redo it from the new one
+      if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
+        save_checkpoint(done)
+      if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
+        writer.write(done, evaluate_realm(state.params, data.eval_queries, corpus,
+                                          retriever, eval_step, mesh,
+                                          config.eval.batch_size), phase="eval")
+  except KeyboardInterrupt:
+    checkpoint_on_interrupt()
+    raise
+  if start_step < stop:
+    progress.close()
   writer.flush()
-  ckpt.wait()
+  ckpt.wait(CHECKPOINT_WAIT_SECONDS)
 
   # ---- Final evaluation ----------------------------------------------------------------
   final: dict[str, Any] = {"step": int(jax.device_get(state.step)), "history": history,
@@ -362,7 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
       index.refresh(state.params, stop)
       final[gold_recall] = index_recall(state.params, recall_queries, retriever,
                                        config.eval.batch_size)
-      writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
+      if not writer.has_record("eval", stop):
+        writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
       if from_builder:
         index.maybe_swap()
@@ -371,11 +506,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         log_index_recall(stop)
       final.update(evaluate_realm(state.params, data.eval_queries, corpus, retriever,
                                   eval_step, mesh, config.eval.batch_size))
-      writer.write(stop, {k: v for k, v in final.items()
-                          if isinstance(v, float)}, phase="eval")
+      if not writer.has_record("eval", stop):  # a finished run evaluated again: recorded once
+        writer.write(stop, {k: v for k, v in final.items() if isinstance(v, float)},
+                     phase="eval")
     logging.info("eval: %s", {k: round(v, 4) for k, v in final.items() if isinstance(v, float)})
-  if from_builder:
-    index.watcher.stop()
-  writer.close()
-  ckpt.close()
   return final

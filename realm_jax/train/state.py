@@ -51,6 +51,31 @@ def _decay_mask(params):
       {path: path[-1] in ("kernel", "embedding") for path in flat})
 
 
+def make_schedule(learning_rate: float, num_steps: int, warmup_steps: int) -> optax.Schedule:
+  """BERT's schedule: linear warm-up from 0 to `learning_rate`, then linear decay to 0.
+
+  The optimizer evaluates it at its update count, so the update of 0-based step t (logged as
+  step t + 1) uses `schedule(t)`.
+  """
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+       optax.linear_schedule(learning_rate, 0.0, max(num_steps - warmup_steps, 1))],
+      [max(warmup_steps, 1)])
+
+
+def _schedule_args(config: ml_collections.ConfigDict) -> tuple[float, int, int]:
+  """(peak learning rate, steps, warm-up steps) of `config.objective`'s optimizer."""
+  if config.objective == "ict":
+    return config.ict.learning_rate, config.ict.num_steps, max(1, config.ict.num_steps // 20)
+  return config.train.learning_rate, config.train.num_steps, config.train.warmup_steps
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """The learning rate of the optimizer `optimizer_for(config)` builds, at multiplier 1 (the
+  encoder in REALM, the embedder in ICT), as a function of the 0-based step: for the metrics."""
+  return make_schedule(*_schedule_args(config))
+
+
 def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
                    weight_decay: float, grad_clip_norm: float,
                    lr_multipliers: Mapping[str, float] | None = None
@@ -61,10 +86,7 @@ def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
   `{"embedder": 0.1}`); a multiplier of 0 freezes the group (no update, no weight decay).
   """
   lr_multipliers = dict(lr_multipliers or {})
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-       optax.linear_schedule(learning_rate, 0.0, max(num_steps - warmup_steps, 1))],
-      [max(warmup_steps, 1)])
+  schedule = make_schedule(learning_rate, num_steps, warmup_steps)
 
   def group(multiplier: float) -> optax.GradientTransformation:
     if multiplier == 0:
@@ -83,11 +105,9 @@ def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransforma
   """ICT trains the embedder(s) only; REALM scales the retriever's rate by config."""
   t = config.train
   if config.objective == "ict":
-    return make_optimizer(config.ict.learning_rate, config.ict.num_steps,
-                          max(1, config.ict.num_steps // 20), t.weight_decay, t.grad_clip_norm,
+    return make_optimizer(*_schedule_args(config), t.weight_decay, t.grad_clip_norm,
                           lr_multipliers={"encoder": 0.0})
-  return make_optimizer(t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay,
-                        t.grad_clip_norm,
+  return make_optimizer(*_schedule_args(config), t.weight_decay, t.grad_clip_norm,
                         lr_multipliers={k: t.retriever_lr_multiplier for k in EMBEDDER_KEYS})
 
 
