@@ -140,11 +140,14 @@ class _EventFile:
     self._guarded(self._writer.flush)  # flushes and fsyncs (tensorboardX's RecordWriter)
 
   def close(self):
+    """Flushes and closes; a writer that already failed closes its file quietly (the buffer
+    it cannot write is dropped; its error was raised when it happened)."""
+    broken = self.broken
     try:
-      if self.broken is None:
-        self._writer.flush()
-    finally:
-      self._writer.close()
+      self._guarded(self._writer.close)  # EventsWriter.close flushes first
+    except MetricsWriteError:
+      if broken is None:
+        raise
 
 
 def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
