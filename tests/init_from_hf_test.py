@@ -1,5 +1,8 @@
 """`model.init_from_hf`: a run starts its BERT towers from a Hugging Face safetensors checkpoint."""
 
+import json
+
+import jax
 import numpy as np
 import pytest
 from safetensors import numpy as safetensors_numpy
@@ -11,8 +14,9 @@ from realm_jax.train import loop
 from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
 
 
-def hf_checkpoint(directory, config, vocab_size, seed=0):
-  """Random BERT tensors in HF PyTorch names and layout with the config's model shape."""
+def hf_checkpoint(directory, config, vocab_size, seed=0, **hf_config):
+  """Random BERT tensors in HF PyTorch names and layout with the config's model shape, and a
+  config.json (`hf_config` overrides its fields)."""
   m, rng = config.model, np.random.default_rng(seed)
   t = {}
   normal = lambda *shape: (0.02 * rng.standard_normal(shape)).astype(np.float32)
@@ -37,6 +41,12 @@ def hf_checkpoint(directory, config, vocab_size, seed=0):
     norm(f"encoder.layer.{i}.output.LayerNorm")
   directory.mkdir(parents=True)
   safetensors_numpy.save_file(t, str(directory / "model.safetensors"))
+  (directory / "config.json").write_text(json.dumps({
+      "model_type": "bert", "vocab_size": vocab_size, "hidden_size": m.hidden_size,
+      "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+      "intermediate_size": m.intermediate_size, "hidden_act": "gelu", "layer_norm_eps": 1e-12,
+      "max_position_embeddings": m.max_position_embeddings, "type_vocab_size": 2,
+      **hf_config}))
   return t
 
 
@@ -96,3 +106,30 @@ def test_minilm_switch_of_the_wiki_experiment_fits_the_checkpoint():
       applied["encoder"]["bert"]["encoder"]["layer"]["5"]["output"]["dense"]["kernel"],
       loaded["encoder"]["layer"]["5"]["output"]["dense"]["kernel"])
   assert not np.any(applied["embedder"]["projection"]["kernel"]), "heads MiniLM lacks stay"
+
+
+def test_checkpoint_config_json_must_fit_the_model_config(tmp_path):
+  """`apply_hf_checkpoint(..., model_config=config.model)`: activation, eps and sizes from the
+  checkpoint's config.json, each mismatch named (the check `model.init_from_hf` runs with)."""
+  from realm_jax.models import hf_weights  # pylint: disable=g-import-not-at-top
+  from realm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  config, vocab = tiny_config(), 50
+  model = state_lib.build_model(config, vocab, 0)
+  shapes = jax.eval_shape(lambda r: state_lib.create_train_state(config, model, r),
+                          jax.random.key(0)).params
+  params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  tensors = hf_checkpoint(tmp_path / "ok", config, vocab)
+  applied = hf_weights.apply_hf_checkpoint(params, tmp_path / "ok", model_config=config.model,
+                                           vocab_size=vocab)
+  np.testing.assert_array_equal(applied["encoder"]["bert"]["embeddings"]["word_embeddings"][
+      "embedding"], tensors["embeddings.word_embeddings.weight"])
+  hf_checkpoint(tmp_path / "tanh", config, vocab, hidden_act="gelu_new", layer_norm_eps=1e-5)
+  with pytest.raises(ValueError, match=r"model.hidden_act='gelu' but the checkpoint's "
+                                       r"config.json has hidden_act='gelu_new'.*"
+                                       r"model.layer_norm_eps=1e-12"):
+    hf_weights.apply_hf_checkpoint(params, tmp_path / "tanh", model_config=config.model)
+  config.model.hidden_act, config.model.layer_norm_eps = "gelu_new", 1e-5  # fields of the issue
+  hf_weights.apply_hf_checkpoint(params, tmp_path / "tanh", model_config=config.model)
+  with pytest.raises(ValueError, match="vocabulary has 51 tokens.*vocab_size=50"):
+    hf_weights.apply_hf_checkpoint(params, tmp_path / "ok", model_config=config.model,
+                                   vocab_size=51)
