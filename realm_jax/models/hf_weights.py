@@ -178,7 +178,7 @@ def hf_config_mismatches(hf_config: Mapping[str, Any], model_config: Any,
     if isinstance(theirs, float) or isinstance(ours, float):
       same = math.isclose(float(theirs), float(ours), rel_tol=1e-6)
     elif hf_key == "hidden_act":
-      same = bert.ACTIVATIONS.get(theirs, theirs) is bert.ACTIVATIONS.get(ours, ours)
+      same = bert.ACTIVATIONS.get(theirs, theirs) == bert.ACTIVATIONS.get(ours, ours)
     else:
       same = theirs == ours
     if not same:
