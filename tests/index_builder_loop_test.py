@@ -6,6 +6,7 @@ tests/index_builder_test.py covers the real embedding with real processes.
 """
 
 import threading
+import time
 import types
 
 import jax
@@ -69,7 +70,7 @@ def test_garbage_latest_does_not_crash_the_builder(tmp_path, caplog, latest):
   _checkpoints(tmp_path, 0, 3)
   _publish(tmp_path, 0)
   (tmp_path / "index" / index_format.LATEST).write_bytes(latest)
-  assert _builder(tmp_path).run(poll_seconds=0.01, max_builds=1) == [3]
+  assert _builder(tmp_path).run(poll_seconds=0.01, max_builds=1, idle_timeout=10) == [3]
   assert index_format.latest_step(tmp_path / "index") == 3
   assert len(_messages(caplog, "not a step number")) == 1
 
@@ -79,7 +80,7 @@ def test_latest_naming_a_missing_version_does_not_stop_publishing(tmp_path):
   _checkpoints(tmp_path, 0, 3)
   _publish(tmp_path, 0)
   (tmp_path / "index" / index_format.LATEST).write_text("9")
-  assert _builder(tmp_path).run(poll_seconds=0.01, max_builds=1) == [3]
+  assert _builder(tmp_path).run(poll_seconds=0.01, max_builds=1, idle_timeout=10) == [3]
   assert index_format.latest_step(tmp_path / "index") == 3
 
 
@@ -94,7 +95,7 @@ def test_corrupted_newest_version_is_rebuilt_and_latest_points_at_a_valid_one(tm
   assert builder.resume_point() == 0
   assert index_format.latest_step(root) == 0  # repaired: readers go to a valid version
   assert len(_messages(caplog, "version 3 is invalid")) == 1
-  assert builder.run(poll_seconds=0.01, max_builds=1) == [3]
+  assert builder.run(poll_seconds=0.01, max_builds=1, idle_timeout=10) == [3]
   assert index_format.latest_step(root) == 3
   index_format.load_index(root, 3, expected_num_docs=DOCS)  # the rebuilt one is valid
 
@@ -113,10 +114,11 @@ def test_a_second_builder_is_refused_naming_the_holder(tmp_path):
   held = lease.acquire(tmp_path, "index_builder")
   try:
     with pytest.raises(lease.LeaseHeldError, match=r"pid \d+.*--force"):
-      _builder(tmp_path).run(poll_seconds=0.01, max_builds=1)
+      _builder(tmp_path).run(poll_seconds=0.01, max_builds=1, idle_timeout=10)
     assert index_format.list_versions(tmp_path / "index") == []
     # --force takes over; the old holder notices.
-    assert _builder(tmp_path, force_lease=True).run(poll_seconds=0.01, max_builds=1) == [0]
+    forced = _builder(tmp_path, force_lease=True)
+    assert forced.run(poll_seconds=0.01, max_builds=1, idle_timeout=10) == [0]
     with pytest.raises(lease.LeaseLostError):
       held.check()
   finally:
@@ -140,7 +142,7 @@ def test_a_builder_whose_lease_was_taken_over_does_not_publish(tmp_path):
 
   def run_old():
     try:
-      result["built"] = old.run(poll_seconds=0.01, max_builds=1)
+      result["built"] = old.run(poll_seconds=0.01, max_builds=1, idle_timeout=10)
     except Exception as e:  # pylint: disable=broad-except
       result["error"] = e
 
@@ -197,11 +199,13 @@ def test_exits_once_the_final_checkpoint_is_indexed(tmp_path, caplog):
   thread = threading.Thread(target=lambda: (builder.run(poll_seconds=0.01), done.set()))
   thread.daemon = True
   thread.start()
-  assert done.wait(60), "the builder did not stop after the final checkpoint"
+  assert done.wait(20), "the builder did not stop after the final checkpoint"
   assert seen == [0, 3, 6] and index_format.latest_step(tmp_path / "index") == 6
   assert _messages(caplog, "final checkpoint 6 is indexed")
-  # A restart on a finished workdir returns at once.
-  assert _builder(tmp_path).run(poll_seconds=0.01) == []
+  # A restart on a finished workdir returns at once (not after the idle timeout).
+  start = time.time()
+  assert _builder(tmp_path).run(poll_seconds=0.01, idle_timeout=10) == []
+  assert time.time() - start < 5
 
 
 def test_final_checkpoint_is_built_even_if_less_than_refresh_every_newer(tmp_path):
@@ -211,7 +215,7 @@ def test_final_checkpoint_is_built_even_if_less_than_refresh_every_newer(tmp_pat
   _publish(tmp_path, 3)
   _checkpoints(tmp_path, 5)
   builder = _FakeBuilder(config, tmp_path, devices=jax.local_devices()[:1])
-  assert builder.run(poll_seconds=0.01) == [5]
+  assert builder.run(poll_seconds=0.01, idle_timeout=10) == [5]
 
 
 def test_max_builds_stops_the_builder(tmp_path):
@@ -220,13 +224,13 @@ def test_max_builds_stops_the_builder(tmp_path):
   _checkpoints(tmp_path, 0)
   builder = _FakeBuilder(config, tmp_path, devices=jax.local_devices()[:1])
   assert builder.final_step is None
-  assert builder.run(poll_seconds=0.01, max_builds=1) == [0]
+  assert builder.run(poll_seconds=0.01, max_builds=1, idle_timeout=10) == [0]
 
 
 def test_each_build_logs_one_summary_line(tmp_path, caplog):
   caplog.set_level("INFO")
   _checkpoints(tmp_path, 0)
-  _builder(tmp_path).run(poll_seconds=0.01, max_builds=1)
+  _builder(tmp_path).run(poll_seconds=0.01, max_builds=1, idle_timeout=10)
   summaries = _messages(caplog, "index_builder: published step 0")
   assert len(summaries) == 1 and "20 docs" in summaries[0] and "docs/s" in summaries[0]
 
