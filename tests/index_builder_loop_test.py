@@ -279,3 +279,15 @@ def test_watcher_and_builder_agree_on_the_fallback(tmp_path):
   watcher = watcher_lib.IndexWatcher(tmp_path / "index", tiny_config().model.embed_dim, DOCS)
   watcher._poll_once()  # pylint: disable=protected-access
   assert watcher.take_new()[0] == 0
+
+
+def test_waiting_for_the_corpus_says_so(tmp_path, caplog):
+  """The real builder on an empty workdir: no corpus, no config.json (a wrong --workdir)."""
+  caplog.set_level("INFO")
+  builder = index_builder.IndexBuilder(tiny_config(), tmp_path, devices=jax.local_devices()[:1])
+  with pytest.raises(FileNotFoundError, match="corpus"):
+    builder.run(poll_seconds=0.02, idle_timeout=0.35, wait_log_seconds=0.1)
+  waits = _messages(caplog, "waiting (")
+  assert 2 <= len(waits) <= 6, waits
+  assert "corpus" in waits[0] and "no config.json" in waits[0]
+  assert not lease.lease_path(tmp_path, "index_builder").exists()  # released on the way out
