@@ -116,6 +116,14 @@ def unfinished_checkpoints(checkpoint_dir: str) -> list[str]:
     return []
 
 
+def _mtime(path: str) -> float:
+  """Modification time, or 0 for a path that is gone."""
+  try:
+    return os.stat(path).st_mtime
+  except FileNotFoundError:
+    return 0.0
+
+
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
@@ -220,6 +228,7 @@ class Child:
   started: float
   armed: bool = False  # started with the before_manifest pause hook
   killed_by_us: bool = False
+  exited_by_itself: bool = False  # exit code 0 without a kill (the builder: all indexed)
   _offset: int = 0
   max_step: int = -1  # highest train step this run logged
   first_step: int | None = None  # the first train step this run logged (log_every=1)
@@ -401,8 +410,10 @@ class Trial:
                   last_line=child.last_line[-160:])
     if child.role == "trainer":
       finished = finished_checkpoints(ckpt_dir)
+      unfinished = sorted(set(in_flight_before) | set(unfinished_checkpoints(ckpt_dir)))
+      in_flight = [n for n in unfinished if _mtime(os.path.join(ckpt_dir, n)) >= child.started]
       record.update(newest_finished_checkpoint=finished[-1] if finished else None,
-                    mid_checkpoint=bool(in_flight_before or unfinished_checkpoints(ckpt_dir)))
+                    mid_checkpoint=bool(in_flight), unfinished_checkpoints=unfinished)
       self._expect = finished[-1] if finished else None
     else:
       try:
@@ -556,10 +567,13 @@ class Trial:
         child = self._start("trainer")
         child.expected = finished[-1] if finished else None
       b = self.builder
-      if not b.alive() and not b.killed_by_us:
+      if not b.alive() and not b.killed_by_us and not b.exited_by_itself:
         b.scan_log()
         if b.proc.returncode == 0:
-          b.killed_by_us = True  # exited by itself (done); not restarted
+          if not b.exited_by_itself:
+            b.exited_by_itself = True  # done (the final checkpoint is indexed): not restarted
+            self.log(f"  trial {self.number}: builder #{b.number} exited by itself (rc 0) at "
+                     f"trainer step {t.max_step}")
         else:
           self.unexpected_exits.append(dict(role="builder", run=b.number,
                                             rc=b.proc.returncode, tail=b.tail()))
@@ -589,7 +603,8 @@ class Trial:
       self._watch_index()
       time.sleep(self.poll)
     self._watch_index()
-    if not self.builder.alive() and not self.builder.killed_by_us:
+    if self.builder.exited_by_itself or (not self.builder.alive() and
+                                         not self.builder.killed_by_us):
       builder_exit = self.builder.proc.returncode
     for child in self.children:
       if child.alive():
