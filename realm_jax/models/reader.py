@@ -130,6 +130,7 @@ class SpanReader(nn.Module):
 class OpenQAModelConfig:
   reader: ReaderConfig
   embed_dim: int = 128
+  embedder_pooler: bool = True  # as pretraining's `RealmModelConfig.embedder_pooler`
 
 
 class OpenQAOutput(NamedTuple):
@@ -152,7 +153,8 @@ class OpenQAModel(nn.Module):
   def setup(self):
     reader_config = self.config.reader
     self.query_embedder = embedder_lib.Embedder(reader_config.bert, self.config.embed_dim,
-                                                reader_config.pad_id)
+                                                reader_config.pad_id,
+                                                pooler=self.config.embedder_pooler)
     self.reader = SpanReader(reader_config)
 
   def embed_questions(self, question_tokens, deterministic: bool = True):

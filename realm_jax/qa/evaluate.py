@@ -126,4 +126,4 @@ def write_predictions(path: str | epath.PathLike, predictions: Sequence[Predicti
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n"
                          for p in predictions))
-  tmp.rename(path)
+  tmp.replace(path)

@@ -1,0 +1,749 @@
+"""Open-QA fine-tuning and evaluation entry points: `finetune_qa` and `evaluate_qa`.
+
+What `--mode=finetune_qa` and `--mode=eval_qa` call (flax-examples style: tests call the same
+functions). The recipe is ORQA/REALM's (DESIGN.md §1):
+
+- **Index frozen.** A published index version (`retrieval/index_format.py`) from `qa.index_from`
+  or from the pretraining workdir `qa.init_from` (its `index/`); when neither has one, the
+  corpus is embedded once at start-up with the initial document embedder and published under
+  `<workdir>/index/0`. Which version a run uses is recorded in `<workdir>/qa_index.json`, so a
+  resumed run (and `evaluate_qa`) reads the very same embeddings. Documents are never
+  re-embedded.
+- **Trained:** the query tower (`query_embedder`, from pretraining's `embedder` or
+  `query_embedder`) and the reader (`reader/bert` from pretraining's `encoder/bert`; its span
+  head is new). An ICT workdir gives the query tower only (its encoder never trained); the
+  reader then starts random, from `model.init_from_hf`, or from `qa.init_reader_from` (any
+  workdir whose encoder should read, e.g. the no-retrieval baseline).
+- **Per step** (batch > 1, sharded over `data` like pretraining): embed the batch's questions
+  with the live query tower (device), search the frozen index for the top `qa.retriever_k`
+  (host), build the batch (answer spans matched once per (question, block) and cached,
+  `qa/batches.py`), train (`qa/steps.py`). With `qa.prefetch` the question embedding of batch
+  t+1 is queued before step t and its search runs while the devices compute step t.
+- Orbax checkpoints with the data step, resume by default; metrics in `<workdir>/metrics`
+  (JSONL + TensorBoard, phases "qa" and "qa_eval"); progress lines.
+
+Evaluation: the argmax of span score + retrieval score over the reader's blocks, decoded and
+judged by SQuAD-normalized EM (CuratedTREC: regex), recall@k (an answer string in a top-k
+block) for k = 1, 5, 20, 100 up to `qa.eval_retrieve_k`, and the reader-oracle EM; written as
+`<workdir>/predictions.jsonl` and `<workdir>/qa_results.json`.
+
+Batch order is a pure function of (seed, step): a resumed run sees the same questions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tokenizers
+from etils import epath
+from flax.training import train_state
+
+from realm_jax import config_lib
+from realm_jax import progress as progress_lib
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import facts_corpus as facts_lib
+from realm_jax.data import prepare
+from realm_jax.data import tokenizer as tokenizer_lib
+from realm_jax.models import embedder as embedder_lib
+from realm_jax.models import hf_weights
+from realm_jax.models import reader as reader_lib
+from realm_jax.qa import batches as batches_lib
+from realm_jax.qa import data as data_lib
+from realm_jax.qa import evaluate as evaluate_lib
+from realm_jax.qa import fields as fields_lib
+from realm_jax.qa import steps as qa_steps
+from realm_jax.retrieval import in_process
+from realm_jax.retrieval import index_format
+from realm_jax.retrieval import searcher as searcher_lib
+from realm_jax.train import checkpointing
+from realm_jax.train import metrics as metrics_lib
+from realm_jax.train import partitioning
+from realm_jax.train import state as state_lib
+
+_LOG = logging.getLogger(__name__)
+
+INDEX_RECORD = "qa_index.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+RESULTS_FILE = "qa_results.json"
+
+
+# ---- Jitted functions, shared by the calls of one process ------------------------------------
+
+_JITTED: dict[tuple, Any] = {}
+
+
+def _cached(kind: str, factory, model, mesh, *extra):
+  """One jitted function per (kind, model, mesh layout, extra) in this process, so a resumed
+  run or an evaluation after fine-tuning in the same process does not compile again."""
+  key = (kind, model, tuple(mesh.shape.items()), tuple(d.id for d in mesh.devices.flat), *extra)
+  if key not in _JITTED:
+    _JITTED[key] = factory(model, mesh, *extra)
+  return _JITTED[key]
+
+
+def _compiled_train_step(jitted, state, batch) -> tuple[Any, dict[str, float]]:
+  """(the executable of `jitted` for these shapes, its FLOPs and memory), compiled ahead of
+  the first step and reported once per process; the loop runs the executable itself (a
+  `lower().compile()` is not shared with the jit cache, so reporting on the side would
+  compile twice)."""
+  key = ("compiled", jitted, jax.tree_util.tree_structure((state, batch)),
+         tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves((state, batch))))
+  if key not in _JITTED:
+    start = time.time()
+    compiled = jitted.lower(state, batch).compile()
+    report = {}
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else {}
+    if cost and "flops" in cost:
+      report["flops_per_step"] = float(cost["flops"])
+    memory = compiled.memory_analysis()
+    for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
+      if memory is not None and hasattr(memory, field):
+        report[field.replace("_in_bytes", "_bytes")] = float(getattr(memory, field))
+    report["compile_seconds"] = time.time() - start
+    _LOG.info("compile: %.1fs; %s", report["compile_seconds"],
+              ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
+    _JITTED[key] = (compiled, report)
+  return _JITTED[key]
+
+
+def _canonical_model(model: reader_lib.OpenQAModel) -> reader_lib.OpenQAModel:
+  """The first instance equal to `model` made in this process."""
+  return _JITTED.setdefault(("model", model), model)
+
+
+def _make_embed_questions(model: reader_lib.OpenQAModel, mesh):
+  """(params, tokens [B, Lq]) -> [B, D], batch-sharded."""
+  repl, sharded = partitioning.replicated(mesh), partitioning.batch_sharded(mesh)
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, True,
+                                                    method=model.embed_questions),
+                 in_shardings=(repl, sharded), out_shardings=sharded)
+
+
+# ---- Data: corpus, tokenizer, questions ------------------------------------------------------
+
+def _read_run_config(workdir: str) -> dict | None:
+  path = epath.Path(workdir) / config_lib.RUN_CONFIG
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def corpus_dir(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> epath.Path:
+  """The prepared corpus: `data.corpus_dir`, else the one `qa.init_from`'s run used (its doc
+  ids are the index's), else `<workdir>/corpus` (built there if missing)."""
+  if config.data.corpus_dir:
+    return epath.Path(config.data.corpus_dir)
+  init = config.qa.init_from
+  if init:
+    saved = _read_run_config(init) or {}
+    used = saved.get("data", {}).get("corpus_dir", "")
+    if used and (epath.Path(used) / prepare.BUILD_CONFIG).exists():
+      return epath.Path(used)
+    if (epath.Path(init) / "corpus" / prepare.BUILD_CONFIG).exists():
+      return epath.Path(init) / "corpus"
+  return epath.Path(workdir) / "corpus"
+
+
+def load_examples(config: ml_collections.ConfigDict
+                  ) -> tuple[list[data_lib.QAExample], list[data_lib.QAExample],
+                             list[data_lib.QAExample] | None]:
+  """(train, dev, test or None). Facts: the training entities' facts and the held-out ones'.
+
+  0 usable examples anywhere is an error naming the source (`qa.data`)."""
+  qa = config.qa
+  if qa.dataset == "facts":
+    d = config.data
+    facts = facts_lib.generate_facts_corpus(d.num_entities, d.corpus_seed,
+                                            mentions_per_entity=d.mentions_per_entity)
+    return data_lib.facts_questions(facts, "train"), data_lib.facts_questions(facts, "eval"), None
+  train, dev = data_lib.load_train_dev(qa.dataset, qa.train_file, qa.dev_file)
+  test = data_lib.read_jsonl(qa.test_file, qa.dataset)[0] if qa.test_file else None
+  return train, dev, test
+
+
+def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """[batch_size] example indices of global batch `step`: epochs of seeded permutations,
+  a pure function of (seed, step)."""
+  if num_examples <= 0:
+    raise ValueError("no training questions to draw batches from")
+  positions = step * batch_size + np.arange(batch_size)
+  epochs, offsets = positions // num_examples, positions % num_examples
+  rows = np.empty(batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+    rows[epochs == epoch] = perm[offsets[epochs == epoch]]
+  return rows
+
+
+# ---- Model and warm start --------------------------------------------------------------------
+
+def build_qa_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
+                   ) -> reader_lib.OpenQAModel:
+  """The query tower + reader, with pretraining's BERT shape (`train.state.build_model`)."""
+  realm_config = state_lib.build_model(config, vocab_size, pad_id).config
+  return reader_lib.OpenQAModel(reader_lib.OpenQAModelConfig(
+      reader_lib.ReaderConfig(realm_config.bert, span_hidden_size=config.qa.span_hidden_size,
+                              max_span_width=config.qa.max_span_width, pad_id=pad_id),
+      embed_dim=realm_config.embed_dim,
+      embedder_pooler=getattr(realm_config, "embedder_pooler", True)))
+
+
+def _shapes(tree) -> Any:
+  return jax.tree_util.tree_map(np.shape, tree)
+
+
+def _copy_subtree(target, source, what: str, source_name: str):
+  if _shapes(target) != _shapes(source):
+    raise ValueError(
+        f"{source_name}: its {what} parameters do not fit this model (other model size, "
+        "vocabulary or embedder layout?); tree/shapes differ")
+  return jax.tree_util.tree_map(lambda t, s: np.asarray(s, dtype=np.asarray(t).dtype),
+                                target, source)
+
+
+def query_tower_source(source_params: dict, source_name: str) -> tuple[str, Any]:
+  """(key, params) of the tower that embeds queries in a pretraining run."""
+  for key in ("query_embedder", "embedder"):
+    if key in source_params:
+      return key, source_params[key]
+  raise ValueError(f"{source_name}: no embedder or query_embedder in its parameters "
+                   f"({sorted(source_params)}): not a REALM or ICT workdir")
+
+
+def doc_tower_source(source_params: dict) -> Any | None:
+  """The document embedder of a pretraining run (None when it has none)."""
+  for key in ("doc_embedder", "embedder"):
+    if key in source_params:
+      return source_params[key]
+  return None
+
+
+def warm_start_qa(params: dict, source_params: dict | None, source_name: str,
+                  copy_reader: bool, reader_params: dict | None = None,
+                  reader_name: str = "") -> tuple[dict, list[str]]:
+  """Pretraining parameters into an `OpenQAModel` tree: the remap `state.warm_start` cannot do.
+
+  `embedder` (or `query_embedder`) -> `query_embedder`; `encoder/bert` -> `reader/bert` when
+  `copy_reader` (a REALM run), or from `reader_params` (another run's `encoder/bert`) when
+  given. The reader's span head stays as initialized. Returns (params, what was copied).
+  """
+  params = jax.tree_util.tree_map(np.asarray, dict(params))
+  params["reader"] = dict(params["reader"])
+  copied = []
+  if source_params is not None:
+    key, tower = query_tower_source(source_params, source_name)
+    params["query_embedder"] = _copy_subtree(params["query_embedder"], tower, key, source_name)
+    copied.append(f"query_embedder <- {source_name}:{key}")
+    if copy_reader and reader_params is None:
+      if "encoder" not in source_params or "bert" not in source_params["encoder"]:
+        raise ValueError(f"{source_name}: no encoder/bert to start the reader from")
+      params["reader"]["bert"] = _copy_subtree(params["reader"]["bert"],
+                                               source_params["encoder"]["bert"], "encoder/bert",
+                                               source_name)
+      copied.append(f"reader/bert <- {source_name}:encoder/bert")
+  if reader_params is not None:
+    if "encoder" not in reader_params or "bert" not in reader_params["encoder"]:
+      raise ValueError(f"{reader_name}: no encoder/bert to start the reader from "
+                       f"({sorted(reader_params)})")
+    params["reader"]["bert"] = _copy_subtree(params["reader"]["bert"],
+                                             reader_params["encoder"]["bert"], "encoder/bert",
+                                             reader_name)
+    copied.append(f"reader/bert <- {reader_name}:encoder/bert")
+  return params, copied
+
+
+def _trained_encoder(workdir: str) -> bool:
+  """Whether a pretraining workdir trained its encoder (REALM does; ICT freezes it)."""
+  saved = _read_run_config(workdir)
+  return saved is None or saved.get("objective", "realm") != "ict"
+
+
+# ---- The frozen index ------------------------------------------------------------------------
+
+def _index_root(path: str) -> epath.Path:
+  """An index folder, or a workdir holding one under index/."""
+  path = epath.Path(path)
+  return path / "index" if (path / "index").is_dir() else path
+
+
+def _newest_step(root: epath.Path) -> int | None:
+  try:
+    step = index_format.latest_step(root)
+  except index_format.IndexVersionError:
+    step = None
+  versions = index_format.list_versions(root)
+  if step is not None and step in versions:
+    return step
+  return versions[-1] if versions else None
+
+
+def version_embeddings(root: epath.PathLike, step: int, manifest: dict, num_docs: int
+                       ) -> np.ndarray:
+  """[num_docs, D] float32: a version's stored embeddings, row = doc id (checksummed and
+  validated by `index_format.load_index` before)."""
+  version = epath.Path(root) / str(step)
+  out = np.zeros((num_docs, manifest["dim"]), np.float32)
+  for entry in manifest["shards"]:
+    shard = version / entry["name"]
+    embeddings = np.load(io.BytesIO((shard / "embeddings.npy").read_bytes()))
+    doc_ids = np.load(io.BytesIO((shard / "doc_ids.npy").read_bytes()))
+    out[doc_ids] = embeddings
+  return out
+
+
+@dataclasses.dataclass
+class FrozenIndex:
+  """The index fine-tuning searches: its searcher and the embeddings it was built from."""
+
+  searcher: searcher_lib.Searcher
+  embeddings: np.ndarray  # [num_docs, D] float32, row = doc id
+  root: str
+  step: int
+  source: str  # "index_from", "init_from" or "startup"
+
+
+def load_frozen_index(root: epath.PathLike, step: int, embed_dim: int,
+                      corpus: corpus_lib.BlockCorpus, source: str, field: str) -> FrozenIndex:
+  """Loads and checks one version against the model's dim and the corpus's doc count; a
+  mismatch is a ValueError naming the config field that chose the index."""
+  try:
+    manifest, searcher = index_format.load_index(root, step, expected_dim=embed_dim,
+                                                 expected_num_docs=corpus.num_docs)
+  except index_format.IndexVersionError as e:
+    raise ValueError(f"{field}: the index {epath.Path(root) / str(step)} does not fit this "
+                     f"run (model.embed_dim={embed_dim}, corpus of {corpus.num_docs} blocks): "
+                     f"{e}") from e
+  return FrozenIndex(searcher, version_embeddings(root, step, manifest, corpus.num_docs),
+                     str(root), step, source)
+
+
+def make_doc_embed_fn(model: reader_lib.OpenQAModel, mesh):
+  """embed_docs(doc_embedder_params, tokens, segments [N, Ld]) -> [N, D], batch-sharded."""
+  c = model.config
+  embedder = embedder_lib.Embedder(c.reader.bert, c.embed_dim, c.reader.pad_id,
+                                   pooler=c.embedder_pooler)
+  batch, repl = partitioning.batch_sharded(mesh), partitioning.replicated(mesh)
+  return jax.jit(lambda p, t, s: embedder.apply({"params": p}, t, s, True),
+                 in_shardings=(repl, batch, batch), out_shardings=batch)
+
+
+def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, model, mesh,
+                  corpus: corpus_lib.BlockCorpus, doc_params_fn, is_main: bool) -> FrozenIndex:
+  """The run's frozen index (see the module docstring for the order); recorded on first use.
+
+  `doc_params_fn()` gives the document embedder's parameters, called only when the corpus
+  must be embedded at start-up.
+  """
+  qa = config.qa
+  dim = model.config.embed_dim
+  record_path = workdir / INDEX_RECORD
+  if record_path.exists():  # a resumed run, or evaluate_qa: the very same version
+    record = json.loads(record_path.read_text())
+    _LOG.info("index: %s version %d (recorded in %s)", record["root"], record["step"],
+              record_path)
+    return load_frozen_index(record["root"], record["step"], dim, corpus, record["source"],
+                             f"{record_path}")
+  index = None
+  if qa.index_from:
+    root = _index_root(qa.index_from)
+    step = _newest_step(root)
+    if step is None:
+      raise ValueError(f"qa.index_from={qa.index_from!r}: no complete index version in {root}")
+    index = load_frozen_index(root, step, dim, corpus, "index_from", "qa.index_from")
+  elif qa.init_from and _newest_step(_index_root(qa.init_from)) is not None:
+    root = _index_root(qa.init_from)
+    index = load_frozen_index(root, _newest_step(root), dim, corpus, "init_from",
+                              "qa.init_from")
+  if index is None:
+    _LOG.info("index: none published by qa.init_from=%r; embedding the corpus with the "
+              "initial document embedder", qa.init_from)
+    start = time.time()
+    embed_docs = _cached("embed_docs", make_doc_embed_fn, model, mesh)
+    embeddings = in_process.embed_corpus(doc_params_fn(), corpus, embed_docs,
+                                         mesh, config.retrieval.embed_batch_size,
+                                         progress_name="qa index")
+    root = workdir / "index"
+    if is_main:
+      if (root / "0" / index_format.MANIFEST).exists():
+        (root / "0").rmtree()  # an interrupted earlier start-up: embed again
+      index_format.publish_index(root, 0, [(embeddings, np.arange(len(embeddings)))],
+                                 extra=dict(source="qa_startup"))
+    _LOG.info("index: embedded %d blocks in %.1fs", len(embeddings), time.time() - start)
+    index = FrozenIndex(searcher_lib.ExactSearcher(embeddings), embeddings, str(root), 0,
+                        "startup")
+  if is_main:
+    tmp = record_path.parent / f".{INDEX_RECORD}.tmp"
+    tmp.write_text(json.dumps(dict(root=index.root, step=index.step, source=index.source)))
+    tmp.replace(record_path)
+  _LOG.info("index: %s version %d (%s), %d blocks x %d", index.root, index.step, index.source,
+            corpus.num_docs, dim)
+  return index
+
+
+# ---- Set-up shared by fine-tuning and evaluation ---------------------------------------------
+
+@dataclasses.dataclass
+class QAWorld:
+  """Everything a QA run reads, built once at start-up."""
+
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: Any
+  corpus: corpus_lib.BlockCorpus
+  tokenizer: tokenizers.Tokenizer
+  model: reader_lib.OpenQAModel
+  train: list[data_lib.QAExample]
+  dev: list[data_lib.QAExample]
+  test: list[data_lib.QAExample] | None
+  embed_questions: Any  # jitted (params, tokens [B, Lq]) -> [B, D], batch-sharded
+  is_main: bool
+
+  def encode(self, examples: Sequence[data_lib.QAExample]) -> np.ndarray:
+    return batches_lib.encode_questions(examples, self.tokenizer, self.config.qa.question_len,
+                                        self.corpus.special.pad)
+
+  def matcher(self, examples: Sequence[data_lib.QAExample]) -> batches_lib.AnswerMatcher:
+    return batches_lib.AnswerMatcher(examples, self.tokenizer, self.corpus,
+                                     self.config.qa.max_span_width)
+
+  def dummy_batch(self) -> dict[str, np.ndarray]:
+    """Smallest arrays with the run's shapes, for `init` (create and restore)."""
+    qa = self.config.qa
+    return dict(question_tokens=np.ones((1, qa.question_len), np.int32),
+                cand_doc_emb=np.zeros((1, qa.retriever_k, self.model.config.embed_dim),
+                                      np.float32),
+                reader_block_tokens=np.ones((1, qa.reader_k, self.corpus.body_len), np.int32))
+
+
+def setup(config: ml_collections.ConfigDict, workdir: epath.PathLike, devices=None) -> QAWorld:
+  """Mesh, config checks, corpus, tokenizer, questions and model (no parameters yet)."""
+  workdir = epath.Path(workdir)
+  mesh = partitioning.make_mesh(config.mesh, devices)
+  shards = partitioning.data_parallel_size(mesh)
+  config_lib.validate(config, shards, jax.process_count())
+  fields_lib.validate_qa(config, shards, jax.process_count())
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  _LOG.info("setup: %s", partitioning.describe(mesh))
+  data_config = config.copy_and_resolve_references()
+  data_config.data.corpus_dir = str(corpus_dir(config, workdir))
+  data = prepare.prepare_data(data_config, workdir)
+  corpus = data.corpus
+  tokenizer = tokenizer_lib.load_tokenizer(data.directory / "vocab.txt")
+  if config.qa.retriever_k > corpus.num_docs:
+    raise config_lib.ConfigError(f"qa.retriever_k={config.qa.retriever_k} exceeds the "
+                                 f"corpus's {corpus.num_docs} blocks")
+  train, dev, test = load_examples(config)
+  if config.qa.max_train_examples:
+    train = train[:config.qa.max_train_examples]
+  if config.qa.max_eval_examples:
+    dev = dev[:config.qa.max_eval_examples]
+    test = None if test is None else test[:config.qa.max_eval_examples]
+  _LOG.info("data: corpus %s (%d blocks), %d train / %d dev%s questions (%s)", data.directory,
+            corpus.num_docs, len(train), len(dev),
+            "" if test is None else f" / {len(test)} test", config.qa.dataset)
+  # One instance per model config in this process: `model.apply` is a static field of the
+  # train state, and bound methods of equal but distinct modules compare unequal.
+  model = _canonical_model(build_qa_model(config, corpus.vocab_size, corpus.special.pad))
+  embed_questions = _cached("embed_questions", _make_embed_questions, model, mesh)
+  return QAWorld(config, workdir, mesh, corpus, tokenizer, model, train, dev, test,
+                 embed_questions, is_main)
+
+
+def _tx(config: ml_collections.ConfigDict):
+  """The optimizer, one object per setting in this process: it is a static field of the train
+  state, so an equal but new object would make the jitted step compile again."""
+  qa, t = config.qa, config.train
+  args = (qa.learning_rate, qa.num_steps, qa.warmup_steps, t.weight_decay, t.grad_clip_norm,
+          qa.query_embedder_lr_multiplier)
+  key = ("tx", *args)
+  if key not in _JITTED:
+    _JITTED[key] = state_lib.make_optimizer(*args[:5],
+                                            lr_multipliers={"query_embedder": args[5]})
+  return _JITTED[key]
+
+
+def _initial_params(world: QAWorld, rng) -> tuple[Any, Any]:
+  """(initial QA parameters after the warm starts, the document embedder's parameters for a
+  start-up index)."""
+  config, qa = world.config, world.config.qa
+  init = _cached("init", lambda model, _: jax.jit(model.init), world.model, world.mesh)
+  params = jax.device_get(init(rng, *world.dummy_batch().values())["params"])
+  if config.model.get("init_from_hf"):
+    params = hf_weights.apply_to_realm_params(
+        params, hf_weights.load_hf_bert_params(config.model.init_from_hf),
+        towers=("query_embedder", "reader"))
+    _LOG.info("state: query tower and reader BERT from %s", config.model.init_from_hf)
+  source = reader_source = None
+  if qa.init_from:
+    source, step = checkpointing.restore_params(qa.init_from)
+    _LOG.info("state: pretraining parameters of %s (step %d)", qa.init_from, step)
+  if qa.init_reader_from:
+    reader_source, step = checkpointing.restore_params(qa.init_reader_from)
+    _LOG.info("state: reader parameters of %s (step %d)", qa.init_reader_from, step)
+  params, copied = warm_start_qa(
+      params, source, f"qa.init_from={qa.init_from}",
+      copy_reader=bool(qa.init_from) and _trained_encoder(qa.init_from),
+      reader_params=reader_source, reader_name=f"qa.init_reader_from={qa.init_reader_from}")
+  _LOG.info("state: warm start: %s", "; ".join(copied) or "none (random initialization)")
+  doc_params = doc_tower_source(source) if source is not None else None
+  if doc_params is None:
+    doc_params = params["query_embedder"]  # no pretraining: the initial (shared) tower
+  return params, doc_params
+
+
+# ---- Evaluation ------------------------------------------------------------------------------
+
+def evaluate_examples(world: QAWorld, params, index: FrozenIndex,
+                      examples: Sequence[data_lib.QAExample]
+                      ) -> tuple[dict[str, float], list[evaluate_lib.Prediction]]:
+  """EM (with counts), recall@k and reader-oracle EM of `params` over `examples`.
+
+  Every process builds every (padded) global batch on the host and gets all predictions
+  (`shard_batch_global` / `to_host`), so process 0 can write them.
+  """
+  if not examples:
+    raise ValueError("No examples to evaluate: exact match over 0 questions is undefined")
+  qa, corpus, mesh = world.config.qa, world.corpus, world.mesh
+  tokens = world.encode(examples)
+  matcher = world.matcher(examples)
+  predict = _cached("predict", qa_steps.make_qa_predict_step, world.model, mesh)
+  params = partitioning.replicate(params, mesh)
+  k = qa.retriever_k
+  depth = min(max(qa.eval_retrieve_k, k), corpus.num_docs)
+  spans = reader_lib.span_table(corpus.body_len, qa.max_span_width)
+  decode = lambda ids: world.tokenizer.decode(list(ids))
+  title_of = lambda doc_id: corpus.titles[doc_id]
+  batch_size = qa.eval_batch_size
+  predictions, has_answer, oracle = [], [], []
+  progress = progress_lib.Progress("eval_qa", len(examples), unit="questions",
+                                   every_seconds=30.0)
+  for start in range(0, len(examples), batch_size):
+    rows = np.arange(start, start + batch_size)
+    real = rows < len(examples)
+    rows = np.where(real, rows, 0)  # padding: copies of question 0, dropped below
+    question_emb = partitioning.to_host(world.embed_questions(
+        params, partitioning.shard_batch_global({"t": tokens[rows]}, mesh)["t"]))
+    ids, _ = index.searcher.search(question_emb, depth)
+    batch = batches_lib.build_qa_batch(rows, tokens, ids[:, :k], index.embeddings, matcher,
+                                       qa.reader_k)
+    retrieval_logits, span_logits = predict(params, partitioning.shard_batch_global(
+        {key: batch[key] for key in qa_steps.PREDICT_KEYS}, mesh))
+    block_rank, span, score = evaluate_lib.best_spans(
+        partitioning.to_host(retrieval_logits), partitioning.to_host(span_logits), spans)
+    keep = np.flatnonzero(real)
+    predictions += evaluate_lib.make_predictions(
+        [examples[i] for i in rows[keep]], ids[keep, :qa.reader_k],
+        batch["reader_block_tokens"][keep], block_rank[keep], span[keep], score[keep], decode,
+        title_of)
+    has_answer.append(np.array([[len(matcher.spans(int(r), int(j))) > 0 for j in ids[b]]
+                                for b, r in zip(keep, rows[keep])], bool).reshape(-1, depth))
+    oracle.append(batch["span_is_correct"][keep].reshape(len(keep), -1).any(-1))
+    progress.update(len(keep))
+  progress.close()
+  metrics = evaluate_lib.exact_match_metrics(predictions, examples)
+  metrics.update(evaluate_lib.recall_at_k(np.concatenate(has_answer)))
+  metrics["reader_oracle_em"] = evaluate_lib.reader_oracle_em(
+      np.concatenate(oracle)[:, None, None])
+  metrics["answer_cache_hits"] = float(matcher.cache.hits)
+  return metrics, predictions
+
+
+def _write_evaluation(world: QAWorld, step: int, split: str, index: FrozenIndex,
+                      metrics: dict[str, float], predictions, writer) -> dict[str, Any]:
+  results = dict(step=step, split=split, dataset=world.config.qa.dataset,
+                 index=dict(root=index.root, step=index.step, source=index.source),
+                 init_from=world.config.qa.init_from,
+                 init_reader_from=world.config.qa.init_reader_from, **metrics)
+  if world.is_main:
+    evaluate_lib.write_predictions(world.workdir / PREDICTIONS_FILE, predictions)
+    tmp = world.workdir / f".{RESULTS_FILE}.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(world.workdir / RESULTS_FILE)
+    writer.write(step, {f"{split}_{k}": v for k, v in metrics.items()}, phase="qa_eval")
+  _LOG.info("eval_qa (%s, step %d): EM %.4f (%d/%d), %s, reader-oracle EM %.4f", split, step,
+            metrics["exact_match"], metrics["num_correct"], metrics["num_examples"],
+            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("recall@")),
+            metrics["reader_oracle_em"])
+  return results
+
+
+# ---- Entry points ----------------------------------------------------------------------------
+
+def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                max_steps_this_run: int | None = None, devices=None) -> dict[str, Any]:
+  """Fine-tunes the query tower and reader on `config.qa`'s questions in `workdir`, resuming
+  if it holds a run; evaluates on the dev questions at the end (`qa.eval_at_end`).
+
+  Args:
+    config: an Open-QA config (experiments/openqa_facts.py, experiments/openqa.py).
+    workdir: the run's folder: checkpoints/, metrics/, qa_index.json (and index/ when the
+      corpus was embedded at start-up), predictions.jsonl, qa_results.json.
+    max_steps_this_run: stop after this many steps (a preemption stand-in; the schedule
+      follows qa.num_steps and the next call resumes).
+    devices: devices for the mesh (default: all).
+
+  Returns:
+    {"step", "history" (per-step metrics of this call), "compile"} plus the dev evaluation
+    ("exact_match", counts, "recall@k", ...) when the run finished.
+  """
+  world = setup(config, workdir, devices)
+  qa, mesh, corpus = config.qa, world.mesh, world.corpus
+  workdir = world.workdir
+  if world.is_main:
+    config_lib.save_run_config(config, workdir)
+  if not world.train:
+    raise ValueError(f"qa.dataset={qa.dataset!r}: 0 training questions")
+
+  # ---- Index first (a bad one fails before any compile), then state ---------------------
+  rng = jax.random.key(config.seed)
+  initial: dict[str, Any] = {}
+
+  def initial_params():  # (warm-started QA params, document embedder params), made once
+    if "params" not in initial:
+      initial["params"] = _initial_params(world, rng)
+    return initial["params"]
+
+  index = resolve_index(config, workdir, world.model, mesh, corpus,
+                        lambda: initial_params()[1], world.is_main)
+  tx = _tx(config)
+  dummy = world.dummy_batch()
+  replicated = partitioning.replicated(mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      jax.eval_shape(lambda r: qa_steps.create_qa_train_state(world.model, r, dummy, tx), rng))
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=qa.keep_checkpoints)
+  restored = ckpt.restore(abstract)
+  if restored is not None:
+    state, data_state, start_step = restored
+    if data_state.get("step") != start_step:
+      raise ValueError(f"checkpoint {start_step} holds data state {data_state}")
+    _LOG.info("state: resumed from step %d", start_step)
+  else:
+    state = jax.device_put(train_state.TrainState.create(
+        apply_fn=world.model.apply,
+        params=jax.tree_util.tree_map(np.asarray, initial_params()[0]), tx=tx).replace(
+            step=np.zeros((), np.int32)), replicated)  # int32 like a restored step
+    start_step = 0
+  _LOG.info("state: %.2fM parameters", state_lib.count_params(state.params) / 1e6)
+
+  # ---- Steps and batches ---------------------------------------------------------------
+  train_step = _cached("train", qa_steps.make_qa_train_step, world.model, mesh, config.seed)
+  tokens = world.encode(world.train)
+  matcher = world.matcher(world.train)
+  per_process = qa.batch_size // jax.process_count()
+  lo = jax.process_index() * per_process
+
+  def local_rows(step: int) -> np.ndarray:
+    return batch_rows(len(world.train), qa.batch_size, config.seed, step)[lo:lo + per_process]
+
+  def start_retrieval(params, step: int):
+    """Dispatches the live query embedding of batch `step`: (rows, [B, D] on the mesh)."""
+    rows = local_rows(step)
+    return rows, world.embed_questions(
+        params, partitioning.shard_batch({"t": tokens[rows]}, mesh)["t"])
+
+  def finish_retrieval(pending) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Host search of the frozen index and the QA batch (this process's rows)."""
+    rows, question_emb = pending
+    start = time.time()
+    ids, _ = index.searcher.search(partitioning.local_rows(question_emb), qa.retriever_k)
+    batch = batches_lib.build_qa_batch(rows, tokens, ids, index.embeddings, matcher,
+                                       qa.reader_k)
+    return batch, {"retrieval_seconds": time.time() - start}
+
+  writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=world.is_main, phase="qa",
+                                    keep_through_step=start_step)
+  if start_step == 0:
+    writer.write_hparams(config)
+  num_steps = qa.num_steps
+  stop = num_steps if max_steps_this_run is None else min(num_steps,
+                                                          start_step + max_steps_this_run)
+  report: dict[str, float] = {}
+  pending = None
+  if start_step < stop:
+    pending = finish_retrieval(start_retrieval(state.params, start_step))
+    train_step, report = _compiled_train_step(train_step, state,
+                                              partitioning.shard_batch(pending[0], mesh))
+
+  # ---- The loop ------------------------------------------------------------------------
+  progress = progress_lib.Progress("finetune_qa", num_steps, unit="steps", start=start_step,
+                                   every_count=qa.log_every)
+  history = []
+  for step in range(start_step, stop):
+    step_start = time.time()
+    batch, scalars = pending if pending is not None else finish_retrieval(
+        start_retrieval(state.params, step))
+    pending = None
+    ahead = start_retrieval(state.params, step + 1) if qa.prefetch and step + 1 < stop else None
+    state, step_metrics = train_step(state, partitioning.shard_batch(batch, mesh))
+    if ahead is not None:
+      pending = finish_retrieval(ahead)  # the host search overlaps step t on the devices
+    scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
+    scalars.update(step_seconds=time.time() - step_start,
+                   answer_cache_hits=float(matcher.cache.hits),
+                   answer_cache_misses=float(matcher.cache.misses))
+    writer.write(step + 1, scalars)
+    history.append(dict(step=step + 1, **scalars))
+    progress.update(1, {k: scalars[k] for k in ("loss", "reader_loss", "retriever_loss",
+                                                "span_accuracy")})
+    done = step + 1
+    if done % qa.checkpoint_every == 0 or done == stop:
+      ckpt.save(done, state, {"step": done})
+  progress.close()
+  writer.flush()
+  ckpt.wait()
+
+  final: dict[str, Any] = {"step": int(jax.device_get(state.step)), "history": history,
+                           "compile": report,
+                           "index": dict(root=index.root, step=index.step,
+                                         source=index.source)}
+  if stop == num_steps and qa.eval_at_end:
+    metrics, predictions = evaluate_examples(world, jax.device_get(state.params), index,
+                                             world.dev)
+    final.update(_write_evaluation(world, final["step"], "dev", index, metrics, predictions,
+                                   writer))
+  writer.close()
+  ckpt.close()
+  return final
+
+
+def evaluate_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                devices=None) -> dict[str, Any]:
+  """Evaluates the newest fine-tuned checkpoint of `workdir` on `qa.eval_split`'s questions.
+
+  Reads the index the fine-tuning run used (`qa_index.json`). Writes predictions.jsonl,
+  qa_results.json and a "qa_eval" metrics record; returns the results (EM with its counts,
+  recall@k, reader-oracle EM, step, split, index).
+  """
+  world = setup(config, workdir, devices)
+  workdir = world.workdir
+  split = config.qa.eval_split
+  examples = world.test if split == "test" else world.dev
+  if not examples:
+    raise ValueError(f"qa.eval_split={split!r}: 0 questions to evaluate")
+  if not (workdir / INDEX_RECORD).exists():
+    raise FileNotFoundError(f"{workdir / INDEX_RECORD} does not exist: run finetune_qa on "
+                            f"{workdir} first")
+  try:
+    params, step = checkpointing.restore_params(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"no fine-tuned checkpoint in {workdir / 'checkpoints'}: run "
+                            "finetune_qa first") from e
+  index = resolve_index(config, workdir, world.model, world.mesh, world.corpus,
+                        lambda: None, world.is_main)
+  metrics, predictions = evaluate_examples(world, params, index, examples)
+  writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=world.is_main, phase="qa_eval")
+  try:
+    return _write_evaluation(world, step, split, index, metrics, predictions, writer)
+  finally:
+    writer.close()

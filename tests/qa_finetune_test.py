@@ -1,0 +1,209 @@
+"""realm_jax.qa.finetune end to end on a tiny facts corpus: a short REALM run to start from,
+fine-tuning with a resume, evaluation, and bad input."""
+
+import importlib.util
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import tiny_configs
+from realm_jax import config_lib
+from realm_jax.qa import fields
+from realm_jax.qa import finetune
+from realm_jax.retrieval import index_format
+from realm_jax.train import loop
+
+_PATH = pathlib.Path(__file__).parent.parent / "experiments" / "openqa_facts.py"
+_SPEC = importlib.util.spec_from_file_location("openqa_facts", _PATH)
+openqa_facts = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(openqa_facts)
+
+QA_STEPS = 8
+
+
+def small_config(corpus_dir=""):
+  """tests/tiny_configs.py's config with one layer per tower (compiles faster)."""
+  config = tiny_configs.tiny_config(corpus_dir)
+  config.model.num_layers = 1
+  return config
+
+
+def qa_config(init_from, corpus_dir=""):
+  """The test model with the facts QA section."""
+  config = small_config(corpus_dir)
+  config.qa = openqa_facts.qa_section(openqa_facts._QA_SIZES["tiny"], config.data.query_len)
+  qa = config.qa
+  qa.init_from = str(init_from)
+  qa.init_reader_from = str(init_from)
+  qa.batch_size = 8
+  qa.eval_batch_size = 16
+  qa.num_steps = QA_STEPS
+  qa.warmup_steps = 1
+  # The start is untrained (random retriever): a deep top-K so the retriever's loss has
+  # answer blocks to learn from, the same 8 questions every step so its decrease is visible.
+  qa.retriever_k = 48
+  qa.reader_k = 4
+  qa.max_train_examples = 8
+  qa.span_hidden_size = 16
+  qa.checkpoint_every = 4
+  qa.log_every = 4
+  qa.query_embedder_lr_multiplier = 1.0
+  qa.eval_retrieve_k = 20
+  return config
+
+
+@pytest.fixture(scope="module")
+def realm_dir(tmp_path_factory):
+  """The fastest pretraining workdir: an ICT run of 0 steps (the tiny config's step-0
+  checkpoint, its corpus, and the index it publishes at the end). Its encoder is the
+  untrained one, copied into the reader by `qa.init_reader_from` in the tests below; the
+  REALM remap itself is checked without a run in test_warm_start_remap."""
+  workdir = tmp_path_factory.mktemp("ict")
+  config = small_config()
+  config.objective = "ict"
+  config.ict.num_steps = 0
+  loop.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_finetune_resume_and_evaluate(realm_dir, tmp_path):
+  config = qa_config(realm_dir)
+  config.qa.prefetch = False  # strictly sequential: a resume repeats the losses exactly
+  workdir = tmp_path / "qa"
+  first = finetune.finetune_qa(config, workdir, max_steps_this_run=5)
+  assert first["step"] == 5 and "exact_match" not in first  # stopped early: no evaluation
+  assert first["index"]["source"] == "init_from"  # the run's own published index, frozen
+  assert first["index"]["root"] == str(realm_dir / "index")
+  second = finetune.finetune_qa(config, workdir)  # resumes from the step-5 checkpoint
+  assert second["step"] == QA_STEPS
+  assert [h["step"] for h in second["history"]] == list(range(6, QA_STEPS + 1))
+  history = first["history"] + second["history"]
+  assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in history)
+  # The total loss switches its reader part on and off as answer blocks enter and leave the
+  # top reader_k; the retriever's loss over the same 8 questions is what must fall.
+  retriever = [h["retriever_loss"] for h in history]
+  assert np.mean(retriever[-3:]) < np.mean(retriever[:3]), retriever
+  # The same run without the interruption gives the same losses (the compiled step is reused).
+  config.qa.eval_at_end = False
+  straight = finetune.finetune_qa(config, tmp_path / "straight")
+  np.testing.assert_allclose([h["loss"] for h in straight["history"]],
+                             [h["loss"] for h in history], rtol=1e-5)
+  assert second["history"][-1]["answer_cache_hits"] > 0  # matching reused across steps
+  assert 0.0 <= second["exact_match"] <= 1.0
+  assert second["num_examples"] == 32  # 8 held-out entities x 4 facts
+  assert "recall@1" in second and "recall@5" in second and "recall@20" in second
+
+  result = finetune.evaluate_qa(config, workdir)
+  assert result["step"] == QA_STEPS and result["split"] == "dev"
+  assert 0.0 <= result["exact_match"] <= 1.0
+  assert result["num_correct"] == round(result["exact_match"] * result["num_examples"])
+  assert result["exact_match"] == pytest.approx(second["exact_match"])  # same params, index
+  assert 0.0 <= result["recall@1"] <= result["recall@5"] <= result["recall@20"] <= 1.0
+  lines = (workdir / "predictions.jsonl").read_text().splitlines()
+  assert len(lines) == 32
+  first_prediction = json.loads(lines[0])
+  assert set(first_prediction) >= {"question", "prediction", "score", "block_id",
+                                   "block_title"}
+  saved = json.loads((workdir / "qa_results.json").read_text())
+  assert saved["exact_match"] == result["exact_match"] and saved["index"]["step"] == 0
+  records = [json.loads(l) for l in (workdir / "metrics" / "metrics.jsonl").read_text()
+             .splitlines()]
+  train_steps = [r["step"] for r in records if r["phase"] == "qa"]
+  assert train_steps == list(range(1, QA_STEPS + 1))  # each step logged once across the resume
+
+
+def test_startup_index_when_the_init_run_has_none(realm_dir, tmp_path):
+  """No index to reuse (here: an empty index_from is refused; init_from without index/ embeds
+  at start-up, records it, and a resume reads that record)."""
+  fake_init = tmp_path / "no_index_run"
+  fake_init.mkdir()
+  (fake_init / "checkpoints").symlink_to(realm_dir / "checkpoints")
+  config = qa_config(fake_init, corpus_dir=str(realm_dir / "corpus"))
+  config.qa.num_steps = 1
+  config.qa.eval_at_end = False
+  out = finetune.finetune_qa(config, tmp_path / "qa")
+  assert out["step"] == 1 and out["index"]["source"] == "startup"
+  assert index_format.list_versions(tmp_path / "qa" / "index") == [0]
+  record = json.loads((tmp_path / "qa" / finetune.INDEX_RECORD).read_text())
+  assert record["step"] == 0 and record["source"] == "startup"
+
+
+def test_bad_input_is_a_clear_error(realm_dir, tmp_path):
+  # 0 usable questions.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"question": "", "answer": ["x"]}\nnot json\n{"question": "q"}\n')
+  config = qa_config(realm_dir)
+  config.qa.dataset = "nq"
+  config.qa.train_file = str(bad)
+  with pytest.raises(ValueError, match="No usable question"):
+    finetune.finetune_qa(config, tmp_path / "zero")
+
+  # An index whose dimension is not the model's.
+  index_root = tmp_path / "wrong_index"
+  num_docs = len(json.loads((realm_dir / "corpus" / "blocks" / "corpus.json").read_text())
+                 ["titles"])
+  index_format.publish_index(index_root, 0, [(np.ones((num_docs, 7), np.float32),
+                                              np.arange(num_docs))])
+  config = qa_config(realm_dir)
+  config.qa.index_from = str(index_root)
+  with pytest.raises(ValueError, match=r"qa.index_from.*dim 7 != model's 128"):
+    finetune.finetune_qa(config, tmp_path / "dim")
+
+  # An index of another corpus (doc count).
+  other_root = tmp_path / "other_corpus"
+  index_format.publish_index(other_root, 0, [(np.ones((num_docs + 3, 128), np.float32),
+                                              np.arange(num_docs + 3))])
+  config.qa.index_from = str(other_root)
+  with pytest.raises(ValueError, match=f"{num_docs + 3} docs != corpus's {num_docs}"):
+    finetune.finetune_qa(config, tmp_path / "docs")
+
+
+def test_validate_qa_names_the_field(realm_dir):
+  config = qa_config(realm_dir)
+  fields.validate_qa(config, 8)
+  config.qa.reader_k = 49
+  with pytest.raises(config_lib.ConfigError, match="qa.reader_k=49 > qa.retriever_k=48"):
+    fields.validate_qa(config, 8)
+  config = qa_config(realm_dir)
+  config.qa.batch_size = 12
+  with pytest.raises(config_lib.ConfigError, match="qa.batch_size=12 is not divisible by the 8"):
+    fields.validate_qa(config, 8)
+  config = qa_config(realm_dir)
+  config.qa.dataset = "squad"
+  with pytest.raises(config_lib.ConfigError, match="qa.dataset='squad'"):
+    fields.validate_qa(config, 8)
+  config = qa_config(realm_dir)
+  config.qa.init_from = "/nonexistent/run"
+  with pytest.raises(config_lib.ConfigError, match="qa.init_from='/nonexistent/run' does not"):
+    fields.validate_qa(config, 8)
+  config = qa_config(realm_dir)
+  config.qa.dataset = "wq"
+  with pytest.raises(config_lib.ConfigError, match="needs qa.train_file"):
+    fields.validate_qa(config, 8)
+  # Every numeric qa leaf of the experiment configs has a QA_FIELDS entry.
+  for name, value in config_lib.leaves(openqa_facts.get_config("size=tiny").qa, "qa."):
+    assert name in fields.QA_FIELDS, name
+
+
+def test_warm_start_remap():
+  """REALM's embedder -> query_embedder and encoder/bert -> reader/bert; shapes checked."""
+  leaf = lambda *shape: np.zeros(shape, np.float32)
+  params = {"query_embedder": {"bert": {"w": leaf(2, 3)}, "projection": {"kernel": leaf(3, 4)}},
+            "reader": {"bert": {"w": leaf(2, 3)}, "qa_outputs": {"kernel": leaf(3, 1)}}}
+  source = {"embedder": {"bert": {"w": leaf(2, 3) + 1}, "projection": {"kernel": leaf(3, 4) + 2}},
+            "encoder": {"bert": {"w": leaf(2, 3) + 3}, "cls": {"bias": leaf(5)}}}
+  out, copied = finetune.warm_start_qa(params, source, "realm", copy_reader=True)
+  assert (out["query_embedder"]["bert"]["w"] == 1).all()
+  assert (out["query_embedder"]["projection"]["kernel"] == 2).all()
+  assert (out["reader"]["bert"]["w"] == 3).all()
+  assert (out["reader"]["qa_outputs"]["kernel"] == 0).all()  # the span head stays new
+  assert len(copied) == 2
+  ict_out, copied = finetune.warm_start_qa(params, source, "ict", copy_reader=False)
+  assert (ict_out["reader"]["bert"]["w"] == 0).all() and len(copied) == 1
+  source["embedder"]["bert"]["w"] = leaf(2, 5)
+  with pytest.raises(ValueError, match="realm: its embedder parameters do not fit"):
+    finetune.warm_start_qa(params, source, "realm", copy_reader=True)
+  with pytest.raises(ValueError, match="no embedder or query_embedder"):
+    finetune.warm_start_qa(params, {"encoder": {}}, "other", copy_reader=True)
