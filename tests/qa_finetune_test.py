@@ -121,9 +121,7 @@ def test_startup_index_when_the_init_run_has_none(realm_dir, tmp_path):
   fake_init.mkdir()
   (fake_init / "checkpoints").symlink_to(realm_dir / "checkpoints")
   config = qa_config(fake_init, corpus_dir=str(realm_dir / "corpus"))
-  config.qa.num_steps = 1
-  config.qa.eval_at_end = False
-  out = finetune.finetune_qa(config, tmp_path / "qa")
+  out = finetune.finetune_qa(config, tmp_path / "qa", max_steps_this_run=1)
   assert out["step"] == 1 and out["index"]["source"] == "startup"
   assert index_format.list_versions(tmp_path / "qa" / "index") == [0]
   record = json.loads((tmp_path / "qa" / finetune.INDEX_RECORD).read_text())
