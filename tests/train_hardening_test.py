@@ -253,7 +253,9 @@ def test_second_trainer_is_refused_and_a_lost_lease_stops_before_saving(corpus_d
   first.check()  # still the holder
 
   # --force takes it over; then someone takes it from *it* mid-run: it stops at its next
-  # checkpoint (6) without saving.
+  # lease check (every LEASE_CHECK_SECONDS, before each record; here every step) without
+  # saving or writing another record.
+  monkeypatch.setattr(loop, "LEASE_CHECK_SECONDS", 0.0)
   takers = []
 
   def take_over():
@@ -271,6 +273,8 @@ def test_second_trainer_is_refused_and_a_lost_lease_stops_before_saving(corpus_d
   with pytest.raises(lease_lib.LeaseLostError):
     first.check()
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == 3
+  records, _ = train_records(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4], "no record after the takeover"
   assert lease_lib.lease_path(workdir, "trainer").exists(), "the new holder's lease stays"
   for held in [first] + takers:
     held.release()

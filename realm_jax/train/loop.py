@@ -45,6 +45,7 @@ WRITER_CLOSE_SECONDS = 30.0
 WATCHER_STOP_SECONDS = 15.0
 LEASE_RELEASE_SECONDS = 15.0
 METRICS_FLUSH_SECONDS = 30.0  # metrics also reach storage at least this often
+LEASE_CHECK_SECONDS = 10.0  # a trainer whose lease was taken over stops within about this
 EVAL_PROGRESS_SECONDS = 30.0
 
 
@@ -298,11 +299,19 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   def wall_seconds() -> float:
     return wall_offset + time.time() - run_start
 
+  last_lease_check = [time.monotonic()]
+
+  def check_lease(every: float = 0.0):
+    """LeaseLostError if another trainer took the workdir over (looked at most every `every`
+    seconds: the lease file is read each time)."""
+    if held is not None and time.monotonic() - last_lease_check[0] >= every:
+      held.check()
+      last_lease_check[0] = time.monotonic()
+
   def save_checkpoint(done: int):
     """Checkpoint of `state` after `done` steps, if the lease is still ours; the metrics up to
     it are put on storage first."""
-    if held is not None:
-      held.check()
+    check_lease()
     writer.flush()
     ckpt.save(done, state, {"step": done, "wall_seconds": wall_seconds()})
 
@@ -463,6 +472,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds,
                      learning_rate=learning_rate(step), wall_seconds=wall_seconds(),
                      timestamp=time.time())
+      check_lease(LEASE_CHECK_SECONDS)  # no records into a workdir another trainer now owns
       writer.write(step + 1, scalars)
       history.append(dict(step=step + 1, **scalars))
       progress.set(step + 1, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
