@@ -595,6 +595,9 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
         rules += _NO_RETRIEVAL_IGNORES
       elif config.retrieval.get("index_source") == "trainer":
         rules += _TRAINER_INDEX_IGNORES
+  elif mode in ("finetune_qa", "eval_qa"):
+    for section in ("train.*", "ict.*", "loss.*", "eval.*", "objective"):
+      rules.append((section, "the QA modes read qa.*, model.*, data.* and mesh"))
   elif mode == "index_builder":
     for section in ("train.*", "ict.*", "loss.*", "eval.*", "objective"):
       rules.append((section, "the index builder reads only model.*, data.*, retrieval.*, "
@@ -612,3 +615,9 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
         out.append((field, reason))
         break
   return out
+
+
+# The Open-QA section's fields live beside the QA code; one table for every check and listing.
+from realm_jax.qa import fields as _qa_fields  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FIELDS.update(_qa_fields.QA_FIELDS)

@@ -11,6 +11,9 @@ Modes:
          data.num_build_shards (one process each, data.vocab_file required); then once
          without --corpus_shard (or the first train run) merges the shards
   eval_retrieval recall@k of the run's latest checkpoint on held-out queries vs BM25
+  finetune_qa    Open-QA fine-tuning (query tower + span reader, index frozen) of
+         experiments/openqa*.py configs, from a pretraining run (`qa.init_from`)
+  eval_qa        exact match, recall@k and predictions.jsonl of the fine-tuned run
   print_config   print the resolved config (after overrides), one `field = value  # help`
          line per field; needs no --workdir
 
@@ -41,7 +44,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://).")
 _MODE = flags.DEFINE_enum(
     "mode", "train",
-    ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config"],
+    ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config",
+     "finetune_qa", "eval_qa"],
     "What to run (the modes are listed at the top of --help).")
 _CORPUS_SHARD = flags.DEFINE_integer(
     "corpus_shard", -1, "build_corpus: build only this shard of data.num_build_shards.")
@@ -169,6 +173,12 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     from realm_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
     config_lib.validate(config, 1)
     print(json.dumps(evaluation.evaluate_retrieval(config, workdir), indent=1))
+  elif mode in ("finetune_qa", "eval_qa"):
+    from realm_jax.qa import finetune  # pylint: disable=g-import-not-at-top
+    run = finetune.finetune_qa if mode == "finetune_qa" else finetune.evaluate_qa
+    out = run(config, workdir)
+    print(json.dumps({k: v for k, v in out.items() if isinstance(v, (int, float, str))},
+                     indent=1))
   else:
     _with_force(loop.train_and_evaluate, config, workdir)
 

@@ -175,3 +175,20 @@ def test_help_lists_the_modes():
 def test_workdir_still_required_outside_print_config(mode):
   result = _cli(f"--mode={mode}", TINY)
   assert result.returncode != 0 and "--workdir is required" in _last_line(result)
+
+
+def test_qa_modes_reach_their_entry_points_and_report_json():
+  patch = """
+from realm_jax.qa import finetune
+finetune.finetune_qa = lambda config, workdir: {"step": 3, "exact_match": 0.5, "history": []}
+finetune.evaluate_qa = lambda config, workdir: {"exact_match": 0.25, "num_examples": 8}
+"""
+  config = "--config=experiments/openqa_facts.py:size=tiny"
+  result = _wrapped(patch, "--mode=finetune_qa", config, "--workdir=/tmp/unused")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '"exact_match": 0.5' in result.stdout and "history" not in result.stdout
+  result = _wrapped(patch, "--mode=eval_qa", config, "--workdir=/tmp/unused",
+                    "--config.train.num_steps=5")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert '"exact_match": 0.25' in result.stdout
+  assert "train.num_steps" in result.stderr  # an override the QA modes never read: warned
