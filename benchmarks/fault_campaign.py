@@ -814,13 +814,15 @@ def main(argv=None) -> int:
   parser.add_argument("--trial_timeout", type=float, default=420.0)
   parser.add_argument("--keep_workdirs", choices=("all", "failed", "none"), default="failed")
   args = parser.parse_args(argv)
+  facts = machine_facts()  # the commit the run starts from
   result = run_campaign(
       trials=args.trials, seed=args.seed, kills_per_trial=args.kills_per_trial,
       workdir_root=args.workdir_root, num_steps=args.num_steps,
       checkpoint_every=args.checkpoint_every, refresh_every=args.refresh_every,
       mid_publish=bool(args.mid_publish), compile_cache=bool(args.compile_cache),
       trial_timeout=args.trial_timeout, keep_workdirs=args.keep_workdirs)
-  result["machine"] = machine_facts()
+  facts["finished"] = machine_facts()["date"]
+  result["machine"] = facts
   result["command"] = " ".join([os.path.relpath(sys.executable, REPO)
                                 if sys.executable.startswith(REPO) else sys.executable,
                                 os.path.relpath(os.path.abspath(__file__), REPO)] +
