@@ -115,6 +115,19 @@ FIELDS: dict[str, Field] = {
     "model.share_embedders": Field("one embedder for queries and documents"),
     "model.dropout_rate": _float("dropout in every BERT tower", 0.0, 1.0, hi_open=True),
     "model.dtype": _choice('compute dtype (parameters stay float32)', ("float32", "bfloat16")),
+    "model.attention_dropout_rate": _float("dropout on attention probabilities (BERT: 0.1)",
+                                           0.0, 1.0, hi_open=True),
+    "model.hidden_act": _choice(
+        'BERT activation, HF names: "gelu" (exact), "gelu_new"/"gelu_pytorch_tanh"/"gelu_fast" '
+        "(tanh approximation; HF REALM), ...",
+        ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python", "relu", "silu",
+         "swish")),
+    "model.layer_norm_eps": _float("LayerNorm epsilon of the BERT towers (BERT: 1e-12)", 0.0,
+                                   1e-2, lo_open=True),
+    "model.embedder_pooler": Field(
+        "retriever embeds BERT's pooled [CLS] (dense + tanh; ORQA/REALM/HF) before dense(embed_dim) "
+        "+ LayerNorm; False: the raw [CLS] state (faster ICT from a random init, see "
+        "models/embedder.py)"),
     "model.remat": Field("rematerialize encoder layers (less memory, more compute)"),
     "model.init_from_hf": Field(
         "a Hugging Face BERT folder (model.safetensors + config.json) whose weights start every "
@@ -277,6 +290,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       embed_dim=128,  # retrieval embedding size (REALM/ORQA: 128)
       share_embedders=True,  # one embedder for queries and documents
       dropout_rate=0.0 if size == "tiny" else 0.1,
+      attention_dropout_rate=0.0 if size == "tiny" else 0.1,  # on attention probabilities
+      hidden_act="gelu",  # BERT's exact GELU; HF REALM checkpoints: "gelu_new" (tanh form)
+      layer_norm_eps=1e-12,
+      embedder_pooler=True,  # BERT pooler (dense + tanh over [CLS]) before the projection
       dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
       remat=False,
       # A Hugging Face BERT folder (model.safetensors + config.json) whose weights start every
@@ -434,7 +451,7 @@ RUN_CONFIG = "config.json"
 RESUME_FIXED = (
     "objective", "model.size", "model.hidden_size", "model.num_layers", "model.num_heads",
     "model.intermediate_size", "model.max_position_embeddings", "model.embed_dim",
-    "model.share_embedders", "data.corpus", "data.source", "data.limit", "data.num_entities",
+    "model.share_embedders", "model.embedder_pooler", "model.hidden_act", "data.corpus", "data.source", "data.limit", "data.num_entities",
     "data.mentions_per_entity", "data.corpus_seed", "data.vocab_size", "data.vocab_file",
     "data.vocab_records", "data.doc_len", "data.query_len", "data.max_masked", "data.masking",
     "data.salient_tagger", "data.num_eval_docs", "data.max_train_queries",

@@ -479,9 +479,9 @@ def _initial_params(world: QAWorld, rng) -> tuple[Any, Any]:
   init = _cached("init", lambda model, _: jax.jit(model.init), world.model, world.mesh)
   params = jax.device_get(init(rng, *world.dummy_batch().values())["params"])
   if config.model.get("init_from_hf"):
-    params = hf_weights.apply_to_realm_params(
-        params, hf_weights.load_hf_bert_params(config.model.init_from_hf),
-        towers=("query_embedder", "reader"))
+    params = hf_weights.apply_hf_checkpoint(
+        params, config.model.init_from_hf, model_config=config.model,
+        vocab_size=world.corpus.vocab_size, towers=("query_embedder", "reader"))
     _LOG.info("state: query tower and reader BERT from %s", config.model.init_from_hf)
   source = reader_source = None
   if qa.init_from:

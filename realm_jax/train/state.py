@@ -25,14 +25,10 @@ ENCODER_KEYS = ("encoder",)
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
                 ) -> realm.RealmModel:
   m = config.model
-  bert_config = bert.BertConfig(
-      vocab_size=vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-      num_heads=m.num_heads, intermediate_size=m.intermediate_size,
-      max_position_embeddings=m.max_position_embeddings, dropout_rate=m.dropout_rate,
-      dtype=jnp.dtype(m.dtype), remat=m.remat)
+  bert_config = bert.BertConfig.from_model_config(m, vocab_size)
   return realm.RealmModel(realm.RealmModelConfig(
       bert=bert_config, embed_dim=m.embed_dim, share_embedders=m.share_embedders,
-      pad_id=pad_id))
+      pad_id=pad_id, embedder_pooler=m.get("embedder_pooler", True)))
 
 
 def dummy_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
