@@ -278,3 +278,19 @@ def test_second_trainer_is_refused_and_a_lost_lease_stops_before_saving(corpus_d
   assert lease_lib.lease_path(workdir, "trainer").exists(), "the new holder's lease stays"
   for held in [first] + takers:
     held.release()
+
+
+def test_ctrl_c_during_the_donating_step_call_is_raised_after_it():
+  """The step donates the old state: a Ctrl-C that lands inside the call must wait until the
+  new state is assigned (otherwise there is no state left to save)."""
+  previous = signal.getsignal(signal.SIGINT)
+  done = []
+  with pytest.raises(KeyboardInterrupt):
+    with loop._sigint_deferred():  # pylint: disable=protected-access
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.05)  # delivered now: the handler must only note it
+      done.append("state assigned")
+  assert done == ["state assigned"]
+  assert signal.getsignal(signal.SIGINT) is previous
+  with loop._sigint_deferred():  # pylint: disable=protected-access
+    pass  # no interrupt: nothing raised

@@ -8,7 +8,10 @@ eval), and the final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -179,6 +182,27 @@ def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
     progress.update(num_real)
   progress.close()
   return hits / max(known, 1)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+  """Holds a Ctrl-C back until the block is done, then raises it (KeyboardInterrupt).
+
+  The train step donates the state's buffers: an interrupt between the call and the
+  assignment of its result would leave neither the old state (deleted) nor the new one to
+  save. A no-op off the main thread (Python delivers signals to the main thread only).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  caught = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if caught:
+    raise KeyboardInterrupt
 
 
 def _learning_rates(config: ml_collections.ConfigDict, start: int,
@@ -427,8 +451,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   def checkpoint_on_interrupt():
     """Ctrl-C in the loop: the state of the last finished step goes to storage (waited for)."""
-    done = int(jax.device_get(state.step))
+    done = None
     try:
+      done = int(jax.device_get(state.step))
       ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a save in flight when Ctrl-C came
       if done not in ckpt.all_steps():
         save_checkpoint(done)
@@ -436,8 +461,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       else:
         writer.flush()
     except Exception as e:  # pylint: disable=broad-except
-      logging.error("interrupted at step %d: no checkpoint saved (%s)", done,
-                    teardown_lib.one_line(e))
+      logging.error("interrupted at step %s: no checkpoint saved (%s)",
+                    "?" if done is None else done, teardown_lib.one_line(e))
       return
     logging.info("interrupted at step %d: checkpoint saved to %s", done,
                  ckpt.directory / str(done))
@@ -464,19 +489,23 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       if prefetch and step + 1 < stop:
         next_batch = source.batch_at(step + 1)
         next_emb = retriever.start(state.params, next_batch)  # queued ahead of step t
-      state, step_metrics = train_step(state, partitioning.shard_batch(inputs, mesh))
-      if prefetch and step + 1 < stop:
-        pending = realm_inputs(next_batch, next_emb, step + 1)  # host search overlaps step t
-      scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
-      step_seconds = time.time() - step_start
-      scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds,
-                     learning_rate=learning_rate(step), wall_seconds=wall_seconds(),
-                     timestamp=time.time())
-      check_lease(LEASE_CHECK_SECONDS)  # no records into a workdir another trainer now owns
-      writer.write(step + 1, scalars)
-      history.append(dict(step=step + 1, **scalars))
-      progress.set(step + 1, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
-                                                      "retrieval_utility") if k in scalars})
+      device_inputs = partitioning.shard_batch(inputs, mesh)
+      # A Ctrl-C from here until the step is recorded waits for it: the old state is donated
+      # (only the new one can be saved) and its record must precede its checkpoint.
+      with _sigint_deferred():
+        state, step_metrics = train_step(state, device_inputs)
+        if prefetch and step + 1 < stop:
+          pending = realm_inputs(next_batch, next_emb, step + 1)  # host search overlaps step t
+        scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
+        step_seconds = time.time() - step_start
+        scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds,
+                       learning_rate=learning_rate(step), wall_seconds=wall_seconds(),
+                       timestamp=time.time())
+        check_lease(LEASE_CHECK_SECONDS)  # no records into a workdir another trainer now owns
+        writer.write(step + 1, scalars)
+        history.append(dict(step=step + 1, **scalars))
+        progress.set(step + 1, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
+                                                        "retrieval_utility") if k in scalars})
 
       done = step + 1
       if (retrieval_on and not from_builder and done % config.retrieval.refresh_every == 0 and

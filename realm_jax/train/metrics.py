@@ -131,7 +131,8 @@ class _EventFile:
 
   def add_scalars(self, step: int, scalars: Mapping[str, float]):
     values = [v for tag, x in scalars.items() for v in self._summary.scalar(tag, x).value]
-    self._guarded(self._add, self._pb.Event(step=step, summary=self._summary_pb.Summary(value=values)))
+    summary = self._summary_pb.Summary(value=values)
+    self._guarded(self._add, self._pb.Event(step=step, summary=summary))
 
   def add_summary(self, step: int, summary):
     self._guarded(self._add, self._pb.Event(step=step, summary=summary))
