@@ -158,6 +158,8 @@ class Inspector:
       data = prepare.prepare_data(config, self.workdir, build=False)
     except FileNotFoundError as e:
       raise RetrieveError(f"the run's corpus is not there: {e}") from None
+    except ValueError as e:  # built with other settings, too small for the config
+      raise RetrieveError(f"the run's corpus cannot be used: {e}") from None
     self.corpus = data.corpus
     self.corpus_dir = data.directory
     self.tokenizer = tokenizer_lib.load_tokenizer(data.directory / tokenizer_lib.VOCAB_FILENAME)
