@@ -107,6 +107,13 @@ def parse_accelerator(name: str) -> tuple[str, int, int]:
   return generation, chips, hosts
 
 
+def gke_hosts(name: str) -> int:
+  """VMs of one slice on GKE: xpk uses 4-chip node machines (1-chip shapes excepted), so a
+  v5litepod-8 is one VM on the TPU VM API but 2 pods under xpk."""
+  _, chips, _ = parse_accelerator(name)
+  return 1 if chips <= 4 else chips // 4
+
+
 def check_name(kind: str, value: str | None) -> str:
   if not value:
     raise LaunchError(f"--{kind} is required (or set its environment variable, launch/env.sh)")
@@ -350,8 +357,10 @@ def xpk_commands(args) -> list[list[str]]:
                                  ("index-builder", args.builder_tpu_type, 1)):
     if args.only not in ("both", "train" if role == "train" else "builder"):
       continue
-    _, _, hosts = parse_accelerator(tpu_type)
-    flags = realm_flags(ROLES[role], config, workdir, hosts * slices > 1, sets)
+    if not tpu_type:
+      raise LaunchError(f"--{'builder-' if role != 'train' else ''}tpu-type is required "
+                        "(e.g. v5litepod-64 for the trainer, v5litepod-8 for the builder)")
+    flags = realm_flags(ROLES[role], config, workdir, gke_hosts(tpu_type) * slices > 1, sets)
     # `exec` would not help here: xpk wraps --command in its own bash that traps SIGTERM and
     # forwards it to this process (see launch/README.md), and the prelude does the rest.
     command = quote(python_argv("python", flags, not args.no_sigterm_as_interrupt))
