@@ -14,6 +14,9 @@ Modes:
   finetune_qa    Open-QA fine-tuning (query tower + span reader, index frozen) of
          experiments/openqa*.py configs, from a pretraining run (`qa.init_from`)
   eval_qa        exact match, recall@k and predictions.jsonl of the fine-tuned run
+  retrieve       look inside a run's index: --query="..." (or --queries=file.jsonl) [--k=5]
+         [--index_step=N] [--output=results.jsonl]: top-k blocks with scores and titles,
+         embedded with the checkpoint the index was built from; --config optional
   print_config   print the resolved config (after overrides), one `field = value  # help`
          line per field; needs no --workdir
 
@@ -45,7 +48,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://
 _MODE = flags.DEFINE_enum(
     "mode", "train",
     ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config",
-     "finetune_qa", "eval_qa"],
+     "finetune_qa", "eval_qa", "retrieve"],
     "What to run (the modes are listed at the top of --help).")
 _CORPUS_SHARD = flags.DEFINE_integer(
     "corpus_shard", -1, "build_corpus: build only this shard of data.num_build_shards.")
@@ -58,6 +61,12 @@ _MAX_BUILDS = flags.DEFINE_integer(
 _FORCE = flags.DEFINE_bool(
     "force", False, "Take over the workdir's lease held by another trainer/builder (e.g. one "
     "that died before its lease went stale).")
+_QUERY = flags.DEFINE_string("query", None, "retrieve: one query text.")
+_QUERIES = flags.DEFINE_string("queries", None, 'retrieve: a JSONL file of {"query": ...} lines.')
+_K = flags.DEFINE_integer("k", 5, "retrieve: documents per query.")
+_INDEX_STEP = flags.DEFINE_integer("index_step", None,
+                                   "retrieve: the index version to search (default: LATEST).")
+_OUTPUT = flags.DEFINE_string("output", None, "retrieve: also write the results as JSONL here.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; the launcher or the "
     "TPU/GPU cluster environment supplies coordinator and process ids).")
@@ -173,6 +182,11 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     from realm_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
     config_lib.validate(config, 1)
     print(json.dumps(evaluation.evaluate_retrieval(config, workdir), indent=1))
+  elif mode == "retrieve":
+    from realm_jax.retrieval import inspect_index  # pylint: disable=g-import-not-at-top
+    print(inspect_index.run_retrieve_mode(
+        workdir, query=_QUERY.value, queries_file=_QUERIES.value, k=_K.value,
+        index_step=_INDEX_STEP.value, output=_OUTPUT.value, config=config))
   elif mode in ("finetune_qa", "eval_qa"):
     from realm_jax.qa import finetune  # pylint: disable=g-import-not-at-top
     run = finetune.finetune_qa if mode == "finetune_qa" else finetune.evaluate_qa
@@ -189,7 +203,7 @@ def main(argv):
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   mode, config = _MODE.value, _CONFIG.value
-  if config is None and mode != "index_builder":
+  if config is None and mode not in ("index_builder", "retrieve"):
     sys.exit("error: --config is required")
   _warn_ineffective(config, mode)
   if mode == "print_config":

@@ -192,3 +192,16 @@ finetune.evaluate_qa = lambda config, workdir: {"exact_match": 0.25, "num_exampl
   assert result.returncode == 0, result.stderr[-2000:]
   assert '"exact_match": 0.25' in result.stdout
   assert "train.num_steps" in result.stderr  # an override the QA modes never read: warned
+
+
+def test_retrieve_mode_passes_its_flags_and_needs_no_config():
+  patch = """
+from realm_jax.retrieval import inspect_index
+def fake(workdir, query=None, queries_file=None, k=5, index_step=None, output=None, config=None):
+  return f"retrieve {workdir} {query!r} {queries_file} {k} {index_step} {output} {config is None}"
+inspect_index.run_retrieve_mode = fake
+"""
+  result = _wrapped(patch, "--mode=retrieve", "--workdir=/tmp/run", "--query=who plays the oboe",
+                    "--k=3", "--index_step=200", "--output=/tmp/out.jsonl")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "retrieve /tmp/run 'who plays the oboe' None 3 200 /tmp/out.jsonl True" in result.stdout
