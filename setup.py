@@ -44,6 +44,11 @@ setuptools.setup(
         # `--config.data.source=tfds:...` (data/wiki_corpus.py), ~200 MB of dependencies. Reading
         # a prepared dataset needs no TensorFlow; `tfds build` of Wikipedia does (README).
         "tfds": ["tensorflow-datasets>=4.9.10,<5"],
+        # TPU VMs (launch/): libtpu for jax 0.10.2; also compiles for a named TPU topology on a
+        # CPU host (jax.experimental.topologies).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # gs:// workdirs and corpora through etils.epath (gcsfs), without TensorFlow.
+        "gcs": ["etils[epath-gcs]>=1.15.0,<2"],
         # Kept for old install commands: bm25s is a core dependency now.
         "experiments": [],
         # spaCy NER for salient spans; also install the en_core_web_sm wheel (README).

@@ -342,8 +342,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   if restored is None:
     state = state_lib.create_train_state(config, model, rng)
     if config.model.get("init_from_hf"):
-      state = state.replace(params=hf_weights.apply_to_realm_params(
-          state.params, hf_weights.load_hf_bert_params(config.model.init_from_hf)))
+      state = state.replace(params=hf_weights.apply_hf_checkpoint(
+          state.params, config.model.init_from_hf, model_config=config.model,
+          vocab_size=corpus.vocab_size))
       logging.info("state: BERT towers from %s", config.model.init_from_hf)
     for field, keys in (("init_from", state_lib.EMBEDDER_KEYS),
                         ("init_encoder_from", state_lib.ENCODER_KEYS)):
