@@ -67,6 +67,7 @@ from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
+from realm_jax.train import steps as steps_lib
 
 _LOG = logging.getLogger(__name__)
 
@@ -98,17 +99,7 @@ def _compiled_train_step(jitted, state, batch) -> tuple[Any, dict[str, float]]:
          tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves((state, batch))))
   if key not in _JITTED:
     start = time.time()
-    compiled = jitted.lower(state, batch).compile()
-    report = {}
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else {}
-    if cost and "flops" in cost:
-      report["flops_per_step"] = float(cost["flops"])
-    memory = compiled.memory_analysis()
-    for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
-      if memory is not None and hasattr(memory, field):
-        report[field.replace("_in_bytes", "_bytes")] = float(getattr(memory, field))
+    compiled, report = steps_lib.compile_with_report(jitted, state, batch)
     report["compile_seconds"] = time.time() - start
     _LOG.info("compile: %.1fs; %s", report["compile_seconds"],
               ", ".join(f"{k} {v:.3g}" for k, v in report.items()))

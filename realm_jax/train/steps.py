@@ -7,7 +7,7 @@ gives the same numbers on 1 or 8 devices and after a resume.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import optax
@@ -115,6 +115,11 @@ def make_embed_fns(model: realm.RealmModel, mesh: Mesh):
 
 def compile_report(jitted, *args) -> dict[str, float]:
   """Compiles ahead of the first step; returns FLOPs and memory as XLA counts them."""
+  return compile_with_report(jitted, *args)[1]
+
+
+def compile_with_report(jitted, *args) -> tuple[Any, dict[str, float]]:
+  """(the executable of `jitted` for `args`, its FLOPs and memory as XLA counts them)."""
   compiled = jitted.lower(*args).compile()
   report = {}
   cost = compiled.cost_analysis()
@@ -128,4 +133,4 @@ def compile_report(jitted, *args) -> dict[str, float]:
                   "generated_code_size_in_bytes"):
       if hasattr(memory, field):
         report[field.replace("_in_bytes", "_bytes")] = float(getattr(memory, field))
-  return report
+  return compiled, report
