@@ -30,3 +30,21 @@ def git_state() -> str:
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
   return commit + ("+dirty" if dirty else "")
+
+
+def time_steps(step, state, batch, warmup: int, steps: int):
+  """Runs `state, metrics = step(state, batch)` `warmup` times, then `steps` timed times,
+  blocking on each result: -> (state, last metrics or None, [seconds per timed step])."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  metrics = None
+  for _ in range(warmup):
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return state, metrics, times

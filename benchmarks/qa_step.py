@@ -47,7 +47,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_model, git_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+from machine import cpu_model, git_state, time_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Open-QA experiment config file.",
                                           lock_config=True)
@@ -163,16 +163,7 @@ def measure_step(world, init_params, tx, searcher, embeddings, tokens, batch_siz
   start = time.perf_counter()
   compiled, report = steps_lib.compile_with_report(step_fn, state, batch)
   compile_seconds = time.perf_counter() - start
-  metrics = None
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+  state, metrics, times = time_steps(compiled, state, batch, warmup, steps)
   metrics = {key: float(v) for key, v in jax.device_get(metrics).items()}
   step = _stats(times)
   flops = report.get("flops_per_step")

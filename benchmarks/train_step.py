@@ -33,7 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_model, git_state  # pylint: disable=g-import-not-at-top,wrong-import-position
+from machine import cpu_model, git_state, time_steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -194,16 +194,7 @@ def run(config, objective: str, batch_size: int, k: int, steps: int, warmup: int
   compile_seconds = time.perf_counter() - start
   report = steps_lib.compile_report(_Precompiled(compiled), state, batch)
 
-  metrics = None
-  for _ in range(warmup):
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+  state, metrics, times = time_steps(compiled, state, batch, warmup, steps)
   loss = float(jax.device_get(metrics["loss"])) if metrics is not None else float("nan")
 
   step_flops = flops_lib.step_flops_from_config(config, objective, batch_size, k, vocab)
