@@ -25,9 +25,12 @@ cannot affect the chosen objective or mode (e.g. `train.num_steps` on an ICT run
 `ict.num_steps`) is reported with a warning. `--force` takes over the workdir's lease from a
 trainer or builder that holds it.
 
-Exit codes: 0 done; 1 an error (its traceback, then one last line `error: <Type>: <message>
-(caused by <root cause>)`, or `config error: ...` for a bad config); 130 interrupted (Ctrl-C;
-the trainer saves a checkpoint first, so the same command resumes).
+Exit codes: 0 done, or stopped by SIGTERM (preemption: the trainer, ICT and QA loops finish
+the step in progress and save a checkpoint, logging `preempted at step N: checkpoint saved to
+...`; the index builder abandons the version in progress; the same command resumes); 1 an
+error (its traceback, then one last line `error: <Type>: <message> (caused by <root cause>)`,
+or `config error: ...` for a bad config); 130 interrupted (Ctrl-C; the trainer saves a
+checkpoint first, so the same command resumes).
 """
 
 from __future__ import annotations
@@ -216,6 +219,9 @@ def main(argv):
   try:
     if _DISTRIBUTED.value:
       import jax  # pylint: disable=g-import-not-at-top
+      # SIGTERM is handled in Python (train/preemption.py); JAX's preemption service would
+      # install a C++ SIGTERM handler that swallows the signal outside the loops.
+      jax.config.update("jax_enable_preemption_service", False)
       jax.distributed.initialize()
     _run_mode(mode, config, _WORKDIR.value)
   except config_lib.ConfigError as e:

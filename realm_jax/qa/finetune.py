@@ -66,6 +66,7 @@ from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import partitioning
+from realm_jax.train import preemption
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
 
@@ -583,10 +584,23 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       follows qa.num_steps and the next call resumes).
     devices: devices for the mesh (default: all).
 
+  SIGTERM (preemption, train/preemption.py): the step in progress finishes, all processes stop
+  before the same step, its checkpoint is saved and waited for, one line `preempted at step N:
+  checkpoint saved to ...` is logged and the call returns with `"preempted": True` (no
+  evaluation; the next call resumes).
+
   Returns:
     {"step", "history" (per-step metrics of this call), "compile"} plus the dev evaluation
     ("exact_match", counts, "recall@k", ...) when the run finished.
   """
+  with preemption.sigterm_handled() as stop_request:
+    return _finetune_qa(config, workdir, max_steps_this_run, devices, stop_request)
+
+
+def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
+                 max_steps_this_run: int | None, devices,
+                 stop_request: preemption.StopRequest) -> dict[str, Any]:
+  """`finetune_qa` with its SIGTERM handler installed (read at every step boundary)."""
   world = setup(config, workdir, devices)
   qa, mesh, corpus = config.qa, world.mesh, world.corpus
   workdir = world.workdir
@@ -670,7 +684,11 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   progress = progress_lib.Progress("finetune_qa", num_steps, unit="steps", start=start_step,
                                    every_count=qa.log_every)
   history = []
+  preempted = False
   for step in range(start_step, stop):
+    if stop_request.agreed():  # every process stops before the same step
+      preempted = True
+      break
     step_start = time.time()
     batch, scalars = pending if pending is not None else finish_retrieval(
         start_retrieval(state.params, step))
@@ -698,7 +716,10 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                            "compile": report,
                            "index": dict(root=index.root, step=index.step,
                                          source=index.source)}
-  if stop == num_steps and qa.eval_at_end:
+  if preempted or stop_request.agreed():  # ---- Preemption: checkpoint, no evaluation ----
+    _checkpoint_on_preemption(ckpt, state, final["step"], stop_request)
+    final["preempted"] = True
+  elif stop == num_steps and qa.eval_at_end:
     metrics, predictions = evaluate_examples(world, jax.device_get(state.params), index,
                                              world.dev)
     final.update(_write_evaluation(world, final["step"], "dev", index, metrics, predictions,
@@ -706,6 +727,17 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   writer.close()
   ckpt.close()
   return final
+
+
+def _checkpoint_on_preemption(ckpt: checkpointing.Checkpointer, state, done: int,
+                              stop_request: preemption.StopRequest) -> None:
+  """The state after `done` steps to storage (waited for), unless already there; one line."""
+  if done not in ckpt.all_steps():
+    ckpt.save(done, state, {"step": done})
+    ckpt.wait()
+  _LOG.info("preempted at step %d (%s): checkpoint saved to %s", done,
+            stop_request.signal_name or "stop signal on another process",
+            ckpt.directory / str(done))
 
 
 def evaluate_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,

@@ -38,6 +38,13 @@ the last version + refresh_every) when the wait starts and every `wait_log_secon
 build shows embedding progress and ends in one summary line. `run()` returns once the
 trainer's final checkpoint (`train.num_steps` of a realm run; built even if less than
 refresh_every newer) is indexed, or after `max_builds`.
+
+SIGTERM (preemption, `train/preemption.py`): the builder stops at once and returns. A build in
+progress is abandoned between two embedding batches (its announcement is withdrawn; nothing
+is half-published: a version only appears with its manifest, by one rename); a publish that
+already has all its shards finishes. The lease is released and one line says what was
+abandoned and which version LATEST names. No agreement between builder processes is needed:
+each stops on its own and the leader withdraws the attempt.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from realm_jax.retrieval import index_format
 from realm_jax.retrieval import scann_searcher
 from realm_jax.train import checkpointing
 from realm_jax.train import partitioning
+from realm_jax.train import preemption
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
 
@@ -100,10 +108,12 @@ def shard_rows(num_docs: int, shard_index: int, num_shards: int) -> tuple[int, i
 
 def embed_rows(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
                batch_size: int, rows: np.ndarray, progress_name: str = "embed corpus",
-               progress_seconds: float = 30.0) -> np.ndarray:
+               progress_seconds: float = 30.0,
+               stop_requested: Callable[[], bool] | None = None) -> np.ndarray:
   """Embeds the corpus rows `rows` [n] on `mesh` (this process's devices): -> [n, D] float32.
 
-  Logs progress (blocks, rate, ETA) every `progress_seconds` and once at the end.
+  Logs progress (blocks, rate, ETA) every `progress_seconds` and once at the end. Raises
+  preemption.Preempted before a batch once `stop_requested()` is true (SIGTERM: abandon).
   """
   shards = partitioning.data_parallel_size(mesh)
   batch_size = max(shards, batch_size // shards * shards)
@@ -111,6 +121,8 @@ def embed_rows(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mes
   progress = progress_lib.Progress(progress_name, len(rows), unit="blocks",
                                    every_seconds=progress_seconds)
   for begin in range(0, len(rows), batch_size):
+    if stop_requested is not None and stop_requested():
+      raise preemption.Preempted(f"{progress_name}: stopped after {begin} of {len(rows)} blocks")
     chunk = rows[begin:begin + batch_size]
     padded = np.full(batch_size, corpus.null_id, np.int64)  # pad the last batch: null row
     padded[:len(chunk)] = chunk
@@ -169,6 +181,8 @@ class IndexBuilder:
     self.final_step = (int(config.train.num_steps) if config.get("objective") == "realm"
                        else None)
     self._failures: dict[int, tuple[str, float]] = {}  # step -> (last error, when logged)
+    self._stop = preemption.StopRequest()  # set by SIGTERM during run()
+    self._abandoned = ""  # what a SIGTERM abandoned, in words (for the stop line)
 
   @property
   def is_leader(self) -> bool:
@@ -188,11 +202,13 @@ class IndexBuilder:
       except FileNotFoundError as e:
         if time.time() > deadline:
           raise
+        if self._stop.requested:
+          raise preemption.Preempted("stopped while waiting for the trainer's corpus") from e
         if time.time() >= next_log:
           next_log = time.time() + wait_log_seconds
           logging.info("index_builder[%d]: waiting (%.0fs) for the trainer's corpus: %s%s",
                        self.process_index, time.time() - start, e, self._workdir_hint())
-        time.sleep(poll_seconds)
+        self._sleep(poll_seconds)
     self.corpus = data.corpus
     model = state_lib.build_model(self.config, data.corpus.vocab_size, data.corpus.special.pad)
     _, self._embed_docs = steps_lib.make_embed_fns(model, self.mesh)
@@ -211,7 +227,8 @@ class IndexBuilder:
                        "shards")
     rows = np.arange(start, stop, dtype=np.int64)
     embeddings = embed_rows(params, self.corpus, self._embed_docs, self.mesh,
-                            self.config.retrieval.embed_batch_size, rows)
+                            self.config.retrieval.embed_batch_size, rows,
+                            stop_requested=lambda: self._stop.requested)
     return index_format.write_shard(self.index_root, build, self.process_index, embeddings,
                                     rows)
 
@@ -277,17 +294,39 @@ class IndexBuilder:
     wait starts and then every `wait_log_seconds`.
     """
     poll_seconds = self.poll_seconds if poll_seconds is None else poll_seconds
-    if self.is_leader:
-      self._lease = lease_lib.acquire(self.workdir, "index_builder", force=self.force_lease)
+    with preemption.sigterm_handled() as self._stop:
+      if self.is_leader:
+        self._lease = lease_lib.acquire(self.workdir, "index_builder", force=self.force_lease)
+      try:
+        return self._run(poll_seconds, max_builds, idle_timeout, wait_log_seconds)
+      except preemption.Preempted as e:  # before any build (waiting for the corpus)
+        self._abandoned = str(e)
+        return []
+      except lease_lib.LeaseLostError as e:
+        logging.error("index_builder: %s", e)
+        raise
+      finally:
+        if self._lease is not None:
+          self._lease.release()
+          self._lease = None
+        if self._stop.requested:
+          logging.info("index_builder[%d]: stopped by %s: %s; lease released; LATEST is %s",
+                       self.process_index, self._stop.signal_name,
+                       self._abandoned or "no build in progress", self._latest_text())
+
+  def _latest_text(self) -> str:
+    """The version LATEST names, in words (for the stop line)."""
     try:
-      return self._run(poll_seconds, max_builds, idle_timeout, wait_log_seconds)
-    except lease_lib.LeaseLostError as e:
-      logging.error("index_builder: %s", e)
-      raise
-    finally:
-      if self._lease is not None:
-        self._lease.release()
-        self._lease = None
+      latest = index_format.latest_step(self.index_root)
+    except index_format.IndexVersionError as e:
+      return f"unreadable ({e})"
+    return "absent" if latest is None else f"version {latest}"
+
+  def _sleep(self, seconds: float):
+    """time.sleep(seconds), cut short by a stop request (checked every 0.2 s)."""
+    deadline = time.time() + seconds
+    while not self._stop.requested and time.time() < deadline:
+      time.sleep(min(0.2, max(deadline - time.time(), 0.0)))
 
   def _run(self, poll_seconds: float, max_builds: int | None, idle_timeout: float | None,
            wait_log_seconds: float) -> list[int]:
@@ -303,6 +342,8 @@ class IndexBuilder:
     idle_since = time.time()
     wait_start = next_log = None
     while max_builds is None or len(built) < max_builds:
+      if self._stop.requested:  # SIGTERM while waiting (or during the last build)
+        break
       self._check_lease()
       if self._final_indexed():
         logging.info("index_builder[%d]: the trainer's final checkpoint %d is indexed; done",
@@ -318,6 +359,9 @@ class IndexBuilder:
             self.build_shard(build)
         except lease_lib.LeaseLostError:
           raise
+        except preemption.Preempted:  # withdrawn by build(): nothing was published
+          self._abandoned = f"abandoned the build of step {step}"
+          break
         except Exception as e:  # pylint: disable=broad-except
           # E.g. the trainer's keep-last-N deleted that checkpoint mid-restore, a follower's
           # shard timed out, or (followers) the leader restarted and replaced the attempt.
@@ -338,7 +382,7 @@ class IndexBuilder:
         next_log = now + wait_log_seconds
         logging.info("index_builder[%d]: waiting (%.0fs): %s", self.process_index,
                      now - wait_start, self._waiting_for())
-      time.sleep(poll_seconds)
+      self._sleep(poll_seconds)
     return built
 
   def _log_failure(self, step: int, error: Exception, period: float):

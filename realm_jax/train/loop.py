@@ -35,6 +35,7 @@ from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import partitioning
+from realm_jax.train import preemption
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
 from realm_jax.train import teardown as teardown_lib
@@ -238,6 +239,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   error inside the loop propagates as itself, teardown failures after it are logged.
   Ctrl-C (KeyboardInterrupt) in the loop saves a checkpoint of the last finished step, logs
   `interrupted at step N: checkpoint saved to ...` and re-raises.
+  SIGTERM (preemption, train/preemption.py) anywhere in the call: the step in progress
+  finishes, every process stops before the same step (agreed at each step boundary), the
+  checkpoint of the last finished step is saved and waited for, one line `preempted at step
+  N: checkpoint saved to ...` is logged and the call returns (`"preempted": True`, no final
+  evaluation: the next call resumes and evaluates).
 
   Args:
     config: a resolved experiment config (see experiments/realm_facts.py).
@@ -254,15 +260,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   workdir = epath.Path(workdir)
   mesh = partitioning.make_mesh(config.mesh, devices)
   config_lib.validate(config, partitioning.data_parallel_size(mesh), jax.process_count())
-  with teardown_lib.Teardown() as teardown:
-    return _train(config, workdir, mesh, max_steps_this_run, force_lease, teardown, run_start)
+  # The SIGTERM handler outlives the teardown: a preemption during a checkpoint wait is noted.
+  with preemption.sigterm_handled() as stop_request, teardown_lib.Teardown() as teardown:
+    return _train(config, workdir, mesh, max_steps_this_run, force_lease, teardown, run_start,
+                  stop_request)
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
            max_steps_this_run: int | None, force_lease: bool, teardown: teardown_lib.Teardown,
-           run_start: float) -> dict[str, Any]:
+           run_start: float, stop_request: preemption.StopRequest) -> dict[str, Any]:
   """`train_and_evaluate` after the config checks; every resource it opens is registered
-  with `teardown` as soon as it exists."""
+  with `teardown` as soon as it exists; `stop_request` is read at every step boundary."""
   # ---- Set-up: the lease, data, model ----------------------------------------------------
   is_main = jax.process_index() == 0
   held = None
@@ -450,23 +458,36 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     logging.info("compile: %.1fs; %s", time.time() - compile_start,
                  ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
 
+  def checkpoint_last_step() -> int:
+    """The state of the last finished step to storage (waited for): its step number."""
+    done = int(jax.device_get(state.step))
+    ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a save in flight when the stop came
+    if done not in ckpt.all_steps():
+      save_checkpoint(done)
+      ckpt.wait(CHECKPOINT_WAIT_SECONDS)
+    else:
+      writer.flush()
+    return done
+
   def checkpoint_on_interrupt():
     """Ctrl-C in the loop: the state of the last finished step goes to storage (waited for)."""
-    done = None
     try:
-      done = int(jax.device_get(state.step))
-      ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a save in flight when Ctrl-C came
-      if done not in ckpt.all_steps():
-        save_checkpoint(done)
-        ckpt.wait(CHECKPOINT_WAIT_SECONDS)
-      else:
-        writer.flush()
+      done = checkpoint_last_step()
     except Exception as e:  # pylint: disable=broad-except
-      logging.error("interrupted at step %s: no checkpoint saved (%s)",
-                    "?" if done is None else done, teardown_lib.one_line(e))
+      logging.error("interrupted: no checkpoint saved (%s)", teardown_lib.one_line(e))
       return
     logging.info("interrupted at step %d: checkpoint saved to %s", done,
                  ckpt.directory / str(done))
+
+  def checkpoint_on_preemption() -> dict[str, Any]:
+    """SIGTERM: the last finished step's checkpoint (a failed save raises: exit 1, not 0)."""
+    if start_step < stop:
+      progress.close()
+    done = checkpoint_last_step()
+    logging.info("preempted at step %d (%s): checkpoint saved to %s", done,
+                 stop_request.signal_name or "stop signal on another process",
+                 ckpt.directory / str(done))
+    return {"step": done, "history": history, "compile": report, "preempted": True}
 
   # ---- The loop ------------------------------------------------------------------------
   # With retrieval.prefetch, batch t+1's query embedding is queued before step t and its host
@@ -477,8 +498,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   progress = progress_lib.Progress(config.objective, num_steps, unit="steps", start=start_step,
                                    every_count=config.train.log_every)
   history = []
+  preempted = False
   try:
     for step in range(start_step, stop):
+      if stop_request.agreed():  # every process stops before the same step
+        preempted = True
+        break
       step_start = time.time()
       scalars: dict[str, float] = {}
       if from_builder and index.maybe_swap():  # between two steps, never inside one
@@ -523,6 +548,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   except KeyboardInterrupt:
     checkpoint_on_interrupt()
     raise
+  if preempted or stop_request.agreed():  # a SIGTERM in the last step: no final evaluation
+    return checkpoint_on_preemption()
   if start_step < stop:
     progress.close()
   writer.flush()
