@@ -35,12 +35,14 @@ from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
-NUM_STEPS = 12
+NUM_STEPS = 12  # steps the tests train; the schedule runs to SCHEDULE_STEPS (no final eval)
+SCHEDULE_STEPS = 100
 # Resumed vs uninterrupted losses: same executables on the same 8 CPU devices, state restored
 # exactly from float32 checkpoints, so they agree to float32 rounding (observed: identical).
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 
-OVERRIDES = {"train.num_steps": NUM_STEPS, "train.checkpoint_every": NUM_STEPS,
+OVERRIDES = {"train.num_steps": SCHEDULE_STEPS, "train.checkpoint_every": NUM_STEPS,
+             "model.num_layers": 1,
              "retrieval.refresh_every": 4, "retrieval.prefetch": False, "train.log_every": 4,
              "retrieval.embed_batch_size": 8, "retrieval.builder_poll_seconds": 0.2}
 
@@ -142,7 +144,8 @@ def corpus_dir(tmp_path_factory):
 def uninterrupted(corpus_dir, tmp_path_factory):
   """A 12-step REALM run never interrupted: (workdir, per-step losses)."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = loop.train_and_evaluate(configured(corpus_dir), workdir)
+  result = loop.train_and_evaluate(configured(corpus_dir), workdir,
+                                   max_steps_this_run=NUM_STEPS)
   assert "preempted" not in result
   losses = [r["loss"] for r in train_records(workdir)]
   assert len(losses) == NUM_STEPS
@@ -167,14 +170,15 @@ def test_sigterm_saves_the_step_exits_0_and_the_resume_matches(corpus_dir, unint
   assert len(saved) == 1, log[-3000:]
   stopped_at = int(saved[0][0])
   assert saved[0][1] == "SIGTERM" and saved[0][2].endswith(f"checkpoints/{stopped_at}")
-  assert 3 <= stopped_at < NUM_STEPS, "stopped mid-run"
+  assert 3 <= stopped_at < NUM_STEPS, "stopped mid-run (each step takes >= 0.3 s)"
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == stopped_at
   assert [r["step"] for r in train_records(workdir)] == list(range(1, stopped_at + 1))
   assert not (workdir / ".lease-trainer.json").exists(), "released on the way out"
   assert not [r for r in metrics_lib.read_metrics_counted(
       workdir / "metrics" / "metrics.jsonl")[0] if r["phase"] == "eval"], "no final eval"
 
-  result = loop.train_and_evaluate(configured(corpus_dir), workdir)  # the same command again
+  result = loop.train_and_evaluate(configured(corpus_dir), workdir,  # the same command again
+                                   max_steps_this_run=NUM_STEPS - stopped_at)
   assert result["history"][0]["step"] == stopped_at + 1 and result["step"] == NUM_STEPS
   records = train_records(workdir)
   assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1)), "each step once"
@@ -312,6 +316,16 @@ def test_builder_sigterm_abandons_the_build_and_keeps_latest_valid(corpus_dir, u
 # ---- ICT (the same loop) and QA fine-tuning, SIGTERM to this process --------------------------
 
 
+@pytest.fixture
+def sigterm_guard():
+  """A SIGTERM handler of the test's own while it runs (so a loop that installs none fails the
+  test instead of killing pytest): -> the signals it caught. Restored afterwards."""
+  caught = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+  yield caught
+  signal.signal(signal.SIGTERM, previous)
+
+
 def _sigterm_on_call(monkeypatch, owner, name, call_number):
   """Sends this process a real SIGTERM during the `call_number`-th call of owner.name."""
   real, calls = getattr(owner, name), []
@@ -324,8 +338,10 @@ def _sigterm_on_call(monkeypatch, owner, name, call_number):
   monkeypatch.setattr(owner, name, patched)
 
 
-def test_ict_loop_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch, caplog):
-  config = configured(corpus_dir, {"ict.num_steps": 6, "train.checkpoint_every": 6})
+def test_ict_loop_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch, caplog,
+                                               sigterm_guard):
+  config = configured(corpus_dir, {"ict.num_steps": 6, "train.checkpoint_every": 6,
+                                   "model.num_layers": 1})
   config.objective = "ict"
   workdir = tmp_path / "ict"
   caplog.set_level(logging.INFO)
@@ -333,7 +349,8 @@ def test_ict_loop_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch
   _sigterm_on_call(monkeypatch, pipeline.IctBatchSource, "batch_at", 3)  # in step 3
   result = loop.train_and_evaluate(config, workdir)
   assert signal.getsignal(signal.SIGTERM) is previous, "the previous handler is back"
-  assert result["preempted"] and result["step"] == 3
+  assert not sigterm_guard, "the loop's handler, not the previous one, got the signal"
+  assert result.get("preempted") and result["step"] == 3
   assert [m for m in caplog.messages if m.startswith("preempted at step 3 (SIGTERM)")]
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == 3
   assert [r["step"] for r in train_records(workdir, "ict")] == [1, 2, 3]
@@ -343,7 +360,8 @@ def test_ict_loop_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch
   assert [r["step"] for r in train_records(workdir, "ict")] == list(range(1, 7))
 
 
-def test_qa_finetune_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch, caplog):
+def test_qa_finetune_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch, caplog,
+                                                  sigterm_guard):
   import qa_finetune_test as qa_helpers  # pylint: disable=g-import-not-at-top
   init = tmp_path / "ict0"
   init_config = qa_helpers.small_config(corpus_dir)
@@ -358,7 +376,8 @@ def test_qa_finetune_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypa
   caplog.set_level(logging.INFO)
   _sigterm_on_call(monkeypatch, finetune.batches_lib, "build_qa_batch", 3)  # in step 3
   result = finetune.finetune_qa(config, workdir)
-  assert result["preempted"] and result["step"] == 3 and "exact_match" not in result
+  assert not sigterm_guard, "the loop's handler, not the previous one, got the signal"
+  assert result.get("preempted") and result["step"] == 3 and "exact_match" not in result
   assert [m for m in caplog.messages if m.startswith("preempted at step 3 (SIGTERM)")]
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == 3
   monkeypatch.undo()
