@@ -216,6 +216,7 @@ def main(argv):
     sys.exit("error: --workdir is required")
 
   from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from realm_jax.train import preemption  # pylint: disable=g-import-not-at-top
   try:
     if _DISTRIBUTED.value:
       import jax  # pylint: disable=g-import-not-at-top
@@ -226,6 +227,8 @@ def main(argv):
     _run_mode(mode, config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
+  except preemption.Preempted:  # its one line is logged; the same command resumes
+    sys.exit(0)
   except KeyboardInterrupt:
     sys.stderr.flush()
     print(f"interrupted: --mode={mode} stopped by Ctrl-C; run the same command to resume "

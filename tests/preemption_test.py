@@ -144,9 +144,7 @@ def corpus_dir(tmp_path_factory):
 def uninterrupted(corpus_dir, tmp_path_factory):
   """A 12-step REALM run never interrupted: (workdir, per-step losses)."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = loop.train_and_evaluate(configured(corpus_dir), workdir,
-                                   max_steps_this_run=NUM_STEPS)
-  assert "preempted" not in result
+  loop.train_and_evaluate(configured(corpus_dir), workdir, max_steps_this_run=NUM_STEPS)
   losses = [r["loss"] for r in train_records(workdir)]
   assert len(losses) == NUM_STEPS
   return workdir, losses
@@ -347,16 +345,17 @@ def test_ict_loop_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypatch
   caplog.set_level(logging.INFO)
   previous = signal.getsignal(signal.SIGTERM)
   _sigterm_on_call(monkeypatch, pipeline.IctBatchSource, "batch_at", 3)  # in step 3
-  result = loop.train_and_evaluate(config, workdir)
+  with pytest.raises(preemption.Preempted) as stopped:  # the CLI exits 0 on it
+    loop.train_and_evaluate(config, workdir)
   assert signal.getsignal(signal.SIGTERM) is previous, "the previous handler is back"
   assert not sigterm_guard, "the loop's handler, not the previous one, got the signal"
-  assert result.get("preempted") and result["step"] == 3
+  assert stopped.value.step == 3 and stopped.value.checkpoint.endswith("checkpoints/3")
   assert [m for m in caplog.messages if m.startswith("preempted at step 3 (SIGTERM)")]
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == 3
   assert [r["step"] for r in train_records(workdir, "ict")] == [1, 2, 3]
   monkeypatch.undo()
   final = loop.train_and_evaluate(config, workdir)
-  assert final["step"] == 6 and "preempted" not in final
+  assert final["step"] == 6
   assert [r["step"] for r in train_records(workdir, "ict")] == list(range(1, 7))
 
 
@@ -375,9 +374,11 @@ def test_qa_finetune_stops_on_sigterm_and_resumes(corpus_dir, tmp_path, monkeypa
   workdir = tmp_path / "qa"
   caplog.set_level(logging.INFO)
   _sigterm_on_call(monkeypatch, finetune.batches_lib, "build_qa_batch", 3)  # in step 3
-  result = finetune.finetune_qa(config, workdir)
+  with pytest.raises(preemption.Preempted) as stopped:  # the CLI exits 0 on it
+    finetune.finetune_qa(config, workdir)
   assert not sigterm_guard, "the loop's handler, not the previous one, got the signal"
-  assert result.get("preempted") and result["step"] == 3 and "exact_match" not in result
+  assert stopped.value.step == 3
+  assert not (workdir / finetune.RESULTS_FILE).exists(), "no evaluation"
   assert [m for m in caplog.messages if m.startswith("preempted at step 3 (SIGTERM)")]
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == 3
   monkeypatch.undo()

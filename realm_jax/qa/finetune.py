@@ -586,8 +586,8 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
 
   SIGTERM (preemption, train/preemption.py): the step in progress finishes, all processes stop
   before the same step, its checkpoint is saved and waited for, one line `preempted at step N:
-  checkpoint saved to ...` is logged and the call returns with `"preempted": True` (no
-  evaluation; the next call resumes).
+  checkpoint saved to ...` is logged and `preemption.Preempted` is raised (no evaluation; the
+  next call resumes; the CLI exits 0).
 
   Returns:
     {"step", "history" (per-step metrics of this call), "compile"} plus the dev evaluation
@@ -717,9 +717,12 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                            "index": dict(root=index.root, step=index.step,
                                          source=index.source)}
   if preempted or stop_request.agreed():  # ---- Preemption: checkpoint, no evaluation ----
-    _checkpoint_on_preemption(ckpt, state, final["step"], stop_request)
-    final["preempted"] = True
-  elif stop == num_steps and qa.eval_at_end:
+    try:
+      _checkpoint_on_preemption(ckpt, state, final["step"], stop_request)
+    finally:
+      writer.close()
+      ckpt.close()
+  if stop == num_steps and qa.eval_at_end:
     metrics, predictions = evaluate_examples(world, jax.device_get(state.params), index,
                                              world.dev)
     final.update(_write_evaluation(world, final["step"], "dev", index, metrics, predictions,
@@ -731,13 +734,17 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
 
 def _checkpoint_on_preemption(ckpt: checkpointing.Checkpointer, state, done: int,
                               stop_request: preemption.StopRequest) -> None:
-  """The state after `done` steps to storage (waited for), unless already there; one line."""
+  """The state after `done` steps to storage (waited for), unless already there; one line;
+  then preemption.Preempted."""
   if done not in ckpt.all_steps():
     ckpt.save(done, state, {"step": done})
     ckpt.wait()
-  _LOG.info("preempted at step %d (%s): checkpoint saved to %s", done,
-            stop_request.signal_name or "stop signal on another process",
-            ckpt.directory / str(done))
+  path = ckpt.directory / str(done)
+  message = (f"preempted at step {done} "
+             f"({stop_request.signal_name or 'stop signal on another process'}): "
+             f"checkpoint saved to {path}")
+  _LOG.info("%s", message)
+  raise preemption.Preempted(message, done, str(path))
 
 
 def evaluate_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,

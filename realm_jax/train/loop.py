@@ -242,8 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
   SIGTERM (preemption, train/preemption.py) anywhere in the call: the step in progress
   finishes, every process stops before the same step (agreed at each step boundary), the
   checkpoint of the last finished step is saved and waited for, one line `preempted at step
-  N: checkpoint saved to ...` is logged and the call returns (`"preempted": True`, no final
-  evaluation: the next call resumes and evaluates).
+  N: checkpoint saved to ...` is logged and `preemption.Preempted` is raised (no final
+  evaluation: the next call resumes and evaluates; the CLI exits 0).
 
   Args:
     config: a resolved experiment config (see experiments/realm_facts.py).
@@ -479,15 +479,17 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     logging.info("interrupted at step %d: checkpoint saved to %s", done,
                  ckpt.directory / str(done))
 
-  def checkpoint_on_preemption() -> dict[str, Any]:
-    """SIGTERM: the last finished step's checkpoint (a failed save raises: exit 1, not 0)."""
+  def checkpoint_on_preemption():
+    """SIGTERM: the last finished step's checkpoint, then Preempted (a failed save raises its
+    own error instead: exit 1, not 0)."""
     if start_step < stop:
       progress.close()
     done = checkpoint_last_step()
-    logging.info("preempted at step %d (%s): checkpoint saved to %s", done,
-                 stop_request.signal_name or "stop signal on another process",
-                 ckpt.directory / str(done))
-    return {"step": done, "history": history, "compile": report, "preempted": True}
+    message = (f"preempted at step {done} "
+               f"({stop_request.signal_name or 'stop signal on another process'}): "
+               f"checkpoint saved to {ckpt.directory / str(done)}")
+    logging.info("%s", message)
+    raise preemption.Preempted(message, done, str(ckpt.directory / str(done)))
 
   # ---- The loop ------------------------------------------------------------------------
   # With retrieval.prefetch, batch t+1's query embedding is queued before step t and its host
@@ -549,7 +551,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     checkpoint_on_interrupt()
     raise
   if preempted or stop_request.agreed():  # a SIGTERM in the last step: no final evaluation
-    return checkpoint_on_preemption()
+    checkpoint_on_preemption()
   if start_step < stop:
     progress.close()
   writer.flush()

@@ -8,7 +8,8 @@ and return normally (the CLI exits 0); the index builder abandons the version in
 
 `sigterm_handled()` installs a handler (main thread only; the previous handler is restored on
 exit) that only records the signal: everything else happens at the next step boundary, where
-the loop calls `StopRequest.agreed()`.
+the loop calls `StopRequest.agreed()`. A loop that stopped raises `Preempted` once its
+checkpoint is saved; `main.py` exits 0 on it.
 
 Agreement across processes (`jax.process_count() > 1`): each process's flag is combined with
 `jax.experimental.multihost_utils.process_allgather` at every step boundary, so all processes
@@ -48,7 +49,16 @@ _LOG = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
-  """Raised inside long host work (the builder's corpus embedding) to abandon it."""
+  """A job stopped by a stop signal, its state saved: the CLI exits 0.
+
+  The training loops raise it after the checkpoint is on storage (`step`, `checkpoint`), so a
+  caller that chains runs (the demo's phases) cannot go on from an unfinished one; the index
+  builder raises it inside its corpus embedding to abandon the build (and returns normally).
+  """
+
+  def __init__(self, message: str, step: int | None = None, checkpoint: str | None = None):
+    super().__init__(message)
+    self.step, self.checkpoint = step, checkpoint
 
 
 class StopRequest:
