@@ -27,7 +27,8 @@ trainer or builder that holds it.
 
 Exit codes: 0 done, or stopped by SIGTERM (preemption: the trainer, ICT and QA loops finish
 the step in progress and save a checkpoint, logging `preempted at step N: checkpoint saved to
-...`; the index builder abandons the version in progress; the same command resumes); 1 an
+...`; the index builder abandons the version in progress; the same command resumes;
+`--preempted_exit_code` changes this 0 for schedulers that restart failed jobs only); 1 an
 error (its traceback, then one last line `error: <Type>: <message> (caused by <root cause>)`,
 or `config error: ...` for a bad config); 130 interrupted (Ctrl-C; the trainer saves a
 checkpoint first, so the same command resumes).
@@ -70,6 +71,10 @@ _K = flags.DEFINE_integer("k", 5, "retrieve: documents per query.")
 _INDEX_STEP = flags.DEFINE_integer("index_step", None,
                                    "retrieve: the index version to search (default: LATEST).")
 _OUTPUT = flags.DEFINE_string("output", None, "retrieve: also write the results as JSONL here.")
+_PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
+    "preempted_exit_code", 0, "Exit status after a SIGTERM stop with the checkpoint saved (0: "
+    "done for now; a launcher whose scheduler restarts only failed jobs, e.g. xpk's JobSet "
+    "restarting on 42, passes that code).", lower_bound=0, upper_bound=255)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host; the launcher or the "
     "TPU/GPU cluster environment supplies coordinator and process ids).")
@@ -228,7 +233,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     sys.exit(f"config error: {e}")
   except preemption.Preempted:  # its one line is logged; the same command resumes
-    sys.exit(0)
+    sys.exit(_PREEMPTED_EXIT_CODE.value)
   except KeyboardInterrupt:
     sys.stderr.flush()
     print(f"interrupted: --mode={mode} stopped by Ctrl-C; run the same command to resume "

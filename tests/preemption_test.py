@@ -311,6 +311,25 @@ def test_builder_sigterm_abandons_the_build_and_keeps_latest_valid(corpus_dir, u
   assert not lease_lib.lease_path(workdir, "index_builder").exists(), "lease released"
 
 
+def test_builder_waiting_for_the_corpus_stops_with_the_chosen_exit_code(tmp_path):
+  """SIGTERM while the builder waits for a trainer's corpus; `--preempted_exit_code=42` (what
+  a scheduler that restarts only failed jobs needs) is the exit status."""
+  config_file = write_config_file(tmp_path, tmp_path / "no_corpus_yet")
+  workdir = tmp_path / "empty"
+  child = start_cli(tmp_path, "waiting", ["--mode=index_builder", f"--config={config_file}",
+                                          f"--workdir={workdir}", "--preempted_exit_code=42"])
+  log_path = tmp_path / "waiting.log"
+  wait_until(lambda: "waiting (" in log_path.read_text(), child, "waiting for the corpus",
+             timeout=120)
+  child.send_signal(signal.SIGTERM)
+  returncode = child.wait(60)
+  log = log_path.read_text()
+  assert returncode == 42, log[-3000:]
+  assert re.search(r"stopped by SIGTERM: stopped while waiting for the trainer's corpus; "
+                   r"lease released; LATEST is absent", log), log[-3000:]
+  assert not lease_lib.lease_path(workdir, "index_builder").exists()
+
+
 # ---- ICT (the same loop) and QA fine-tuning, SIGTERM to this process --------------------------
 
 

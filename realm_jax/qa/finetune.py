@@ -576,6 +576,11 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   """Fine-tunes the query tower and reader on `config.qa`'s questions in `workdir`, resuming
   if it holds a run; evaluates on the dev questions at the end (`qa.eval_at_end`).
 
+  SIGTERM (preemption, train/preemption.py): the step in progress finishes, all processes stop
+  before the same step, its checkpoint is saved and waited for, one line `preempted at step N:
+  checkpoint saved to ...` is logged and `preemption.Preempted` is raised (no evaluation; the
+  next call resumes; the CLI exits 0).
+
   Args:
     config: an Open-QA config (experiments/openqa_facts.py, experiments/openqa.py).
     workdir: the run's folder: checkpoints/, metrics/, qa_index.json (and index/ when the
@@ -583,11 +588,6 @@ def finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     max_steps_this_run: stop after this many steps (a preemption stand-in; the schedule
       follows qa.num_steps and the next call resumes).
     devices: devices for the mesh (default: all).
-
-  SIGTERM (preemption, train/preemption.py): the step in progress finishes, all processes stop
-  before the same step, its checkpoint is saved and waited for, one line `preempted at step N:
-  checkpoint saved to ...` is logged and `preemption.Preempted` is raised (no evaluation; the
-  next call resumes; the CLI exits 0).
 
   Returns:
     {"step", "history" (per-step metrics of this call), "compile"} plus the dev evaluation

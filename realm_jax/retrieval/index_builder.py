@@ -39,11 +39,12 @@ build shows embedding progress and ends in one summary line. `run()` returns onc
 trainer's final checkpoint (`train.num_steps` of a realm run; built even if less than
 refresh_every newer) is indexed, or after `max_builds`.
 
-SIGTERM (preemption, `train/preemption.py`): the builder stops at once and returns. A build in
+SIGTERM (preemption, `train/preemption.py`): the builder stops at once. A build in
 progress is abandoned between two embedding batches (its announcement is withdrawn; nothing
 is half-published: a version only appears with its manifest, by one rename); a publish that
 already has all its shards finishes. The lease is released and one line says what was
-abandoned and which version LATEST names. No agreement between builder processes is needed:
+abandoned and which version LATEST names, and `run()` raises `preemption.Preempted` (the CLI
+exits 0, or `--preempted_exit_code`). No agreement between builder processes is needed:
 each stops on its own and the leader withdraws the attempt.
 """
 
@@ -291,17 +292,18 @@ class IndexBuilder:
     `idle_timeout` seconds without a successful one. The leader holds the workdir's builder
     lease throughout (raises lease.LeaseHeldError if another live builder has it, and
     lease.LeaseLostError once one took it over). While waiting it logs what for, when the
-    wait starts and then every `wait_log_seconds`.
+    wait starts and then every `wait_log_seconds`. After a SIGTERM it abandons the build in
+    progress, releases the lease, logs one line and raises preemption.Preempted (the CLI
+    exits 0).
     """
     poll_seconds = self.poll_seconds if poll_seconds is None else poll_seconds
     with preemption.sigterm_handled() as self._stop:
       if self.is_leader:
         self._lease = lease_lib.acquire(self.workdir, "index_builder", force=self.force_lease)
       try:
-        return self._run(poll_seconds, max_builds, idle_timeout, wait_log_seconds)
+        built = self._run(poll_seconds, max_builds, idle_timeout, wait_log_seconds)
       except preemption.Preempted as e:  # before any build (waiting for the corpus)
-        self._abandoned = str(e)
-        return []
+        self._abandoned, built = str(e), []
       except lease_lib.LeaseLostError as e:
         logging.error("index_builder: %s", e)
         raise
@@ -309,10 +311,13 @@ class IndexBuilder:
         if self._lease is not None:
           self._lease.release()
           self._lease = None
-        if self._stop.requested:
-          logging.info("index_builder[%d]: stopped by %s: %s; lease released; LATEST is %s",
-                       self.process_index, self._stop.signal_name,
-                       self._abandoned or "no build in progress", self._latest_text())
+    if self._stop.requested:
+      message = (f"index_builder[{self.process_index}]: stopped by {self._stop.signal_name}: "
+                 f"{self._abandoned or 'no build in progress'}; lease released; LATEST is "
+                 f"{self._latest_text()}")
+      logging.info("%s", message)
+      raise preemption.Preempted(message)
+    return built
 
   def _latest_text(self) -> str:
     """The version LATEST names, in words (for the stop line)."""
