@@ -38,7 +38,8 @@ REPO_DIR = os.path.dirname(TESTS_DIR)
 NUM_STEPS = 12  # steps the tests train; the schedule runs to SCHEDULE_STEPS (no final eval)
 SCHEDULE_STEPS = 100
 # Resumed vs uninterrupted losses: same executables on the same 8 CPU devices, state restored
-# exactly from float32 checkpoints, so they agree to float32 rounding (observed: identical).
+# exactly from float32 checkpoints, so they agree to float32 rounding (the test prints the
+# largest difference seen).
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 
 OVERRIDES = {"train.num_steps": SCHEDULE_STEPS, "train.checkpoint_every": NUM_STEPS,
@@ -180,8 +181,10 @@ def test_sigterm_saves_the_step_exits_0_and_the_resume_matches(corpus_dir, unint
   assert result["history"][0]["step"] == stopped_at + 1 and result["step"] == NUM_STEPS
   records = train_records(workdir)
   assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1)), "each step once"
-  np.testing.assert_allclose([r["loss"] for r in records], uninterrupted[1], rtol=LOSS_RTOL,
-                             atol=LOSS_ATOL)
+  resumed = np.array([r["loss"] for r in records])
+  print(f"resumed vs uninterrupted loss: max |diff| {np.abs(resumed - uninterrupted[1]).max():.3g}"
+        f" over {NUM_STEPS} steps (preempted at step {stopped_at})")
+  np.testing.assert_allclose(resumed, uninterrupted[1], rtol=LOSS_RTOL, atol=LOSS_ATOL)
 
 
 # ---- Agreement: 2 jax.distributed processes stop before the same step ------------------------
