@@ -16,8 +16,9 @@ Agreement across processes (`jax.process_count() > 1`): each process's flag is c
 stop before the same step even when only one of them received the signal. Cost: one tiny
 collective (an int32 per process, jitted once) and its host read per step, which also waits
 for the step's dispatch to drain (the loops read the step's metrics every step anyway):
-measured 6.8 ms per call on 2 local CPU processes over gloo on an idle machine, 10.8 ms under
-a load of 17 on 2 cores (tests/preemption_test.py prints it); on a TPU pod expect a small
+measured 6.8 ms per call on 2 local CPU processes over gloo on a lightly loaded machine,
+11-22 ms under loads of 17-25 on 2 cores (tests/preemption_test.py prints it), i.e. mostly
+host scheduling, not data; on a TPU pod expect a small
 all-gather's latency, well under a REALM base step of hundreds of ms (not measured here: no
 TPU). With one process it is an attribute read.
 
