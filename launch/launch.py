@@ -40,12 +40,14 @@ DEFAULT_REPO_DIR = "~/realm_jax"
 LOG_DIR = "~/realm_jax_logs"
 TARBALL = "realm_jax.tar.gz"
 ROLES = {"train": "train", "index-builder": "index_builder"}
+XPK_RESTART_EXIT_CODE = 42  # xpk/JobSet restart a failed pod on 42 and 127-255
 
 # Python run as `python -c SIGTERM_PRELUDE --mode=... ...`: the project's CLI (sys.argv[1:] are
 # its flags, untouched) with SIGTERM mapped to KeyboardInterrupt. TPU VM maintenance/Spot
-# preemption, GKE pod deletion and Vertex AI all send SIGTERM before they kill; the trainer's
-# Ctrl-C path (realm_jax/train/loop.py) then saves the last finished step and main exits 130,
-# and the same command resumes from it. A handler the trainer installs itself replaces this one.
+# preemption, GKE pod deletion and Vertex AI all send SIGTERM before they kill. Inside the
+# training loops and the builder the project's own handler replaces this one (train/preemption.py:
+# finish the step, checkpoint, exit 0 or --preempted_exit_code); the prelude covers the rest
+# (start-up, evaluation): Ctrl-C's path, exit 130, and the same command resumes.
 # The first SIGTERM raises KeyboardInterrupt, later ones are ignored (they would interrupt the
 # save). Double quotes only, so the remote shells' single quoting stays readable.
 SIGTERM_PRELUDE = (
@@ -360,7 +362,10 @@ def xpk_commands(args) -> list[list[str]]:
     if not tpu_type:
       raise LaunchError(f"--{'builder-' if role != 'train' else ''}tpu-type is required "
                         "(e.g. v5litepod-64 for the trainer, v5litepod-8 for the builder)")
-    flags = realm_flags(ROLES[role], config, workdir, gke_hosts(tpu_type) * slices > 1, sets)
+    # JobSet restarts a workload on exit 42 (and 127-255) only: a preempted trainer or builder
+    # (SIGTERM: checkpoint saved / build abandoned) exits 42 so that it is restarted.
+    flags = realm_flags(ROLES[role], config, workdir, gke_hosts(tpu_type) * slices > 1, sets,
+                        [f"--preempted_exit_code={XPK_RESTART_EXIT_CODE}"])
     # `exec` would not help here: xpk wraps --command in its own bash that traps SIGTERM and
     # forwards it to this process (see launch/README.md), and the prelude does the rest.
     command = quote(python_argv("python", flags, not args.no_sigterm_as_interrupt))
@@ -558,8 +563,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
   p.add_argument("--workload-prefix", default=_env(env, "WORKLOAD_PREFIX", "realm"))
   p.add_argument("--only", default="both", choices=["both", "train", "builder"])
   p.add_argument("--max-restarts", type=int, default=10,
-                 help="JobSet restarts (xpk restarts on exit 42 and 127-255: 130 is the "
-                 "trainer's save-on-SIGTERM exit, 1 an error is not retried)")
+                 help="JobSet restarts (xpk restarts on exit 42 and 127-255: a preempted "
+                 "trainer/builder exits 42 here, a SIGTERM outside the loops 130; 1, an error, "
+                 "is not retried)")
   p.add_argument("--grace-seconds", type=int, default=300,
                  help="pod termination grace: time for the SIGTERM checkpoint save")
   p.add_argument("--priority", default="medium",

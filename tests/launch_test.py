@@ -256,13 +256,15 @@ def test_xpk_two_workloads():
       "--tpu-type=v5litepod-64", "--num-slices=1",
       "--docker-image=gcr.io/my-project/realm_jax:v1",
       "--command=" + shlex.join(["python", "-c", PRELUDE, "--mode=train", f"--config={CONFIG}",
-                                 f"--workdir={WORKDIR}", "--distributed"]),
+                                 f"--workdir={WORKDIR}", "--distributed",
+                                 "--preempted_exit_code=42"]),
       "--zone=us-west4-a", "--project=my-project", "--max-restarts=10",
       "--termination-grace-period-seconds=300", "--priority=medium"]
   assert builder[4:7] == ["--workload=realm-builder", "--tpu-type=v5litepod-8", "--num-slices=1"]
   # Same config and workdir; the builder is 2 pods under xpk, hence --distributed.
   assert xpk_python(builder) == ["python", "-c", PRELUDE, "--mode=index_builder",
-                                 f"--config={CONFIG}", f"--workdir={WORKDIR}", "--distributed"]
+                                 f"--config={CONFIG}", f"--workdir={WORKDIR}", "--distributed",
+                                 "--preempted_exit_code=42"]
   [only] = commands(XPK + ["--only=builder", "--spot", "--xpk-dry-run", "--manifest-dir=/m"])
   assert only[4] == "--workload=realm-builder"
   assert only[-4:] == ["--spot", "--dry-run", "--skip-validation",
@@ -365,7 +367,8 @@ def test_remote_flags_are_the_clis(tmp_path):
   helpfull = subprocess.run([sys.executable, "-m", "realm_jax.main", "--helpfull"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
   known = set(re.findall(r"^\s+--(?:\[no\])?([a-z_]+)", helpfull.stdout, re.M))
-  assert {"mode", "config", "workdir", "distributed", "max_builds", "force"} <= known
+  assert {"mode", "config", "workdir", "distributed", "max_builds", "force",
+          "preempted_exit_code"} <= known
   seen = set()
   for argv in _all_python_argvs(tmp_path):
     assert argv[1:3] in (["-c", PRELUDE], ["-m", "realm_jax.main"])
@@ -374,7 +377,8 @@ def test_remote_flags_are_the_clis(tmp_path):
       name = "config" if name.startswith("config.") else name
       assert name in known, flag
       seen.add(name)
-  assert seen == {"mode", "config", "workdir", "distributed", "max_builds", "force"}
+  assert seen == {"mode", "config", "workdir", "distributed", "max_builds", "force",
+                  "preempted_exit_code"}
 
 
 def test_prelude_runs_the_real_cli():
