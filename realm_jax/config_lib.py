@@ -191,6 +191,9 @@ FIELDS: dict[str, Field] = {
                                            0.0, _DAY, lo_open=True),
     "retrieval.builder_poll_seconds": _float(
         "how often the index builder looks for a new checkpoint", 0.0, _DAY, lo_open=True),
+    "retrieval.rebalance_on_update": Field(
+        "index builder: retrain (ScaNN rebalance) each shard after an incremental corpus "
+        "update instead of only upsert/delete"),
     "retrieval.builder_shard_timeout": _float(
         "several builder processes: how long process 0 waits for the others' shards", 0.0,
         7 * _DAY, lo_open=True),
@@ -323,6 +326,9 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
+      # Incremental versions (a corpus update, no newer checkpoint): ScaNN rebalance after
+      # upsert/delete (a full retrain of each shard's tree) instead of updating in place.
+      rebalance_on_update=False,
       # Several builder processes: how long process 0 waits for the others' shards.
       builder_shard_timeout=3600.0,
       # ScaNN settings; 0 = scaled to each shard's size (retrieval/scann_searcher.py).
