@@ -201,6 +201,9 @@ FIELDS: dict[str, Field] = {
     "retrieval.scann.num_leaves_to_search": _int("ScaNN partitions searched (0: scaled)",
                                                  0, 10**7),
     "retrieval.scann.reorder": _int("ScaNN exact re-scoring candidates (0: scaled)", 0, 10**7),
+    "retrieval.scann.reorder_dtype": _choice(
+        "how ScaNN stores the re-scored vectors (each shard's only copy): float32, bfloat16 "
+        "(1/2 the bytes) or int8 (1/4)", ("float32", "bfloat16", "int8")),
     "retrieval.scann.dims_per_block": _int("ScaNN quantization dims per block (0: scaled)",
                                            0, 65536),
     "retrieval.scann.training_sample_size": _int("ScaNN training sample (0: scaled)", 0, 10**9),
@@ -333,7 +336,7 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       builder_shard_timeout=3600.0,
       # ScaNN settings; 0 = scaled to each shard's size (retrieval/scann_searcher.py).
       scann=dict(num_leaves=0, num_leaves_to_search=0, reorder=0, dims_per_block=0,
-                 training_sample_size=0),
+                 training_sample_size=0, reorder_dtype="float32"),
       # Retrieve batch t+1 while the devices run step t (its candidates are then chosen with
       # the parameters before step t). False: strictly sequential, bit-exact across resumes.
       prefetch=True,

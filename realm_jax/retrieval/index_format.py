@@ -314,18 +314,29 @@ def _stage_scann(searcher: scann_searcher.ScannSearcher, shard: epath.Path) -> d
 
 
 def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: int,
-                embeddings: np.ndarray, doc_ids: np.ndarray,
+                embeddings: np.ndarray | None, doc_ids: np.ndarray,
                 searcher: searcher_lib.Searcher | None = None) -> dict[str, Any]:
   """Writes shard `shard_index` of an announced build: [n, D] embeddings, [n] doc ids.
 
-  A "scann" build also trains (or takes the given) `ScannSearcher` and stores it. The shard's
-  SHARD_DONE.json goes last, and only while `build` is still the announced attempt.
+  A "scann" build also trains (or takes the given) `ScannSearcher` and stores it, and stores
+  the vectors only once, inside ScaNN's own files (the ones it re-scores with, in its
+  `reorder_dtype`): no embeddings.npy beside them. `embeddings` may then be None when the
+  searcher is given (an updated searcher). The shard's SHARD_DONE.json goes last, and only
+  while `build` is still the announced attempt.
   """
-  embeddings = np.asarray(embeddings, np.float32)
   doc_ids = np.asarray(doc_ids, np.int64)
-  if embeddings.ndim != 2 or doc_ids.shape != (len(embeddings),):
-    raise IndexVersionError(f"shard {shard_index}: embeddings {embeddings.shape} vs doc_ids "
-                            f"{doc_ids.shape}")
+  scann_build = build["searcher"] == "scann"
+  if embeddings is None:
+    if not (scann_build and searcher is not None):
+      raise IndexVersionError(f"shard {shard_index}: no embeddings (only a given ScaNN "
+                              "searcher holds its own)")
+    dim = searcher.dim
+  else:
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 2 or doc_ids.shape != (len(embeddings),):
+      raise IndexVersionError(f"shard {shard_index}: embeddings {embeddings.shape} vs doc_ids "
+                              f"{doc_ids.shape}")
+    dim = embeddings.shape[1]
   if not 0 <= shard_index < build["num_shards"]:
     raise IndexVersionError(f"shard {shard_index} of a {build['num_shards']}-shard build")
   name = shard_name(shard_index, build["num_shards"])
@@ -333,16 +344,20 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
   if shard.exists():  # an earlier try of this shard (only its own process writes it)
     shard.rmtree()
   shard.mkdir()  # no parents: a tmp folder the leader removed is not brought back
-  entry = dict(name=name, num_docs=int(len(doc_ids)), dim=int(embeddings.shape[1]),
-               embeddings_sha256=_write_npy(shard / "embeddings.npy", embeddings),
+  entry = dict(name=name, num_docs=int(len(doc_ids)), dim=int(dim),
                doc_ids_sha256=_write_npy(shard / "doc_ids.npy", doc_ids))
-  if build["searcher"] == "scann":
+  if scann_build:
     if searcher is None:
       searcher = scann_searcher.ScannSearcher(embeddings, doc_ids, **build["searcher_options"])
     if not isinstance(searcher, scann_searcher.ScannSearcher):
       raise IndexVersionError(f"a scann build got a {type(searcher).__name__}")
+    if searcher.num_docs != len(doc_ids) or not np.array_equal(searcher.doc_ids, doc_ids):
+      raise IndexVersionError(f"shard {shard_index}: the searcher's doc ids are not the shard's")
     entry["scann_files"] = _stage_scann(searcher, shard)
     entry["scann_params"] = dict(searcher.params)
+    entry["vectors"] = "scann"  # stored once, in ScaNN's re-scoring dataset
+  else:
+    entry["embeddings_sha256"] = _write_npy(shard / "embeddings.npy", embeddings)
   current = read_build(index_root, build_key(build))
   if current is None or current["attempt"] != build["attempt"]:
     raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
@@ -592,7 +607,9 @@ def read_manifest(index_root: epath.PathLike, step: int) -> dict[str, Any]:
     elif any(e.get("dim", manifest["dim"]) != manifest["dim"] for e in shards):
       problem = f"shard dims {[e.get('dim') for e in shards]} differ from dim {manifest['dim']}"
     elif not all(isinstance(e.get("doc_ids_sha256"), str) and
-                 isinstance(e.get("embeddings_sha256"), str) for e in shards):
+                 (isinstance(e.get("embeddings_sha256"), str) or
+                  (manifest["searcher"] == "scann" and isinstance(e.get("scann_files"), dict)))
+                 for e in shards):
       problem = "a shard lacks its checksums"
   if problem:
     raise IndexVersionError(f"{path}: {problem}")
@@ -651,12 +668,22 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
   if out_of_range.any():
     raise IndexVersionError(f"{shard}: {int(out_of_range.sum())} doc ids outside [0, "
                             f"{total_docs}) (e.g. {doc_ids[out_of_range][:3].tolist()})")
+  kind = manifest["searcher"]
+  if "embeddings_sha256" not in entry:  # vectors stored once, inside ScaNN's files
+    if not isinstance(entry.get("scann_files"), dict):
+      raise IndexVersionError(f"{shard}: neither embeddings.npy nor ScaNN files")
+    _check_scann_vectors(shard, entry, num_docs, dim)
+    searcher = _load_scann_shard(shard, entry, build=build)
+    if searcher is not None and (
+        (searcher.num_docs, searcher.dim) != (num_docs, dim) or
+        not np.array_equal(searcher.doc_ids, doc_ids)):
+      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
+    return searcher, doc_ids
   # The stored embeddings, also of "scann" shards whose searcher is stored: a NaN/inf there
   # means the searcher was trained on it too (its codebooks themselves are only checksummed).
   embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
                            (num_docs, dim))
   _check_finite(shard, embeddings)
-  kind = manifest["searcher"]
   if kind == "scann" and entry.get("scann_files"):
     if not isinstance(entry["scann_files"], dict):
       raise IndexVersionError(f"{shard}: scann_files is not a mapping")
@@ -672,6 +699,39 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
   # Exact shards, and "scann" shards of versions written without ScaNN files: from embeddings.
   options = (manifest.get("searcher_options") or {}) if kind == "scann" else {}
   return scann_searcher.make_searcher(kind, embeddings, doc_ids, **options), doc_ids
+
+
+def _check_scann_vectors(shard: epath.Path, entry: dict[str, Any], num_docs: int, dim: int):
+  """The vectors inside a ScaNN shard's files (its re-scoring dataset, the shard's only copy):
+  checksummed, [num_docs, dim], and finite (float32 and bfloat16; int8 codes always are, their
+  per-dimension multipliers are checked)."""
+  dtype = (entry.get("scann_params") or {}).get("reorder_dtype", "float32")
+  wanted = scann_searcher.REORDER_FILES.get(dtype)
+  files = entry["scann_files"]
+  names = [name for name in files if name.rsplit("/", 1)[-1] == wanted]
+  if len(names) != 1:
+    raise IndexVersionError(f"{shard}: no single {wanted} (the {dtype} vectors) among its ScaNN "
+                            "files")
+  data = _read_checked(shard / names[0], files[names[0]])
+  try:
+    vectors = np.load(io.BytesIO(data))
+  except ValueError as e:
+    raise IndexVersionError(f"{shard / names[0]} is not a readable array ({e})") from None
+  if vectors.shape != (num_docs, dim):
+    raise IndexVersionError(f"{shard / names[0]}: shape {vectors.shape}, the manifest says "
+                            f"{(num_docs, dim)}")
+  if dtype == "float32":
+    _check_finite(shard, vectors)
+  elif dtype == "bfloat16":  # stored as raw 16-bit words: all-ones exponent is NaN/inf
+    bad = (vectors.view(np.uint16) & 0x7F80) == 0x7F80
+    if bad.any():
+      raise IndexVersionError(f"{shard}: bfloat16 vectors are not finite (row "
+                              f"{int(np.flatnonzero(bad.any(axis=1))[0])})")
+  else:
+    multipliers = [name for name in files if name.endswith("int8_multipliers.npy")]
+    for name in multipliers:
+      if not np.isfinite(np.load(io.BytesIO(_read_checked(shard / name, files[name])))).all():
+        raise IndexVersionError(f"{shard}: int8 multipliers are not finite")
 
 
 def _probe(version: epath.Path, searcher: searcher_lib.Searcher, num_docs: int):
@@ -758,10 +818,30 @@ def check_version(index_root: epath.PathLike, step: int, expected_dim: int | Non
                removed=removed)[0]
 
 
+def shard_vectors(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
+  """A shard's stored vectors as [n, D] float32 in its doc_ids order (checksummed): its
+  embeddings.npy, or ScaNN's re-scoring dataset where that is the only copy (bfloat16 widened
+  exactly; int8 codes times their per-dimension multipliers, i.e. what ScaNN re-scores with)."""
+  shard = epath.Path(version) / entry["name"]
+  if "embeddings_sha256" in entry:
+    return _read_npy(shard / "embeddings.npy", entry["embeddings_sha256"]).astype(np.float32)
+  files = entry["scann_files"]
+  dtype = (entry.get("scann_params") or {}).get("reorder_dtype", "float32")
+  def load(suffix):
+    name = next(n for n in files if n.rsplit("/", 1)[-1] == suffix)
+    return np.load(io.BytesIO(_read_checked(shard / name, files[name])))
+  vectors = load(scann_searcher.REORDER_FILES[dtype])
+  if dtype == "bfloat16":
+    return (vectors.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+  if dtype == "int8":
+    return vectors.astype(np.float32) / load("int8_multipliers.npy").astype(np.float32)
+  return vectors.astype(np.float32)
+
+
 def load_shards(index_root: epath.PathLike, step: int
                 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, Any]]]:
-  """Version `step`'s shards as (embeddings [n, D] float32, doc_ids [n] int64, its stored
-  ScaNN searcher or None), each file checked against the manifest: what an incremental
+  """Version `step`'s shards as (embeddings [n, D] float32 or None where ScaNN holds the only
+  copy, doc_ids [n] int64, its stored ScaNN searcher or None), each file checked against the manifest: what an incremental
   update starts from. -> (manifest, shards in manifest order)."""
   version = epath.Path(index_root) / str(step)
   manifest = read_manifest(index_root, step)
@@ -770,8 +850,10 @@ def load_shards(index_root: epath.PathLike, step: int
     shard = version / entry["name"]
     doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu",
                           (entry["num_docs"],)).astype(np.int64)
-    embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
-                             (entry["num_docs"], manifest["dim"])).astype(np.float32)
+    embeddings = None  # ScaNN shards hold their vectors in the searcher only
+    if "embeddings_sha256" in entry:
+      embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
+                               (entry["num_docs"], manifest["dim"])).astype(np.float32)
     searcher = (_load_scann_shard(shard, entry) if manifest["searcher"] == "scann" and
                 entry.get("scann_files") else None)
     if searcher is not None and not np.array_equal(searcher.doc_ids, doc_ids):

@@ -33,17 +33,6 @@ from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 
 
-def _rows_for(all_ids: np.ndarray, all_embeddings: np.ndarray, wanted: np.ndarray
-              ) -> np.ndarray:
-  """The embeddings [len(wanted), D] of ids `wanted`, looked up in (all_ids [n], [n, D])."""
-  order = np.argsort(all_ids, kind="stable")
-  positions = np.searchsorted(all_ids[order], wanted)
-  found = order[np.minimum(positions, len(order) - 1)]
-  if len(wanted) and not np.array_equal(all_ids[found], wanted):
-    raise RuntimeError("an updated shard holds doc ids whose embedding is unknown")
-  return all_embeddings[found]
-
-
 def update_index(index_root: epath.PathLike, parent_key: int,
                  old: corpus_versions.CorpusVersion, new: corpus_versions.CorpusVersion,
                  embed_rows: Callable[[np.ndarray], np.ndarray], *, rebalance: bool = False,
@@ -79,8 +68,9 @@ def update_index(index_root: epath.PathLike, parent_key: int,
       if rebalance:
         searcher.rebalance()
       ids = searcher.doc_ids
-      rows = _rows_for(np.concatenate([doc_ids, add_ids]),
-                       np.concatenate([embeddings, add_embeddings]), ids)
+      rows = None  # the searcher holds the only copy of the vectors
+    elif embeddings is None:
+      raise index_format.IndexVersionError(f"shard {i} of {parent_key} has no vectors to update")
     else:
       exact = searcher_lib.ExactSearcher(embeddings, doc_ids).updated(add_embeddings, add_ids,
                                                                       gone)
