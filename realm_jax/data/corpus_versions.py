@@ -195,8 +195,7 @@ def _read_lines(path: epath.PathLike | None) -> list[bytes]:
   return path.read_bytes().splitlines()
 
 
-def _resolve_removals(lines: Sequence[bytes], parent: CorpusVersion, texts: list[dict],
-                      path: str) -> np.ndarray:
+def _resolve_removals(lines: Sequence[bytes], parent: CorpusVersion, path: str) -> np.ndarray:
   """Doc ids named by --remove lines (an integer id, or a title: all its live blocks)."""
   by_title: dict[str, list[int]] = {}
   for doc_id, title in enumerate(parent.corpus.titles):
@@ -225,7 +224,6 @@ def _resolve_removals(lines: Sequence[bytes], parent: CorpusVersion, texts: list
                           f"ids already removed {gone[:10]}" if gone else "") if part)
     raise CorpusVersionError(f"--remove={path}: {detail} (version {parent.version} has doc "
                              f"ids 0..{parent.corpus.num_docs - 1}); nothing was published")
-  del texts
   return np.unique(np.asarray(ids, np.int64))
 
 
@@ -367,7 +365,7 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
 
   texts = _parent_texts(parent)
   add_lines, replace_lines = _read_lines(add), _read_lines(replace)
-  removed_now = _resolve_removals(_read_lines(remove), parent, texts, remove)
+  removed_now = _resolve_removals(_read_lines(remove), parent, remove)
   replaced_titles = [t for t in _titles_of(replace_lines) if t is not None]
   if replaced_titles:
     live = {t for t, gone in zip(parent.corpus.titles, parent.removed) if not gone}
