@@ -3,7 +3,10 @@
 ```
 index/<step>/MANIFEST.json                        written last: a version without it is not one
 index/<step>/BUILD.json                           what was announced: step, shards, attempt id
-index/<step>/shard-00000-of-00002/embeddings.npy  [n, D] float32
+index/<step>/shard-00000-of-00002/embeddings.npy  [n, D] float32 ("exact" shards only: a
+                                                  "scann" shard's only copy of its vectors is
+                                                  ScaNN's re-scoring dataset, in its
+                                                  reorder_dtype; `shard_vectors` reads either)
 index/<step>/shard-00000-of-00002/doc_ids.npy     [n] int64
 index/<step>/shard-00000-of-00002/scann/...       "scann" versions: the trained ScaNN searcher
 index/<step>/shard-00000-of-00002/SHARD_DONE.json written last in the shard: its checksums
@@ -40,8 +43,9 @@ A checksum only proves a file is what its writer wrote, so `load_index` also che
 *content*: every doc id an integer in [0, num_docs), each id once across
 all shards, counts that agree (shards == manifest == the trainer's corpus), one dim, and every
 stored embedding finite. A "scann" shard is checked on what it stores: its doc ids (also those
-inside the searcher), counts and dim, its `embeddings.npy` (read and checked for NaN/inf; the
-searcher's own codebooks are covered by their checksums), and a probe search must return
+inside the searcher), counts and dim, its stored vectors (ScaNN's re-scoring dataset, or the
+`embeddings.npy` of older versions; read and checked for NaN/inf; the searcher's own codebooks
+are covered by their checksums), and a probe search must return
 in-range ids with finite scores. Any defect is one `IndexVersionError` naming it.
 
 LATEST never moves backwards: `finish_version` replaces it only when the version it names is
