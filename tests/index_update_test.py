@@ -279,3 +279,15 @@ def test_builder_publishes_incremental_versions_and_the_watcher_swaps_them(tmp_p
     assert "incremental" not in full and full["num_docs"] == n0 + 3
   finally:
     watcher.stop()
+
+
+def test_the_loop_gathers_candidates_from_the_index_corpus_version():
+  from realm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  base, newer = object(), object()
+  config = types.SimpleNamespace(k=4, margin=2)
+  with_version = types.SimpleNamespace(corpus=newer)
+  assert loop.Retriever(True, config, base, with_version, None, None).candidate_corpus(
+      base) is newer
+  without = types.SimpleNamespace(corpus=None)  # a builder version over the build itself
+  assert loop.Retriever(True, config, base, without, None, None).candidate_corpus(base) is base
+  assert loop.Retriever(False, config, base, None, None, None).candidate_corpus(base) is base
