@@ -191,6 +191,9 @@ FIELDS: dict[str, Field] = {
                                            0.0, _DAY, lo_open=True),
     "retrieval.builder_poll_seconds": _float(
         "how often the index builder looks for a new checkpoint", 0.0, _DAY, lo_open=True),
+    "retrieval.rebalance_on_update": Field(
+        "index builder: retrain (ScaNN rebalance) each shard after an incremental corpus "
+        "update instead of only upsert/delete"),
     "retrieval.builder_shard_timeout": _float(
         "several builder processes: how long process 0 waits for the others' shards", 0.0,
         7 * _DAY, lo_open=True),
@@ -198,6 +201,9 @@ FIELDS: dict[str, Field] = {
     "retrieval.scann.num_leaves_to_search": _int("ScaNN partitions searched (0: scaled)",
                                                  0, 10**7),
     "retrieval.scann.reorder": _int("ScaNN exact re-scoring candidates (0: scaled)", 0, 10**7),
+    "retrieval.scann.reorder_dtype": _choice(
+        "how ScaNN stores the re-scored vectors (each shard's only copy): float32, bfloat16 "
+        "(1/2 the bytes) or int8 (1/4)", ("float32", "bfloat16", "int8")),
     "retrieval.scann.dims_per_block": _int("ScaNN quantization dims per block (0: scaled)",
                                            0, 65536),
     "retrieval.scann.training_sample_size": _int("ScaNN training sample (0: scaled)", 0, 10**9),
@@ -323,11 +329,14 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
+      # Incremental versions (a corpus update, no newer checkpoint): ScaNN rebalance after
+      # upsert/delete (a full retrain of each shard's tree) instead of updating in place.
+      rebalance_on_update=False,
       # Several builder processes: how long process 0 waits for the others' shards.
       builder_shard_timeout=3600.0,
       # ScaNN settings; 0 = scaled to each shard's size (retrieval/scann_searcher.py).
       scann=dict(num_leaves=0, num_leaves_to_search=0, reorder=0, dims_per_block=0,
-                 training_sample_size=0),
+                 training_sample_size=0, reorder_dtype="float32"),
       # Retrieve batch t+1 while the devices run step t (its candidates are then chosen with
       # the parameters before step t). False: strictly sequential, bit-exact across resumes.
       prefetch=True,

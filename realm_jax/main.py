@@ -10,6 +10,8 @@ Modes:
          <workdir>/corpus) and exit; with --corpus_shard=i only shard i of
          data.num_build_shards (one process each, data.vocab_file required); then once
          without --corpus_shard (or the first train run) merges the shards
+  update_corpus  publish a new version of the built corpus: --add=new.jsonl
+         [--remove=ids_or_titles.txt] [--replace=changed.jsonl] (data/corpus_versions.py)
   eval_retrieval recall@k of the run's latest checkpoint on held-out queries vs BM25
   finetune_qa    Open-QA fine-tuning (query tower + span reader, index frozen) of
          experiments/openqa*.py configs, from a pretraining run (`qa.init_from`)
@@ -52,7 +54,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://
 _MODE = flags.DEFINE_enum(
     "mode", "train",
     ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config",
-     "finetune_qa", "eval_qa", "retrieve"],
+     "finetune_qa", "eval_qa", "retrieve", "update_corpus"],
     "What to run (the modes are listed at the top of --help).")
 _CORPUS_SHARD = flags.DEFINE_integer(
     "corpus_shard", -1, "build_corpus: build only this shard of data.num_build_shards.")
@@ -65,6 +67,11 @@ _MAX_BUILDS = flags.DEFINE_integer(
 _FORCE = flags.DEFINE_bool(
     "force", False, "Take over the workdir's lease held by another trainer/builder (e.g. one "
     "that died before its lease went stale).")
+_ADD = flags.DEFINE_string("add", None, 'update_corpus: JSONL of {"title", "text"} to add.')
+_REMOVE = flags.DEFINE_string("remove", None,
+                              "update_corpus: doc ids or titles to remove, one per line.")
+_REPLACE = flags.DEFINE_string(
+    "replace", None, "update_corpus: JSONL records replacing the live blocks of their title.")
 _QUERY = flags.DEFINE_string("query", None, "retrieve: one query text.")
 _QUERIES = flags.DEFINE_string("queries", None, 'retrieve: a JSONL file of {"query": ...} lines.')
 _K = flags.DEFINE_integer("k", 5, "retrieve: documents per query.")
@@ -112,6 +119,25 @@ def _build_corpus(config, workdir: str, shard: int) -> None:
   logging.info("build_corpus: shard %d done; %d of %d shards exist (merge with one run of "
                "--mode=build_corpus without --corpus_shard once all do)", shard, done,
                data.num_build_shards)
+
+
+def _update_corpus(config, workdir: str) -> None:
+  """Publishes the next corpus version (data/corpus_versions.py) and prints its manifest."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  from realm_jax.data import corpus_versions  # pylint: disable=g-import-not-at-top
+  from realm_jax.data import salient_spans  # pylint: disable=g-import-not-at-top
+
+  data = config.data
+  directory = epath.Path(data.corpus_dir or epath.Path(workdir) / "corpus")
+  manifest = corpus_versions.update_corpus(
+      directory, add=_ADD.value, remove=_REMOVE.value, replace=_REPLACE.value,
+      span_fn=(salient_spans.make_tagger(data.salient_tagger) if data.corpus == "wiki"
+               else None),
+      max_span_wordpieces=data.max_masked, doc_len=data.doc_len,
+      vocab_file=data.get("vocab_file") or None, force_lease=_FORCE.value)
+  print(json.dumps({k: v for k, v in manifest.items() if k not in ("files", "removed")},
+                   indent=1))
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -186,6 +212,8 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         max_builds=_MAX_BUILDS.value or None)
   elif mode == "build_corpus":
     _build_corpus(config, workdir, _CORPUS_SHARD.value)
+  elif mode == "update_corpus":
+    _update_corpus(config, workdir)
   elif mode == "eval_retrieval":
     from realm_jax.retrieval import evaluation  # pylint: disable=g-import-not-at-top
     config_lib.validate(config, 1)

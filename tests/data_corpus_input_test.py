@@ -174,14 +174,40 @@ def test_exact_duplicates_are_dropped_and_counted(tokenizer, tmp_path):
   assert report.blocks == unique.blocks
 
 
-def test_duplicates_across_shards_are_counted(tokenizer, tmp_path):
-  lines = [ARTICLES[0], ARTICLES[1], ARTICLES[2], ARTICLES[0]]  # shards: records 0-1 and 2-3
+def test_duplicates_across_shards_are_dropped_at_merge_and_counted(tokenizer, tmp_path):
+  # Shards: records 0-2 and 3-5; records 3 and 5 repeat records 0 and 2 (5 with another title).
+  lines = [ARTICLES[0], ARTICLES[1], ARTICLES[2], ARTICLES[0], ARTICLES[3],
+           dict(ARTICLES[2], title="Same text, other title")]
   path = write_jsonl(tmp_path / "in.jsonl", lines)
-  report = build(path, tokenizer, tmp_path / "out", num_shards=2)
-  assert report.duplicates_across_shards == 1
-  assert "1 duplicates across shards" in report.summary()
-  saved = json.loads((tmp_path / "out" / wc.REPORT_FILE).read_text())
-  assert saved["duplicates_across_shards"] == 1
+  report = build(path, tokenizer, tmp_path / "two", num_shards=2, span_fn=capitalized_spans)
+  assert report.duplicates_across_shards == 2
+  assert report.bad_records[wc.DUPLICATE] == 2 and report.records_ok == 4
+  assert "2 duplicates across shards (dropped)" in report.summary()
+  saved = json.loads((tmp_path / "two" / wc.REPORT_FILE).read_text())
+  assert saved["duplicates_across_shards"] == 2 and saved["bad_records"] == {wc.DUPLICATE: 2}
+  texts = [json.loads(line) for line in (tmp_path / "two" / wc.TEXTS_FILE).open()]
+  assert sorted({t["record"] for t in texts}) == [0, 1, 2, 4]  # the first occurrence wins
+  assert [t["doc_id"] for t in texts] == list(range(len(texts)))
+  # One copy of each: exactly what a one-shard build (which drops in-shard repeats) gives.
+  one = build(path, tokenizer, tmp_path / "one", span_fn=capitalized_spans)
+  assert (one.blocks, one.sentences, one.spans) == (report.blocks, report.sentences,
+                                                    report.spans)
+  merged = corpus_lib.load_block_corpus(tmp_path / "two" / wc.BLOCKS_DIR, mmap=False)
+  single = corpus_lib.load_block_corpus(tmp_path / "one" / wc.BLOCKS_DIR, mmap=False)
+  for name in corpus_lib._ARRAY_NAMES:  # pylint: disable=protected-access
+    np.testing.assert_array_equal(getattr(merged, name), getattr(single, name), err_msg=name)
+  assert merged.titles == single.titles
+  for name, values in wc.load_salient_spans(tmp_path / "one").items():
+    np.testing.assert_array_equal(wc.load_salient_spans(tmp_path / "two")[name], values)
+  # No sentence is in two blocks any more, so none can be held out and also trained on.
+  assert not wiki_data.repeated_sentences(merged).any()
+  spans = wc.load_salient_spans(tmp_path / "two")
+  docs, sentences = wiki_data.choose_heldout(merged, spans, 10, 24, seed=0)
+  assert len(docs)
+  fingerprints = wiki_data.sentence_fingerprints(merged)
+  held = set(fingerprints[sentences].tolist())
+  others = np.setdiff1d(np.arange(len(fingerprints)), sentences)
+  assert not held & set(fingerprints[others].tolist())
 
 
 def test_a_repeated_sentence_is_never_held_out(tokenizer, tmp_path):

@@ -273,7 +273,8 @@ def test_two_builder_processes_publish_one_scann_version(trained, reference, tmp
   np.testing.assert_array_equal(ids, np.arange(num_docs))  # every doc once, contiguous slices
   assert not list((workdir / "index").glob(".tmp-*"))
   version = workdir / "index" / "6"
-  embeddings = np.concatenate([np.load(version / s["name"] / "embeddings.npy")
+  assert not list(version.glob("*/embeddings.npy"))  # each vector stored once: ScaNN's copy
+  embeddings = np.concatenate([index_format.shard_vectors(version, s)
                                for s in manifest["shards"]])
   np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-5)
   queries = np.random.default_rng(0).normal(size=(16, 128)).astype(np.float32)

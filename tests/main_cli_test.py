@@ -166,9 +166,19 @@ def test_root_cause_follows_cause_and_context():
 def test_help_lists_the_modes():
   result = _cli("--help")  # absl's --help exits 1 by design
   for mode in ("train", "demo", "index_builder", "build_corpus", "eval_retrieval",
-               "print_config"):
+               "print_config", "update_corpus"):
     assert f"  {mode} " in result.stdout
   assert "--force" in result.stdout
+
+
+def test_update_corpus_on_a_corpus_not_built_is_one_clear_error(tmp_path):
+  add = tmp_path / "add.jsonl"
+  add.write_text('{"title": "T", "text": "A sentence."}\n')
+  result = _cli("--mode=update_corpus", TINY, f"--workdir={tmp_path}", f"--add={add}")
+  assert result.returncode == 1
+  assert _last_line(result).startswith("error: CorpusVersionError: ")
+  assert "not a finished corpus" in _last_line(result)
+  assert not (tmp_path / "corpus" / "versions").exists()
 
 
 @pytest.mark.parametrize("mode", ["train"])

@@ -223,8 +223,12 @@ def test_scann_version_without_stored_searchers_is_built_from_embeddings(tmp_pat
   emb, queries = _clustered(3)
   version = _publish_scann(tmp_path, 5, emb, searcher_options=dict(num_leaves=30))
   manifest = json.loads((version / index_format.MANIFEST).read_text())
-  for entry in manifest["shards"]:
-    del entry["scann_files"], entry["scann_params"], entry["dim"]
+  for entry in manifest["shards"]:  # as a format-1 writer wrote it: embeddings.npy, no ScaNN
+    vectors = index_format.shard_vectors(version, entry)
+    np.save((version / entry["name"] / "embeddings.npy").open("wb"), vectors)
+    entry["embeddings_sha256"] = hashlib.sha256(
+        (version / entry["name"] / "embeddings.npy").read_bytes()).hexdigest()
+    del entry["scann_files"], entry["scann_params"], entry["dim"], entry["vectors"]
     (version / entry["name"] / "scann").rmtree()
   manifest["format_version"] = 1
   (version / index_format.MANIFEST).write_text(json.dumps(manifest))
@@ -340,16 +344,29 @@ def test_versions_that_pass_checksums_but_are_wrong_are_rejected(tmp_path, corru
 
 
 def test_scann_version_with_non_finite_embeddings_is_rejected(tmp_path):
-  """A "scann" shard is judged by its stored embeddings too (its searcher was trained on them)."""
+  """A "scann" shard is judged by its stored vectors (ScaNN's re-scoring dataset, the shard's
+  only copy: no embeddings.npy beside it)."""
   pytest.importorskip("scann")
   rng = np.random.default_rng(1)
   emb = rng.normal(size=(60, 8)).astype(np.float32)
   version = index_format.publish_index(tmp_path, 2, [(emb, np.arange(60))], searcher="scann")
   index_format.load_index(tmp_path, 2, expected_num_docs=60)
-  _rewrite(version, "shard-00000-of-00001", "embeddings.npy",
-           np.where(np.arange(60)[:, None] == 59, np.nan, emb).astype(np.float32))
+  shard = version / "shard-00000-of-00001"
+  assert not (shard / "embeddings.npy").exists()
+  manifest = json.loads((version / index_format.MANIFEST).read_text())
+  np.testing.assert_array_equal(index_format.shard_vectors(version, manifest["shards"][0]), emb)
+  name = next(n for n in manifest["shards"][0]["scann_files"] if n.endswith("/dataset.npy"))
+  bad = np.where(np.arange(60)[:, None] == 59, np.nan, emb).astype(np.float32)
+  np.save((shard / name).open("wb"), bad)
+  manifest["shards"][0]["scann_files"][name] = hashlib.sha256(
+      (shard / name).read_bytes()).hexdigest()
+  (version / index_format.MANIFEST).write_text(json.dumps(manifest))
   with pytest.raises(index_format.IndexVersionError, match="not finite"):
     index_format.load_index(tmp_path, 2, expected_num_docs=60)
+  np.save((shard / name).open("wb"), emb)
+  manifest["shards"][0]["scann_files"][name] = hashlib.sha256(
+      (shard / name).read_bytes()).hexdigest()
+  (version / index_format.MANIFEST).write_text(json.dumps(manifest))
   # Doc ids that disagree with the ones stored inside the searcher.
   _rewrite(version, "shard-00000-of-00001", "embeddings.npy", emb)
   _rewrite(version, "shard-00000-of-00001", "doc_ids.npy", np.arange(60)[::-1].copy())

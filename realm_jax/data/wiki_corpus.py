@@ -10,8 +10,10 @@ the source cannot read, any exception while parsing, splitting, tokenizing or ta
 are counted by reason, skipped and reported; they never stop a build. A UTF-8 byte-order mark
 before a record is ignored. Exact duplicates (a record whose stripped text equals an earlier
 record's text in the same shard, whatever its title) are dropped and counted as `duplicate`;
-duplicates in different shards are counted at merge (`duplicates_across_shards` of the report)
-but kept, and `wiki_data` never holds out a sentence that occurs twice in the corpus. A build
+duplicates in different shards are dropped at merge (the first occurrence in record order wins,
+whatever the number of shards) and counted both as `duplicate` and as
+`duplicates_across_shards` of the report; `wiki_data` never holds out a sentence that occurs
+twice in the corpus. A build
 whose shards hold no usable record at all is an error (with the report), never a finished corpus.
 
 Layout of `out_dir`:
@@ -22,7 +24,7 @@ shards/shard-00000-of-00004/   one per shard, renamed into place when complete (
     <stream>.bin                 raw little-endian arrays (see _STREAMS), rows in doc/sentence order
     block_texts.jsonl            {"record", "title", "text"} per block
     record_hashes.bin            uint64 fingerprint of each kept record's text (cross-shard
-                                   duplicates, counted at merge)
+                                   duplicates, dropped at merge)
 blocks/                        the merged BlockCorpus (corpus.load_block_corpus(out_dir / "blocks"))
 salient_spans.npz              span_sentence [P] int64 (global sentence index, as in
                                  blocks/sentence_offsets), span_start, span_end [P] int32
@@ -34,7 +36,8 @@ build_report.json              the summed BuildReport and build params; written 
 Several processes may each run `build_shard(..., shard_index=i, num_shards=S)`; once all S
 shards exist, one process runs `merge_shards(out_dir)`. `build_wiki_corpus` does both in one
 process. Merging streams shard files into the merged .npy files, so it never holds all blocks
-in memory (the titles list of corpus.json excepted).
+in memory (the titles list of corpus.json excepted; a shard that loses records to cross-shard
+duplicates is filtered in memory, one shard at a time).
 """
 
 from __future__ import annotations
@@ -341,7 +344,7 @@ class BuildReport:
   truncated_sentences: int = 0  # sentences longer than a block's body, cut
   spans: int = 0
   spans_dropped: int = 0  # spans covering no wordpiece or more than max_span_wordpieces
-  duplicates_across_shards: int = 0  # records whose text an earlier shard has (kept; merge)
+  duplicates_across_shards: int = 0  # records whose text an earlier shard has (dropped; merge)
   seconds: float = 0.0
 
   def add_bad(self, reason: str, record_index: int) -> None:
@@ -374,7 +377,7 @@ class BuildReport:
     bad = ", ".join(f"{reason}={count}" for reason, count in sorted(self.bad_records.items()))
     examples = "; ".join(f"{reason}: records {indices}"
                          for reason, indices in sorted(self.bad_examples.items()))
-    across = (f"; {self.duplicates_across_shards} duplicates across shards (kept)"
+    across = (f"; {self.duplicates_across_shards} duplicates across shards (dropped)"
               if self.duplicates_across_shards else "")
     return (f"{self.records_read} records read, {self.records_ok} ok, "
             f"{sum(self.bad_records.values())} skipped ({bad or 'none'}); {self.blocks} blocks, "
@@ -871,33 +874,109 @@ def _shard_dirs(out_dir: epath.Path, num_shards: int | None) -> list[epath.Path]
 
 
 def _write_spans_npz(f: BinaryIO, shard_dirs: Sequence[epath.Path],
-                     metadata: Sequence[Mapping[str, Any]], sentence_starts: Sequence[int]
-                     ) -> None:
+                     views: Sequence["_ShardView"], sentence_starts: Sequence[int]) -> None:
   """salient_spans.npz, each member streamed; span_sentence made global."""
-  total = sum(m["rows"]["span_start"] for m in metadata)
+  total = sum(v.rows("span_start") for v in views)
   with zipfile.ZipFile(f, "w", allowZip64=True) as archive:
     for name, dtype in (("span_sentence", np.int64), ("span_start", np.int32),
                         ("span_end", np.int32)):
       with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
         stream = _NpyStream(member, dtype, (total,))
-        for shard_dir, sentence_start in zip(shard_dirs, sentence_starts):
-          for chunk in _read_stream(shard_dir, name, {}):
+        for view, sentence_start in zip(views, sentence_starts):
+          for chunk in view.chunks(name, {}):
             stream.write(chunk + sentence_start if name == "span_sentence" else chunk)
         stream.check(name)
 
 
-def _duplicates_across_shards(shard_dirs: Sequence[epath.Path]) -> int:
-  """Kept records whose text fingerprint an earlier shard also has (within a shard there are
-  none: build_shard drops them). Shards without record_hashes.bin count as none."""
-  hashes = []
-  for d in shard_dirs:
-    if (d / HASHES_FILE).exists():
-      with (d / HASHES_FILE).open("rb") as f:
-        hashes.append(np.frombuffer(f.read(), np.dtype("<u8")))
-  if not hashes:
-    return 0
-  values = np.concatenate(hashes)
-  return int(len(values) - len(np.unique(values)))
+def _record_hashes(shard_dir: epath.Path) -> np.ndarray | None:
+  """The shard's record fingerprints [R] uint64 (one per kept record, in record order)."""
+  if not (shard_dir / HASHES_FILE).exists():
+    return None
+  with (shard_dir / HASHES_FILE).open("rb") as f:
+    return np.frombuffer(f.read(), np.dtype("<u8"))
+
+
+def _cross_shard_keep(shard_dirs: Sequence[epath.Path]) -> list[np.ndarray | None]:
+  """Per shard, which kept records [R_s] bool survive the merge: a record whose text an earlier
+  record (in record order, so an earlier shard) has is dropped. None: keep all (no drops, or
+  a shard without record_hashes.bin)."""
+  hashes = [_record_hashes(d) for d in shard_dirs]
+  present = [h for h in hashes if h is not None]
+  if not present:
+    return [None] * len(shard_dirs)
+  values = np.concatenate(present)
+  _, first = np.unique(values, return_index=True)
+  keep_all = np.zeros(len(values), bool)
+  keep_all[first] = True
+  out, start = [], 0
+  for h in hashes:
+    if h is None:
+      out.append(None)
+      continue
+    keep = keep_all[start:start + len(h)]
+    start += len(h)
+    out.append(None if keep.all() else keep)
+  return out
+
+
+class _ShardView:
+  """A finished shard's streams, minus the blocks of the records the merge drops.
+
+  Without drops, `chunks` streams the shard's files as they are; with drops, the shard's
+  arrays are read whole and filtered: blocks of dropped records, their sentences, wordpieces
+  and spans (span_sentence renumbered to the kept sentences).
+  """
+
+  def __init__(self, shard_dir: epath.Path, metadata: Mapping[str, Any],
+               keep_records: np.ndarray | None, widths: Mapping[str, int]):
+    self.dir, self.metadata = shard_dir, metadata
+    self.masks: dict[str, np.ndarray] | None = None
+    self.dropped = collections.Counter()
+    if keep_records is None:
+      return
+    with (shard_dir / TEXTS_FILE).open("r") as f:
+      records = np.asarray([json.loads(line)["record"] for line in f], np.int64)  # [n]
+    ordinal = np.cumsum(np.r_[True, records[1:] != records[:-1]]) - 1 if len(records) else (
+        np.zeros(0, np.int64))  # [n] the block's record among the shard's kept records
+    if len(records) and ordinal[-1] + 1 != len(keep_records):
+      raise ValueError(f"{os.fspath(shard_dir)}: {ordinal[-1] + 1} records in {TEXTS_FILE}, "
+                       f"{len(keep_records)} in {HASHES_FILE}.")
+    block = keep_records[ordinal]  # [n] bool
+    read = lambda name: np.concatenate([np.zeros(0, _STREAMS[name][0]),
+                                        *_read_stream(shard_dir, name, widths)])
+    sentence = np.repeat(block, read("doc_sentence_counts"))  # [S] bool
+    new_index = np.cumsum(sentence) - 1  # [S] kept sentences renumbered
+    span_sentence = read("span_sentence")
+    span = sentence[span_sentence] if len(span_sentence) else np.zeros(0, bool)
+    self.masks = dict(
+        retriever_tokens=block, retriever_segments=block, reader_tokens=block,
+        reader_lengths=block, doc_sentence_counts=block, title_lengths=block,
+        sentence_lengths=sentence,
+        sentence_token_ids=np.repeat(sentence, read("sentence_lengths")),
+        title_token_ids=np.repeat(block, read("title_lengths")),
+        span_sentence=span, span_start=span, span_end=span)
+    self._renumber = new_index
+    self.block_keep = block
+    self.dropped.update(records_ok=int((~keep_records).sum()), blocks=int((~block).sum()),
+                        sentences=int((~sentence).sum()), spans=int((~span).sum()))
+
+  def rows(self, name: str) -> int:
+    if self.masks is None:
+      return self.metadata["rows"][name]
+    return int(self.masks[name].sum())
+
+  def chunks(self, name: str, widths: Mapping[str, int]) -> Iterator[np.ndarray]:
+    if self.masks is None:
+      yield from _read_stream(self.dir, name, widths)
+      return
+    chunks = list(_read_stream(self.dir, name, widths))
+    if not chunks:
+      return
+    array = np.concatenate(chunks)[self.masks[name]]
+    yield self._renumber[array] if name == "span_sentence" else array
+
+  def keeps_block(self, index: int) -> bool:
+    return self.masks is None or bool(self.block_keep[index])
 
 
 def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
@@ -927,18 +1006,23 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   if not report.blocks:
     raise no_usable_records(f"{params['source']} ({len(shard_dirs)} shards in "
                             f"{os.fspath(out_dir)})", report)
-  report.duplicates_across_shards = _duplicates_across_shards(shard_dirs)
-  if report.duplicates_across_shards:
-    logging.warning("%s: %d records repeat the text of a record in another shard; kept (only "
-                    "duplicates within a shard are dropped).", os.fspath(out_dir),
-                    report.duplicates_across_shards)
-
   doc_len, body_len = params["doc_len"], params["body_len"]
   widths = dict(doc_len=doc_len, body_len=body_len)
+  views = [_ShardView(d, m, keep, widths)
+           for d, m, keep in zip(shard_dirs, metadata, _cross_shard_keep(shard_dirs))]
+  dropped = sum((v.dropped for v in views), collections.Counter())
+  report.duplicates_across_shards = dropped["records_ok"]
+  if report.duplicates_across_shards:
+    for name, count in dropped.items():
+      setattr(report, name, getattr(report, name) - count)
+    report.bad_records[DUPLICATE] += report.duplicates_across_shards
+    logging.warning("%s: dropped %d records (%d blocks) that repeat the text of a record in an "
+                    "earlier shard.", os.fspath(out_dir), report.duplicates_across_shards,
+                    dropped["blocks"])
   special = corpus_lib.SpecialIds(**params["special"])
-  total = lambda name: sum(m["rows"][name] for m in metadata)
+  total = lambda name: sum(v.rows(name) for v in views)
   num_docs = total("reader_lengths")
-  sentence_starts = np.cumsum([0] + [m["rows"]["sentence_lengths"] for m in metadata])
+  sentence_starts = np.cumsum([0] + [v.rows("sentence_lengths") for v in views])
 
   # Left by a merge that was killed (one process merges, so none of them is in use).
   for stale in [*(out_dir / name for name in (BLOCKS_DIR, SPANS_FILE, TEXTS_FILE)),
@@ -969,8 +1053,8 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
     shape = (total(name) + (null_row is not None),) + ((widths[width],) if width else ())
     with (blocks_tmp / f"{name}.npy").open("wb") as f:
       stream = _NpyStream(f, dtype, shape)
-      for shard_dir in shard_dirs:
-        for chunk in _read_stream(shard_dir, name, widths):
+      for view in views:
+        for chunk in view.chunks(name, widths):
           stream.write(chunk)
       if null_row is not None:
         stream.write(null_row)
@@ -981,8 +1065,8 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
       stream = _NpyStream(f, np.int64, (total(lengths_name) + 1,))
       stream.write([0])
       running = 0
-      for shard_dir in shard_dirs:
-        for chunk in _read_stream(shard_dir, lengths_name, widths):
+      for view in views:
+        for chunk in view.chunks(lengths_name, widths):
           if len(chunk):
             sums = np.cumsum(chunk, dtype=np.int64) + running
             running = int(sums[-1])
@@ -993,9 +1077,11 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   titles = []
   with (tmp / TEXTS_FILE).open("w") as texts:
     doc_id = 0
-    for shard_dir in shard_dirs:
-      with (shard_dir / TEXTS_FILE).open("r") as f:
-        for line in f:
+    for view in views:
+      with (view.dir / TEXTS_FILE).open("r") as f:
+        for index, line in enumerate(f):
+          if not view.keeps_block(index):
+            continue
           block = json.loads(line)
           titles.append(block["title"])
           texts.write(json.dumps(dict(doc_id=doc_id, **block)) + "\n")
@@ -1009,7 +1095,7 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
       titles=titles)
   (blocks_tmp / corpus_lib.METADATA_FILENAME).write_text(json.dumps(corpus_metadata))
   with (tmp / SPANS_FILE).open("wb") as f:
-    _write_spans_npz(f, shard_dirs, metadata, sentence_starts[:-1].tolist())
+    _write_spans_npz(f, shard_dirs, views, sentence_starts[:-1].tolist())
   progress.update(1)
 
   for name in (BLOCKS_DIR, SPANS_FILE, TEXTS_FILE):

@@ -285,7 +285,7 @@ def version_embeddings(root: epath.PathLike, step: int, manifest: dict, num_docs
   out = np.zeros((num_docs, manifest["dim"]), np.float32)
   for entry in manifest["shards"]:
     shard = version / entry["name"]
-    embeddings = np.load(io.BytesIO((shard / "embeddings.npy").read_bytes()))
+    embeddings = index_format.shard_vectors(version, entry)  # ScaNN shards: ScaNN's copy
     doc_ids = np.load(io.BytesIO((shard / "doc_ids.npy").read_bytes()))
     out[doc_ids] = embeddings
   return out

@@ -33,6 +33,13 @@ newest first), not from whatever LATEST says: a garbage LATEST, one naming a mis
 or a corrupted newest version is reported in one line and LATEST is pointed at that valid
 version; an invalid version is replaced when its checkpoint is built again.
 
+Corpus versions (`data/corpus_versions.py`): every build embeds the live blocks of the newest
+corpus version and names the version `index_format.VersionKey(step, corpus version)`. When a
+new corpus version appears but no checkpoint is due, the leader publishes an *incremental*
+version instead (`index_update.update_index`): only the added blocks are embedded, with the
+parameters of the version in use (its checkpoint step), and the shards are updated in place
+(ScaNN upsert/delete; exact: append/mask). A newer checkpoint gets the usual full refresh.
+
 Never silent: while nothing is due it logs what it waits for (paths, the newest checkpoint vs
 the last version + refresh_every) when the wait starts and every `wait_log_seconds`; each
 build shows embedding progress and ends in one summary line. `run()` returns once the
@@ -64,8 +71,10 @@ from realm_jax import config_lib
 from realm_jax import lease as lease_lib
 from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_versions
 from realm_jax.data import prepare
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import index_update
 from realm_jax.retrieval import scann_searcher
 from realm_jax.train import checkpointing
 from realm_jax.train import partitioning
@@ -171,7 +180,11 @@ class IndexBuilder:
                              if retrieval.searcher == "scann" else {})
     self.shard_timeout = float(retrieval.get("builder_shard_timeout", DEFAULT_SHARD_TIMEOUT))
     self.poll_seconds = float(retrieval.get("builder_poll_seconds", 5.0))
-    self.corpus = None
+    self.corpus = None  # the BlockCorpus of self.corpus_version
+    self.corpus_dir: epath.Path | None = None
+    self.corpus_version: corpus_versions.CorpusVersion | None = None  # the newest one seen
+    self._corpora: dict[int, corpus_versions.CorpusVersion] = {}
+    self.rebalance_updates = bool(retrieval.get("rebalance_on_update", False))
     self._embed_docs = None
     self._ignored: set[str] = set()  # attempts announced for another number of processes
     self.force_lease = bool(force_lease)
@@ -210,9 +223,39 @@ class IndexBuilder:
           logging.info("index_builder[%d]: waiting (%.0fs) for the trainer's corpus: %s%s",
                        self.process_index, time.time() - start, e, self._workdir_hint())
         self._sleep(poll_seconds)
-    self.corpus = data.corpus
+    self.corpus_dir = data.directory
+    self._corpora[0] = corpus_versions.CorpusVersion(
+        0, data.corpus, np.zeros(data.corpus.num_docs, bool), dict(version=0), data.directory)
+    self._refresh_corpus_version()
     model = state_lib.build_model(self.config, data.corpus.vocab_size, data.corpus.special.pad)
     _, self._embed_docs = steps_lib.make_embed_fns(model, self.mesh)
+
+  def corpus_at(self, version: int) -> corpus_versions.CorpusVersion:
+    """Corpus version `version` (loaded once; published versions never change)."""
+    if version not in self._corpora:
+      if self.corpus_dir is None and version == 0:  # a corpus given without its folder
+        return corpus_versions.CorpusVersion(0, self.corpus, np.zeros(self.corpus.num_docs, bool),
+                                             dict(version=0), None)
+      self._corpora[version] = corpus_versions.load_version(self.corpus_dir, version)
+    return self._corpora[version]
+
+  def _refresh_corpus_version(self) -> corpus_versions.CorpusVersion:
+    """The newest published corpus version (CORPUS_LATEST), becoming self.corpus."""
+    if self.corpus_dir is None:
+      return self.corpus_at(0)
+    latest = corpus_versions.latest_version(self.corpus_dir)
+    if self.corpus_version is None or latest != self.corpus_version.version:
+      self.corpus_version = self.corpus_at(latest)
+      self.corpus = self.corpus_version.corpus
+      if latest:
+        logging.info("index_builder[%d]: corpus version %d (%d blocks, %d live)",
+                     self.process_index, latest, self.corpus.num_docs,
+                     len(self.corpus_version.live_ids))
+    return self.corpus_version
+
+  def _params(self, step: int):
+    params, _ = checkpointing.restore_embedder_params(self.checkpoint_dir, int(step))
+    return partitioning.replicate(params, self.mesh)
 
   def build_shard(self, build: dict[str, Any]) -> dict[str, Any]:
     """Embeds this process's slice for an announced build and writes its shard."""
@@ -220,24 +263,58 @@ class IndexBuilder:
     if build["num_shards"] != self.process_count:
       raise ValueError(f"step {build['step']} was announced in {build['num_shards']} shards, "
                        f"but this is one of {self.process_count} builder processes")
-    params, _ = checkpointing.restore_embedder_params(self.checkpoint_dir, build["step"])
-    params = partitioning.replicate(params, self.mesh)
-    start, stop = shard_rows(self.corpus.num_docs, self.process_index, build["num_shards"])
+    params = self._params(build["step"])
+    version = self.corpus_at(int(build.get("corpus_version", 0)))
+    live = version.live_ids  # [L] the blocks to index (tombstoned ones never are)
+    start, stop = shard_rows(len(live), self.process_index, build["num_shards"])
     if stop <= start:
-      raise ValueError(f"{self.corpus.num_docs} documents cannot fill {build['num_shards']} "
-                       "shards")
-    rows = np.arange(start, stop, dtype=np.int64)
-    embeddings = embed_rows(params, self.corpus, self._embed_docs, self.mesh,
+      raise ValueError(f"{len(live)} documents cannot fill {build['num_shards']} shards")
+    rows = live[start:stop]
+    embeddings = embed_rows(params, version.corpus, self._embed_docs, self.mesh,
                             self.config.retrieval.embed_batch_size, rows,
                             stop_requested=lambda: self._stop.requested)
     return index_format.write_shard(self.index_root, build, self.process_index, embeddings,
                                     rows)
 
+  def update(self, key: index_format.VersionKey) -> epath.Path:
+    """The leader publishes incremental version `key` (the last version's step, a newer
+    corpus version): only the changed blocks embedded, with that step's parameters."""
+    if self._last is None or int(key) != int(self._last):
+      raise ValueError(f"an incremental version {key} needs the version of step {int(key)} "
+                       f"in use, have {self._last}")
+    self._check_lease()
+    old = self.corpus_at(getattr(self._last, "corpus_version", 0))
+    new = self.corpus_at(key.corpus_version)
+    version = self.index_root / str(key)
+    if version.exists():  # an invalid leftover of this key (a valid one would be _last)
+      version.rmtree()
+    params = self._params(int(key))
+    embed = lambda rows: embed_rows(params, new.corpus, self._embed_docs, self.mesh,
+                                    self.config.retrieval.embed_batch_size, rows,
+                                    progress_name=f"embed corpus update {key}",
+                                    stop_requested=lambda: self._stop.requested)
+    path = index_update.update_index(
+        self.index_root, self._last, old, new, embed, rebalance=self.rebalance_updates,
+        extra=dict(corpus_dir=str(self.corpus_dir)), before_publish=self._check_lease)
+    self._last = key
+    self._check_lease()
+    index_format.prune_versions(self.index_root, self.config.retrieval.keep_index_versions)
+    return path
+
   def build(self, step: int) -> epath.Path:
-    """The leader publishes the version of checkpoint `step` (with the others' shards)."""
+    """The leader publishes the version of checkpoint `step` (with the others' shards).
+
+    A `VersionKey` with the last version's step and a newer corpus version is an incremental
+    update (`update`); otherwise the newest corpus version is embedded in full.
+    """
     if not self.is_leader:
       raise RuntimeError("only process 0 publishes; the others run `build_shard`")
     self._ensure_model(wait_seconds=0.0, poll_seconds=0.0)
+    corpus = self._refresh_corpus_version()
+    if (self._last is not None and int(step) == int(self._last) and
+        getattr(step, "corpus_version", 0) > getattr(self._last, "corpus_version", 0)):
+      return self.update(step)
+    step = index_format.VersionKey(int(step), corpus.version)
     start = time.time()
     version = self.index_root / str(step)
     self._check_lease()
@@ -247,15 +324,18 @@ class IndexBuilder:
       logging.info("index_builder: replacing the existing (unfinished or invalid) %s", version)
       version.rmtree()
     build = index_format.start_version(self.index_root, step, self.process_count,
-                                       self.config.retrieval.searcher, self.searcher_options)
+                                       self.config.retrieval.searcher, self.searcher_options,
+                                       info=dict(corpus_version=corpus.version))
     try:
       self.build_shard(build)
       shard_seconds = time.time() - start
       path = index_format.finish_version(
           self.index_root, build, timeout=self.shard_timeout,
-          poll_seconds=min(self.poll_seconds, 1.0), expected_num_docs=self.corpus.num_docs,
+          poll_seconds=min(self.poll_seconds, 1.0), expected_num_docs=len(corpus.live_ids),
           extra=dict(source="index_builder", num_processes=self.process_count,
-                     embed_seconds=round(shard_seconds, 3)),
+                     embed_seconds=round(shard_seconds, 3), param_step=int(step),
+                     corpus_version=corpus.version, corpus_num_docs=corpus.corpus.num_docs,
+                     corpus_dir=None if self.corpus_dir is None else str(self.corpus_dir)),
           before_publish=self._check_lease)
     except Exception:
       # Withdraw the announcement, so followers stop working on a build that will not finish.
@@ -450,10 +530,12 @@ class IndexBuilder:
     valid = None
     for step in reversed(index_format.list_versions(root)):
       try:
+        corpus = self.corpus_at(getattr(step, "corpus_version", 0))
         index_format.check_version(root, step, expected_dim=self.config.model.embed_dim,
-                                   expected_num_docs=self.corpus.num_docs)
-      except (index_format.IndexVersionError, OSError) as e:
-        logging.warning("index_builder: version %d is invalid (%s); it will be rebuilt or "
+                                   expected_num_docs=corpus.corpus.num_docs,
+                                   removed=corpus.removed if corpus.version else None)
+      except (index_format.IndexVersionError, corpus_versions.CorpusVersionError, OSError) as e:
+        logging.warning("index_builder: version %s is invalid (%s); it will be rebuilt or "
                         "pruned", step, e)
         if step == latest:
           problem = f"LATEST names the invalid version {latest}"
@@ -486,11 +568,16 @@ class IndexBuilder:
       return newest
     if self.final_step is not None and newest >= self.final_step and newest > last:
       return newest  # the trainer's last checkpoint is indexed even if < refresh_every newer
+    corpus = self._refresh_corpus_version()
+    if corpus.version > getattr(last, "corpus_version", 0):  # a corpus update, same params
+      return index_format.VersionKey(int(last), corpus.version)
     return None
 
   def _follower_due(self) -> dict[str, Any] | None:
     """The newest announced build whose shard of this process is not done for its attempt."""
     for build in index_format.pending_builds(self.index_root):
+      if build.get("single_writer"):  # an incremental update: the leader writes every shard
+        continue
       if build["num_shards"] != self.process_count:
         if build["attempt"] in self._ignored:
           continue

@@ -3,12 +3,25 @@
 ```
 index/<step>/MANIFEST.json                        written last: a version without it is not one
 index/<step>/BUILD.json                           what was announced: step, shards, attempt id
-index/<step>/shard-00000-of-00002/embeddings.npy  [n, D] float32
+index/<step>/shard-00000-of-00002/embeddings.npy  [n, D] float32 ("exact" shards only: a
+                                                  "scann" shard's only copy of its vectors is
+                                                  ScaNN's re-scoring dataset, in its
+                                                  reorder_dtype; `shard_vectors` reads either)
 index/<step>/shard-00000-of-00002/doc_ids.npy     [n] int64
 index/<step>/shard-00000-of-00002/scann/...       "scann" versions: the trained ScaNN searcher
 index/<step>/shard-00000-of-00002/SHARD_DONE.json written last in the shard: its checksums
-index/LATEST                                      the newest complete version's step
+index/LATEST                                      the newest complete version's name
+index/<step>+<c>/...                              a version of corpus version c (c >= 1) at
+                                                  parameter step <step> (see VersionKey)
 ```
+A version's name is its `VersionKey`: the parameter step alone while the corpus is the build
+itself (corpus version 0, every version before corpus versions existed), else
+`<step>+<corpus version>`. Keys order by (step, corpus version), so an incremental version (new
+corpus version, same parameters) sorts after the version it updates and before the next
+checkpoint's; `VersionKey` is an `int` (the step) for all arithmetic and plain ints compare as
+corpus version 0, so step-based callers keep working. The manifest of a version over a
+corpus version records `corpus_version`, `corpus_num_docs` (the doc-id space: tombstoned ids
+are absent from the index, so `num_docs`, the vectors, can be smaller) and `param_step`.
 Publishing is one protocol for one writer or many (the builder's processes):
 
 1. `start_version` (the leader, process 0): (re)creates the tmp folder `.tmp-<step>` (its name
@@ -30,8 +43,9 @@ A checksum only proves a file is what its writer wrote, so `load_index` also che
 *content*: every doc id an integer in [0, num_docs), each id once across
 all shards, counts that agree (shards == manifest == the trainer's corpus), one dim, and every
 stored embedding finite. A "scann" shard is checked on what it stores: its doc ids (also those
-inside the searcher), counts and dim, its `embeddings.npy` (read and checked for NaN/inf; the
-searcher's own codebooks are covered by their checksums), and a probe search must return
+inside the searcher), counts and dim, its stored vectors (ScaNN's re-scoring dataset, or the
+`embeddings.npy` of older versions; read and checked for NaN/inf; the searcher's own codebooks
+are covered by their checksums), and a probe search must return
 in-range ids with finite scores. Any defect is one `IndexVersionError` naming it.
 
 LATEST never moves backwards: `finish_version` replaces it only when the version it names is
@@ -76,6 +90,67 @@ _CHUNK = 1 << 24
 
 class IndexVersionError(ValueError):
   """An index version that is missing, incomplete or inconsistent."""
+
+
+class VersionKey(int):
+  """An index version's name: its parameter step (the int value) and its corpus version.
+
+  `str()` is the folder name (`"<step>"`, or `"<step>+<corpus version>"` for corpus versions
+  >= 1); comparisons order by (step, corpus version), a plain int being corpus version 0.
+  """
+
+  corpus_version: int
+
+  def __new__(cls, step: int, corpus_version: int = 0):
+    if int(step) < 0 or int(corpus_version) < 0:
+      raise ValueError(f"bad version key ({step}, {corpus_version})")
+    self = super().__new__(cls, int(step))
+    self.corpus_version = int(corpus_version)
+    return self
+
+  @property
+  def step(self) -> int:
+    return int(self)
+
+  def _key(self) -> tuple[int, int]:
+    return int(self), self.corpus_version
+
+  def __str__(self) -> str:
+    return (str(int(self)) if not self.corpus_version
+            else f"{int(self)}+{self.corpus_version}")
+
+  __repr__ = __str__
+
+  def __hash__(self) -> int:
+    return hash(int(self)) if not self.corpus_version else hash(self._key())
+
+  def __reduce__(self):
+    return VersionKey, self._key()
+
+
+def _as_key(value) -> tuple[int, int]:
+  return (int(value), getattr(value, "corpus_version", 0))
+
+
+for _name, _op in (("__eq__", lambda a, b: a == b), ("__ne__", lambda a, b: a != b),
+                   ("__lt__", lambda a, b: a < b), ("__le__", lambda a, b: a <= b),
+                   ("__gt__", lambda a, b: a > b), ("__ge__", lambda a, b: a >= b)):
+  def _compare(self, other, _op=_op):
+    if not isinstance(other, int) or isinstance(other, bool):
+      return NotImplemented
+    return _op(_as_key(self), _as_key(other))
+  setattr(VersionKey, _name, _compare)
+
+
+def parse_version(name: str) -> VersionKey | None:
+  """A version folder name (`"12"`, `"12+3"`) as its key; None for anything else."""
+  step, plus, corpus_version = name.partition("+")
+  if not (step.isdigit() and step.isascii()):
+    return None
+  if plus and not (corpus_version.isdigit() and corpus_version.isascii()
+                   and int(corpus_version) > 0):
+    return None
+  return VersionKey(int(step), int(corpus_version) if plus else 0)
 
 
 class StaleBuildError(IndexVersionError):
@@ -156,9 +231,14 @@ def _read_json(path: epath.Path) -> dict[str, Any] | None:
 
 
 def start_version(index_root: epath.PathLike, step: int, num_shards: int,
-                  searcher: str = "exact", searcher_options: dict[str, Any] | None = None
+                  searcher: str = "exact", searcher_options: dict[str, Any] | None = None,
+                  single_writer: bool = False, info: dict[str, Any] | None = None
                   ) -> dict[str, Any]:
   """The leader announces version `step` in `num_shards` shards; returns the build record.
+
+  `step` may be a `VersionKey` (a version over a corpus version). `single_writer`: the leader
+  writes every shard itself (an incremental update); followers leave such a build alone.
+  `info` (e.g. the corpus version to embed) is added to the build record.
 
   A tmp folder of `step` left by a dead attempt is replaced: its shards may be stale, and a
   writer still busy with that attempt finds the new attempt id and drops its work.
@@ -177,11 +257,20 @@ def start_version(index_root: epath.PathLike, step: int, num_shards: int,
   if tmp.exists():
     tmp.rmtree()
   tmp.mkdir()
-  build = dict(step=int(step), num_shards=int(num_shards), searcher=searcher,
-               searcher_options=dict(searcher_options or {}), attempt=uuid.uuid4().hex,
-               created=time.time())
+  build = dict(step=int(step), version=str(step), num_shards=int(num_shards),
+               searcher=searcher, searcher_options=dict(searcher_options or {}),
+               attempt=uuid.uuid4().hex, created=time.time(), single_writer=bool(single_writer),
+               **(info or {}))
   _write_json_atomic(tmp / BUILD, build)
   return build
+
+
+def build_key(build: dict[str, Any]) -> VersionKey:
+  """The version a build record announces (records without "version": the step alone)."""
+  key = parse_version(str(build.get("version", build["step"])))
+  if key is None:
+    raise IndexVersionError(f"bad version {build.get('version')!r} in a build record")
+  return key
 
 
 def read_build(index_root: epath.PathLike, step: int) -> dict[str, Any] | None:
@@ -196,17 +285,17 @@ def pending_builds(index_root: epath.PathLike) -> list[dict[str, Any]]:
     return []
   builds = []
   for path in root.iterdir():
-    if path.name.startswith(TMP_PREFIX) and path.name[len(TMP_PREFIX):].isdigit():
+    if path.name.startswith(TMP_PREFIX) and parse_version(path.name[len(TMP_PREFIX):]):
       build = _read_json(path / BUILD)
       if build is not None:
         builds.append(build)
-  return sorted(builds, key=lambda b: -b["step"])
+  return sorted(builds, key=build_key, reverse=True)
 
 
 def shard_done(index_root: epath.PathLike, build: dict[str, Any], shard_index: int
                ) -> dict[str, Any] | None:
   """The shard's SHARD_DONE record if it was finished for this very attempt, else None."""
-  path = (tmp_dir(index_root, build["step"]) / shard_name(shard_index, build["num_shards"]) /
+  path = (tmp_dir(index_root, build_key(build)) / shard_name(shard_index, build["num_shards"]) /
           SHARD_DONE)
   done = _read_json(path)
   return done if done is not None and done.get("attempt") == build["attempt"] else None
@@ -229,36 +318,51 @@ def _stage_scann(searcher: scann_searcher.ScannSearcher, shard: epath.Path) -> d
 
 
 def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: int,
-                embeddings: np.ndarray, doc_ids: np.ndarray,
+                embeddings: np.ndarray | None, doc_ids: np.ndarray,
                 searcher: searcher_lib.Searcher | None = None) -> dict[str, Any]:
   """Writes shard `shard_index` of an announced build: [n, D] embeddings, [n] doc ids.
 
-  A "scann" build also trains (or takes the given) `ScannSearcher` and stores it. The shard's
-  SHARD_DONE.json goes last, and only while `build` is still the announced attempt.
+  A "scann" build also trains (or takes the given) `ScannSearcher` and stores it, and stores
+  the vectors only once, inside ScaNN's own files (the ones it re-scores with, in its
+  `reorder_dtype`): no embeddings.npy beside them. `embeddings` may then be None when the
+  searcher is given (an updated searcher). The shard's SHARD_DONE.json goes last, and only
+  while `build` is still the announced attempt.
   """
-  embeddings = np.asarray(embeddings, np.float32)
   doc_ids = np.asarray(doc_ids, np.int64)
-  if embeddings.ndim != 2 or doc_ids.shape != (len(embeddings),):
-    raise IndexVersionError(f"shard {shard_index}: embeddings {embeddings.shape} vs doc_ids "
-                            f"{doc_ids.shape}")
+  scann_build = build["searcher"] == "scann"
+  if embeddings is None:
+    if not (scann_build and searcher is not None):
+      raise IndexVersionError(f"shard {shard_index}: no embeddings (only a given ScaNN "
+                              "searcher holds its own)")
+    dim = searcher.dim
+  else:
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 2 or doc_ids.shape != (len(embeddings),):
+      raise IndexVersionError(f"shard {shard_index}: embeddings {embeddings.shape} vs doc_ids "
+                              f"{doc_ids.shape}")
+    dim = embeddings.shape[1]
   if not 0 <= shard_index < build["num_shards"]:
     raise IndexVersionError(f"shard {shard_index} of a {build['num_shards']}-shard build")
   name = shard_name(shard_index, build["num_shards"])
-  shard = tmp_dir(index_root, build["step"]) / name
+  shard = tmp_dir(index_root, build_key(build)) / name
   if shard.exists():  # an earlier try of this shard (only its own process writes it)
     shard.rmtree()
   shard.mkdir()  # no parents: a tmp folder the leader removed is not brought back
-  entry = dict(name=name, num_docs=int(len(doc_ids)), dim=int(embeddings.shape[1]),
-               embeddings_sha256=_write_npy(shard / "embeddings.npy", embeddings),
+  entry = dict(name=name, num_docs=int(len(doc_ids)), dim=int(dim),
                doc_ids_sha256=_write_npy(shard / "doc_ids.npy", doc_ids))
-  if build["searcher"] == "scann":
+  if scann_build:
     if searcher is None:
       searcher = scann_searcher.ScannSearcher(embeddings, doc_ids, **build["searcher_options"])
     if not isinstance(searcher, scann_searcher.ScannSearcher):
       raise IndexVersionError(f"a scann build got a {type(searcher).__name__}")
+    if searcher.num_docs != len(doc_ids) or not np.array_equal(searcher.doc_ids, doc_ids):
+      raise IndexVersionError(f"shard {shard_index}: the searcher's doc ids are not the shard's")
     entry["scann_files"] = _stage_scann(searcher, shard)
     entry["scann_params"] = dict(searcher.params)
-  current = read_build(index_root, build["step"])
+    entry["vectors"] = "scann"  # stored once, in ScaNN's re-scoring dataset
+  else:
+    entry["embeddings_sha256"] = _write_npy(shard / "embeddings.npy", embeddings)
+  current = read_build(index_root, build_key(build))
   if current is None or current["attempt"] != build["attempt"]:
     raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
                           "longer the announced one")
@@ -279,7 +383,7 @@ def finish_version(index_root: epath.PathLike, build: dict[str, Any], timeout: f
   (`move_latest`).
   """
   root = epath.Path(index_root)
-  step, num_shards = build["step"], build["num_shards"]
+  step, num_shards = build_key(build), build["num_shards"]
   tmp, final = tmp_dir(root, step), root / str(step)
   deadline = time.time() + timeout
   while True:
@@ -302,11 +406,15 @@ def finish_version(index_root: epath.PathLike, build: dict[str, Any], timeout: f
   if expected_num_docs is not None and num_docs != expected_num_docs:
     raise IndexVersionError(f"step {step}: shards hold {num_docs} docs, expected "
                             f"{expected_num_docs}")
-  manifest = dict(format_version=FORMAT_VERSION, step=int(step), dim=dims.pop(),
+  extra = dict(extra or {})
+  if step.corpus_version:
+    extra.setdefault("corpus_version", step.corpus_version)
+  manifest = dict(format_version=FORMAT_VERSION, step=int(step), version=str(step),
+                  dim=dims.pop(),
                   num_docs=num_docs, searcher=build["searcher"],
                   searcher_options=build["searcher_options"], attempt=build["attempt"],
                   shards=shards, build_seconds=round(time.time() - build["created"], 3),
-                  created=time.time(), **(extra or {}))
+                  created=time.time(), **extra)
   if before_publish is not None:
     before_publish()
   _pause("before_manifest")
@@ -338,15 +446,17 @@ def publish_index(index_root: epath.PathLike, step: int,
   return finish_version(index_root, build, extra=extra)
 
 
-def parse_step(text: str | bytes) -> int:
-  """The step a LATEST file holds: a non-negative decimal integer (IndexVersionError if not)."""
+def parse_step(text: str | bytes) -> VersionKey:
+  """The version a LATEST file holds: `<step>` or `<step>+<corpus version>` (a VersionKey;
+  IndexVersionError if it is anything else)."""
   try:
     if isinstance(text, bytes):
       text = text.decode("ascii")
     value = text.strip()
-    if not value.isdigit() or not value.isascii():
+    key = parse_version(value)
+    if key is None:
       raise ValueError(value)
-    return int(value)
+    return key
   except (UnicodeDecodeError, ValueError):
     shown = text[:40] if isinstance(text, (str, bytes)) else text
     raise IndexVersionError(f"LATEST holds {shown!r}, not a step number") from None
@@ -409,8 +519,8 @@ def list_versions(index_root: epath.PathLike) -> list[int]:
   root = epath.Path(index_root)
   if not root.exists():
     return []
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and (p / MANIFEST).exists())
+  keys = ((parse_version(p.name), p) for p in root.iterdir())
+  return sorted(key for key, p in keys if key is not None and (p / MANIFEST).exists())
 
 
 def _load_scann_shard(shard: epath.Path, entry: dict[str, Any], build: bool = True
@@ -470,8 +580,11 @@ def read_manifest(index_root: epath.PathLike, step: int) -> dict[str, Any]:
     raise IndexVersionError(f"{path} is not a JSON object")
   problem = None
   shards = manifest.get("shards")
-  if manifest.get("step") != step:
-    problem = f"its step is {manifest.get('step')!r}, the folder's {step}"
+  recorded = (parse_version(str(manifest.get("version", manifest.get("step"))))
+              if _is_int(manifest.get("step")) else None)
+  if recorded is None or recorded != step or int(recorded) != manifest["step"]:
+    problem = (f"its step {manifest.get('step')!r} (version {manifest.get('version')!r}) is "
+               f"not the folder's {step}")
   elif not _is_int(manifest.get("format_version", 1)) or not (
       1 <= manifest.get("format_version", 1) <= FORMAT_VERSION):
     problem = (f"format_version {manifest.get('format_version')!r} (this code reads 1.."
@@ -498,7 +611,9 @@ def read_manifest(index_root: epath.PathLike, step: int) -> dict[str, Any]:
     elif any(e.get("dim", manifest["dim"]) != manifest["dim"] for e in shards):
       problem = f"shard dims {[e.get('dim') for e in shards]} differ from dim {manifest['dim']}"
     elif not all(isinstance(e.get("doc_ids_sha256"), str) and
-                 isinstance(e.get("embeddings_sha256"), str) for e in shards):
+                 (isinstance(e.get("embeddings_sha256"), str) or
+                  (manifest["searcher"] == "scann" and isinstance(e.get("scann_files"), dict)))
+                 for e in shards):
       problem = "a shard lacks its checksums"
   if problem:
     raise IndexVersionError(f"{path}: {problem}")
@@ -557,12 +672,22 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
   if out_of_range.any():
     raise IndexVersionError(f"{shard}: {int(out_of_range.sum())} doc ids outside [0, "
                             f"{total_docs}) (e.g. {doc_ids[out_of_range][:3].tolist()})")
+  kind = manifest["searcher"]
+  if "embeddings_sha256" not in entry:  # vectors stored once, inside ScaNN's files
+    if not isinstance(entry.get("scann_files"), dict):
+      raise IndexVersionError(f"{shard}: neither embeddings.npy nor ScaNN files")
+    _check_scann_vectors(shard, entry, num_docs, dim)
+    searcher = _load_scann_shard(shard, entry, build=build)
+    if searcher is not None and (
+        (searcher.num_docs, searcher.dim) != (num_docs, dim) or
+        not np.array_equal(searcher.doc_ids, doc_ids)):
+      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
+    return searcher, doc_ids
   # The stored embeddings, also of "scann" shards whose searcher is stored: a NaN/inf there
   # means the searcher was trained on it too (its codebooks themselves are only checksummed).
   embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
                            (num_docs, dim))
   _check_finite(shard, embeddings)
-  kind = manifest["searcher"]
   if kind == "scann" and entry.get("scann_files"):
     if not isinstance(entry["scann_files"], dict):
       raise IndexVersionError(f"{shard}: scann_files is not a mapping")
@@ -580,6 +705,39 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
   return scann_searcher.make_searcher(kind, embeddings, doc_ids, **options), doc_ids
 
 
+def _check_scann_vectors(shard: epath.Path, entry: dict[str, Any], num_docs: int, dim: int):
+  """The vectors inside a ScaNN shard's files (its re-scoring dataset, the shard's only copy):
+  checksummed, [num_docs, dim], and finite (float32 and bfloat16; int8 codes always are, their
+  per-dimension multipliers are checked)."""
+  dtype = (entry.get("scann_params") or {}).get("reorder_dtype", "float32")
+  wanted = scann_searcher.REORDER_FILES.get(dtype)
+  files = entry["scann_files"]
+  names = [name for name in files if name.rsplit("/", 1)[-1] == wanted]
+  if len(names) != 1:
+    raise IndexVersionError(f"{shard}: no single {wanted} (the {dtype} vectors) among its ScaNN "
+                            "files")
+  data = _read_checked(shard / names[0], files[names[0]])
+  try:
+    vectors = np.load(io.BytesIO(data))
+  except ValueError as e:
+    raise IndexVersionError(f"{shard / names[0]} is not a readable array ({e})") from None
+  if vectors.shape != (num_docs, dim):
+    raise IndexVersionError(f"{shard / names[0]}: shape {vectors.shape}, the manifest says "
+                            f"{(num_docs, dim)}")
+  if dtype == "float32":
+    _check_finite(shard, vectors)
+  elif dtype == "bfloat16":  # stored as raw 16-bit words: all-ones exponent is NaN/inf
+    bad = (vectors.view(np.uint16) & 0x7F80) == 0x7F80
+    if bad.any():
+      raise IndexVersionError(f"{shard}: bfloat16 vectors are not finite (row "
+                              f"{int(np.flatnonzero(bad.any(axis=1))[0])})")
+  else:
+    multipliers = [name for name in files if name.endswith("int8_multipliers.npy")]
+    for name in multipliers:
+      if not np.isfinite(np.load(io.BytesIO(_read_checked(shard / name, files[name])))).all():
+        raise IndexVersionError(f"{shard}: int8 multipliers are not finite")
+
+
 def _probe(version: epath.Path, searcher: searcher_lib.Searcher, num_docs: int):
   """A few fixed queries must return in-range ids with finite scores (catches what the stored
   files cannot show alone: e.g. dot products that overflow, or a searcher answering garbage)."""
@@ -592,26 +750,41 @@ def _probe(version: epath.Path, searcher: searcher_lib.Searcher, num_docs: int):
 
 
 def _load(index_root: epath.PathLike, step: int, expected_dim: int | None,
-          expected_num_docs: int | None, build: bool
+          expected_num_docs: int | None, build: bool, removed: np.ndarray | None = None
           ) -> tuple[dict, searcher_lib.ShardedSearcher | None]:
   version = epath.Path(index_root) / str(step)
   manifest = read_manifest(index_root, step)
   if expected_dim is not None and manifest["dim"] != expected_dim:
     raise IndexVersionError(f"{version}: dim {manifest['dim']} != model's {expected_dim}")
-  if expected_num_docs is not None and manifest["num_docs"] != expected_num_docs:
-    raise IndexVersionError(f"{version}: {manifest['num_docs']} docs != corpus's "
-                            f"{expected_num_docs}")
-  total = manifest["num_docs"]
+  # The doc-id space: the corpus (version)'s blocks; the vectors can be fewer (tombstones).
+  total = manifest.get("corpus_num_docs", manifest["num_docs"])
+  if not _is_int(total) or total < manifest["num_docs"]:
+    raise IndexVersionError(f"{version}: corpus_num_docs {total!r} < its {manifest['num_docs']} "
+                            "vectors")
+  if expected_num_docs is not None and total != expected_num_docs:
+    raise IndexVersionError(f"{version}: {total} docs != corpus's {expected_num_docs}")
+  if removed is not None and removed.shape != (total,):
+    raise IndexVersionError(f"{version}: tombstones for {removed.shape} docs, the index has "
+                            f"{total}")
   try:
     loaded = [_load_shard(version, manifest, entry, total, build)
               for entry in manifest["shards"]]
     # In range and as many ids as docs: a repeat is exactly a doc that is missing.
-    counts = np.bincount(np.concatenate([ids for _, ids in loaded]), minlength=total)
+    all_ids = np.concatenate([ids for _, ids in loaded])
+    counts = np.bincount(all_ids, minlength=total)
     repeated = np.flatnonzero(counts > 1)
     if repeated.size:
       raise IndexVersionError(f"{version}: {repeated.size} doc ids appear more than once "
                               f"(e.g. {repeated[:3].tolist()}), so {repeated.size} or more docs "
                               "are missing")
+    if removed is not None:
+      dead = all_ids[removed[all_ids]]
+      if dead.size:
+        raise IndexVersionError(f"{version}: holds {dead.size} removed (tombstoned) docs, "
+                                f"e.g. {dead[:3].tolist()}")
+      if len(all_ids) != int((~removed).sum()):
+        raise IndexVersionError(f"{version}: {len(all_ids)} docs, the corpus version has "
+                                f"{int((~removed).sum())} live ones")
     if not build:
       return manifest, None
     searcher = searcher_lib.ShardedSearcher([s for s, _ in loaded])
@@ -624,7 +797,8 @@ def _load(index_root: epath.PathLike, step: int, expected_dim: int | None,
 
 
 def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
-               expected_num_docs: int | None = None) -> tuple[dict, searcher_lib.ShardedSearcher]:
+               expected_num_docs: int | None = None, removed: np.ndarray | None = None
+               ) -> tuple[dict, searcher_lib.ShardedSearcher]:
   """Loads and validates one version into the manifest's searcher.
 
   Checked: the manifest's structure, every file's checksum, dim and doc count against the
@@ -635,14 +809,61 @@ def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None =
   stored files (format version 1) is built here from the embeddings, in the caller's thread
   (the trainer's IndexWatcher: off the training thread).
   """
-  return _load(index_root, step, expected_dim, expected_num_docs, build=True)
+  return _load(index_root, step, expected_dim, expected_num_docs, build=True,
+               removed=removed)
 
 
 def check_version(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
-                  expected_num_docs: int | None = None) -> dict[str, Any]:
+                  expected_num_docs: int | None = None, removed: np.ndarray | None = None
+                  ) -> dict[str, Any]:
   """`load_index`'s checks without building or loading searchers (ScaNN files only checksummed,
   no probe search): what the index builder runs on existing versions. -> the manifest."""
-  return _load(index_root, step, expected_dim, expected_num_docs, build=False)[0]
+  return _load(index_root, step, expected_dim, expected_num_docs, build=False,
+               removed=removed)[0]
+
+
+def shard_vectors(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
+  """A shard's stored vectors as [n, D] float32 in its doc_ids order (checksummed): its
+  embeddings.npy, or ScaNN's re-scoring dataset where that is the only copy (bfloat16 widened
+  exactly; int8 codes times their per-dimension multipliers, i.e. what ScaNN re-scores with)."""
+  shard = epath.Path(version) / entry["name"]
+  if "embeddings_sha256" in entry:
+    return _read_npy(shard / "embeddings.npy", entry["embeddings_sha256"]).astype(np.float32)
+  files = entry["scann_files"]
+  dtype = (entry.get("scann_params") or {}).get("reorder_dtype", "float32")
+  def load(suffix):
+    name = next(n for n in files if n.rsplit("/", 1)[-1] == suffix)
+    return np.load(io.BytesIO(_read_checked(shard / name, files[name])))
+  vectors = load(scann_searcher.REORDER_FILES[dtype])
+  if dtype == "bfloat16":
+    return (vectors.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+  if dtype == "int8":
+    return vectors.astype(np.float32) / load("int8_multipliers.npy").astype(np.float32)
+  return vectors.astype(np.float32)
+
+
+def load_shards(index_root: epath.PathLike, step: int
+                ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, Any]]]:
+  """Version `step`'s shards as (embeddings [n, D] float32 or None where ScaNN holds the only
+  copy, doc_ids [n] int64, its stored ScaNN searcher or None), each file checked against the manifest: what an incremental
+  update starts from. -> (manifest, shards in manifest order)."""
+  version = epath.Path(index_root) / str(step)
+  manifest = read_manifest(index_root, step)
+  out = []
+  for entry in manifest["shards"]:
+    shard = version / entry["name"]
+    doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu",
+                          (entry["num_docs"],)).astype(np.int64)
+    embeddings = None  # ScaNN shards hold their vectors in the searcher only
+    if "embeddings_sha256" in entry:
+      embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
+                               (entry["num_docs"], manifest["dim"])).astype(np.float32)
+    searcher = (_load_scann_shard(shard, entry) if manifest["searcher"] == "scann" and
+                entry.get("scann_files") else None)
+    if searcher is not None and not np.array_equal(searcher.doc_ids, doc_ids):
+      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
+    out.append((embeddings, doc_ids, searcher))
+  return manifest, out
 
 
 def prune_versions(index_root: epath.PathLike, keep_last: int) -> list[int]:

@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 
 from realm_jax import config_lib
+from realm_jax.data import corpus_versions
 from realm_jax.data import prepare
 from realm_jax.data import tokenizer as tokenizer_lib
 from realm_jax.retrieval import index_format
@@ -183,8 +184,8 @@ class Inspector:
         raise RetrieveError(f"index version {index_step} is not published in {root} "
                             f"(published: {versions or 'none'})")
       try:
-        self.manifest, self.searcher = index_format.load_index(root, int(index_step), **expected)
-      except (index_format.IndexVersionError, OSError) as e:
+        self.manifest, self.searcher = self._load_version(root, index_step, expected)
+      except (index_format.IndexVersionError, corpus_versions.CorpusVersionError, OSError) as e:
         raise RetrieveError(f"index version {index_step} cannot be used: {e}") from None
       return
     if not versions:
@@ -203,13 +204,29 @@ class Inspector:
     problems = []
     for step in order:
       try:
-        self.manifest, self.searcher = index_format.load_index(root, step, **expected)
+        self.manifest, self.searcher = self._load_version(root, step, expected)
         break
-      except (index_format.IndexVersionError, OSError) as e:
+      except (index_format.IndexVersionError, corpus_versions.CorpusVersionError, OSError) as e:
         problems.append(f"version {step}: {e}")
         self.warnings.append(f"skipped index version {step}: {e}")
     else:
       raise RetrieveError(f"no usable index version in {root}: {'; '.join(problems)}")
+
+  def _load_version(self, root, step, expected):
+    """load_index of one version; one over a corpus version (data/corpus_versions.py) is
+    checked against that version, whose blocks and texts then answer the queries."""
+    if isinstance(step, int) and not isinstance(step, index_format.VersionKey):
+      step = next((v for v in index_format.list_versions(root) if v == step), step)
+    number = index_format.read_manifest(root, step).get("corpus_version", 0)
+    if not number:
+      return index_format.load_index(root, step, **expected)
+    version = corpus_versions.load_version(self.corpus_dir, number)
+    loaded = index_format.load_index(root, step, expected_dim=expected["expected_dim"],
+                                     expected_num_docs=version.corpus.num_docs,
+                                     removed=version.removed)
+    self.corpus = version.corpus
+    self.texts_path = version.directory / TEXTS_FILE
+    return loaded
 
   def _load_embedder(self, devices):
     self.index_step = int(self.manifest["step"])

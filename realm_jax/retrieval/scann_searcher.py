@@ -12,6 +12,14 @@ a tree and quantization buy nothing, are searched brute force inside ScaNN.
 optional `retrieval.scann` overrides. The defaults scale with the shard's size (~sqrt(N)
 leaves, 10% of them searched), so each shard of a sharded index gets its own.
 
+Mutable (incremental index versions): the searcher is built with ScaNN docids (the global doc
+ids as strings, which ScaNN's `upsert`/`delete` require), so `upsert(embeddings, doc_ids)` and
+`delete(doc_ids)` change a trained searcher in place without retraining its tree or codebooks
+(new points are assigned to the nearest existing leaf and quantized with the existing
+codebooks), and `rebalance()` retrains it from the points it holds (ScaNN: a full retrain with
+the initial config). ScaNN's `delete` moves the last row into the freed slot, so `doc_ids` is
+always read back from ScaNN's own docid list, in its row order.
+
 `save`/`load` serialize a trained searcher (ScaNN's assets with relative paths, so the folder
 can be moved or renamed): the index builder stores them in each shard of a version, and
 trainers load them instead of re-training the tree (`index_format.py`).
@@ -72,12 +80,15 @@ class ScannSearcher:
     dims_per_block: dimensions per AH sub-space (2 -> D/2 4-bit codes per vector).
     training_sample_size: points used to train the tree and the codebooks (default
       min(N, 100_000)).
+    reorder_dtype: how ScaNN stores the vectors it re-scores with (the shard's only copy of
+      the embeddings): "float32" (exact re-scoring), "bfloat16" (half the bytes) or "int8"
+      (a quarter; per-dimension fixed point). Recall cost: BENCHMARKS.md.
   """
 
   def __init__(self, embeddings: np.ndarray, doc_ids: np.ndarray | None = None,
                num_leaves: int | None = None, num_leaves_to_search: int | None = None,
                reorder: int | None = None, dims_per_block: int = 2,
-               training_sample_size: int | None = None):
+               training_sample_size: int | None = None, reorder_dtype: str = "float32"):
     import scann  # pylint: disable=import-outside-toplevel  (optional heavy dependency)
 
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -87,10 +98,16 @@ class ScannSearcher:
     self.doc_ids = _check_doc_ids(doc_ids, self.num_docs)
     self.brute_force = self.num_docs < BRUTE_FORCE_BELOW
     self.reorder = reorder
+    if reorder_dtype not in REORDER_DTYPES:
+      raise ValueError(f"reorder_dtype {reorder_dtype!r} not in {REORDER_DTYPES}")
+    from scann.scann_ops.py import scann_builder  # pylint: disable=import-outside-toplevel
+    quantize = dict(float32=scann_builder.ReorderType.FLOAT32,
+                    bfloat16=scann_builder.ReorderType.BFLOAT16,
+                    int8=scann_builder.ReorderType.INT8)[reorder_dtype]
     builder = scann.scann_ops_pybind.builder(embeddings, 10, "dot_product")
     if self.brute_force:
       self.num_leaves = self.num_leaves_to_search = 0
-      builder = builder.score_brute_force()
+      builder = builder.score_brute_force(quantize=quantize)
     else:
       self.num_leaves = int(num_leaves or default_num_leaves(self.num_docs))
       self.num_leaves_to_search = int(num_leaves_to_search
@@ -103,11 +120,51 @@ class ScannSearcher:
                  .score_ah(dims_per_block,
                            anisotropic_quantization_threshold=ANISOTROPIC_THRESHOLD,
                            training_sample_size=sample)
-                 .reorder(reorder or default_reorder(10)))
+                 .reorder(reorder or default_reorder(10), quantize=quantize))
     self.params = dict(num_leaves=self.num_leaves,
                        num_leaves_to_search=self.num_leaves_to_search, reorder=reorder,
-                       dims_per_block=dims_per_block, brute_force=self.brute_force)
-    self._scann = builder.build()
+                       dims_per_block=dims_per_block, brute_force=self.brute_force,
+                       reorder_dtype=reorder_dtype)
+    self._scann = builder.build(docids=[str(i) for i in self.doc_ids.tolist()])
+
+  def _sync(self):
+    """num_docs and doc_ids from ScaNN's own docid list (its row order after mutations)."""
+    if self._scann.docids is not None:
+      self.doc_ids = np.asarray(self._scann.docids, dtype=np.int64).reshape(-1)
+    self.num_docs = int(self._scann.size())
+
+  def upsert(self, embeddings: np.ndarray, doc_ids: np.ndarray) -> None:
+    """Adds (or replaces) the points of doc_ids [m] with embeddings [m, D], in place."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    doc_ids = np.asarray(doc_ids, np.int64).reshape(-1)
+    if embeddings.shape != (len(doc_ids), self.dim):
+      raise ValueError(f"upsert: embeddings {embeddings.shape} for {len(doc_ids)} ids of dim "
+                       f"{self.dim}")
+    if self._scann.docids is None:
+      raise ValueError("this ScaNN searcher was saved without docids (an older version): it "
+                       "cannot be updated, rebuild it")
+    if len(doc_ids):
+      self._scann.upsert([str(i) for i in doc_ids.tolist()], embeddings,
+                         batch_size=min(len(doc_ids), 1024))
+    self._sync()
+
+  def delete(self, doc_ids: np.ndarray) -> None:
+    """Removes the points of doc_ids [m] (each must be in the searcher), in place."""
+    doc_ids = np.asarray(doc_ids, np.int64).reshape(-1)
+    if self._scann.docids is None:
+      raise ValueError("this ScaNN searcher was saved without docids: it cannot be updated")
+    missing = np.setdiff1d(doc_ids, self.doc_ids)
+    if missing.size:
+      raise KeyError(f"delete: doc ids not in this shard: {missing[:5].tolist()}")
+    if len(doc_ids):
+      self._scann.delete([str(i) for i in doc_ids.tolist()])
+    self._sync()
+
+  def rebalance(self) -> None:
+    """Retrains the partitioning from the points held now (after many updates)."""
+    if not self.brute_force:
+      self._scann.rebalance()
+    self._sync()
 
   def search(self, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """[B, D] -> (global doc ids [B, min(k, N)] int64, scores [B, min(k, N)] float32)."""
@@ -124,8 +181,11 @@ class ScannSearcher:
           query_emb, final_num_neighbors=k,
           pre_reorder_num_neighbors=max(k, self.reorder or default_reorder(k)),
           leaves_to_search=self.num_leaves_to_search)
-    return (self.doc_ids[np.asarray(rows, dtype=np.int64)],
-            np.asarray(scores, dtype=np.float32))
+    if self._scann.docids is not None:  # ScaNN returned the docids (strings)
+      ids = np.asarray(rows).astype(np.int64).reshape(len(query_emb), -1)
+    else:
+      ids = self.doc_ids[np.asarray(rows, dtype=np.int64)]
+    return ids, np.asarray(scores, dtype=np.float32)
 
   def save(self, directory: str | os.PathLike[str]) -> None:
     """Writes ScaNN's assets (`serialize`, relative paths) + doc ids + params to `directory`.
@@ -160,7 +220,11 @@ class ScannSearcher:
     self.reorder = meta["reorder"]
     self.params = {key: meta[key] for key in ("num_leaves", "num_leaves_to_search", "reorder",
                                               "dims_per_block", "brute_force")}
+    self.params["reorder_dtype"] = meta.get("reorder_dtype", "float32")
     self._scann = scann.scann_ops_pybind.load_searcher(os.path.join(directory, _ASSETS_DIR))
+    if self._scann.docids is not None and not np.array_equal(
+        np.asarray(self._scann.docids, np.int64), self.doc_ids):
+      raise ValueError(f"{directory}: ScaNN's docids differ from {_DOC_IDS}")
     return self
 
 
@@ -173,9 +237,10 @@ def _check_doc_ids(doc_ids: np.ndarray | None, num_docs: int) -> np.ndarray:
 
 
 SEARCHER_KINDS = ("exact", "scann")
+REORDER_DTYPES = ("float32", "bfloat16", "int8")
 # `ScannSearcher` arguments that `retrieval.scann` may override (unset/0: scaled to the shard).
 OPTION_KEYS = ("num_leaves", "num_leaves_to_search", "reorder", "dims_per_block",
-               "training_sample_size")
+               "training_sample_size", "reorder_dtype")
 
 
 def options_from_config(retrieval_config) -> dict[str, int]:
@@ -190,7 +255,15 @@ def options_from_config(retrieval_config) -> dict[str, int]:
   unknown = sorted(set(scann_config) - set(OPTION_KEYS))
   if unknown:
     raise ValueError(f"unknown retrieval.scann fields {unknown}; known: {list(OPTION_KEYS)}")
-  return {key: int(value) for key, value in scann_config.items() if value}
+  return {key: (str(value) if key == "reorder_dtype" else int(value))
+          for key, value in scann_config.items()
+          if value and not (key == "reorder_dtype" and value == "float32")}
+
+
+# The file of a serialized ScaNN searcher holding the vectors it re-scores with, per
+# reorder_dtype (what `index_format` checks for finiteness: the shard's only copy).
+REORDER_FILES = dict(float32="dataset.npy", bfloat16="bfloat16_dataset.npy",
+                     int8="int8_dataset.npy")
 
 
 def make_searcher(kind: str, embeddings: np.ndarray, doc_ids: np.ndarray | None = None,

@@ -45,6 +45,14 @@ class ExactSearcher:
                        f"{len(self.embeddings)} embeddings")
     self.num_docs, self.dim = self.embeddings.shape
 
+  def updated(self, embeddings: np.ndarray, doc_ids: np.ndarray, remove_ids: np.ndarray
+              ) -> "ExactSearcher":
+    """A new searcher: these rows masked out (dropped), then [m, D] embeddings appended."""
+    keep = ~np.isin(self.doc_ids, np.asarray(remove_ids, np.int64))
+    return ExactSearcher(np.concatenate([self.embeddings[keep],
+                                         np.asarray(embeddings, np.float32)]),
+                         np.concatenate([self.doc_ids[keep], np.asarray(doc_ids, np.int64)]))
+
   def search(self, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     query_emb = np.asarray(query_emb, dtype=np.float32)
     if query_emb.ndim != 2 or query_emb.shape[1] != self.dim:

@@ -11,6 +11,10 @@ training thread. The loop calls `take_new()` between two steps and swaps the sea
   and says so once; a trainer restarted on a corrupted newest version thus starts from the
   newest valid older one instead of waiting forever.
 - A version deleted while loading (pruned) is retried later, silently: LATEST moves on.
+- A version over a corpus version (`<step>+<c>`, data/corpus_versions.py) is checked against
+  that corpus version (doc-id space, no tombstoned id, one vector per live block) and comes
+  with its corpus: `WatchedIndex` then gathers candidate tokens from it and uses its null id,
+  so a removed document is never returned and new ids resolve to the right blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 import numpy as np
 from etils import epath
 
+from realm_jax.data import corpus_versions
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import searcher as searcher_lib
@@ -33,8 +38,12 @@ class IndexWatcher:
   """Background loader of the newest published (valid) index version."""
 
   def __init__(self, index_root: epath.PathLike, expected_dim: int, expected_num_docs: int,
-               poll_seconds: float = 1.0):
+               poll_seconds: float = 1.0, corpus_dir: epath.PathLike | None = None):
     self.root = epath.Path(index_root)
+    # Where corpus versions live (default: the `corpus_dir` the builder wrote in the manifest).
+    self.corpus_dir = None if corpus_dir is None else epath.Path(corpus_dir)
+    self._corpora: dict[int, corpus_versions.CorpusVersion] = {}
+    self.corpus_of: dict[int, corpus_versions.CorpusVersion | None] = {}  # by loaded version
     self._expected = dict(expected_dim=expected_dim, expected_num_docs=expected_num_docs)
     self._poll = poll_seconds
     self._lock = threading.Lock()
@@ -70,7 +79,11 @@ class IndexWatcher:
       return _REJECTED
     start = time.time()
     try:
-      _, searcher = index_format.load_index(self.root, step, **self._expected)
+      corpus = self._corpus_for(step)
+      expected = dict(self._expected)
+      if corpus is not None:
+        expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed)
+      _, searcher = index_format.load_index(self.root, step, **expected)
     except Exception as e:  # pylint: disable=broad-except
       if index_format.manifest_id(self.root, step) != key:  # pruned or rebuilt meanwhile
         logging.debug("index watcher: version %d changed while loading (%s)", step, e)
@@ -85,8 +98,23 @@ class IndexWatcher:
       return _REJECTED
     self._newest = step
     with self._lock:
+      self.corpus_of[step] = corpus
       self._pending = (step, searcher, time.time() - start)
     return _LOADED
+
+  def _corpus_for(self, step: int) -> corpus_versions.CorpusVersion | None:
+    """The corpus version a version was built for (None: the build itself, version 0)."""
+    manifest = index_format.read_manifest(self.root, step)
+    number = manifest.get("corpus_version", 0)
+    if not number:
+      return None
+    if number not in self._corpora:
+      where = self.corpus_dir or manifest.get("corpus_dir")
+      if not where:
+        raise index_format.IndexVersionError(
+            f"version {step} is over corpus version {number}, but the corpus folder is unknown")
+      self._corpora[number] = corpus_versions.load_version(where, number)
+    return self._corpora[number]
 
   def _poll_once(self):
     try:
@@ -174,14 +202,22 @@ class WatchedIndex:
   """The trainer's view of builder-published versions; same interface as InProcessIndex."""
 
   def __init__(self, watcher: IndexWatcher, null_id: int):
-    self.watcher, self._null_id = watcher, null_id
+    self.watcher, self._null_id, self._base_null_id = watcher, null_id, null_id
+    # The corpus the current version was built for (None: the trainer's own, the build).
+    self.corpus = None
     self.searcher: searcher_lib.Searcher | None = None
     self.step: int | None = None
     self.last_refresh_seconds = 0.0  # here: the last version's load time (off-thread)
     self.swaps = 0
 
+  def _take_corpus(self):
+    version = self.watcher.corpus_of.get(self.step)
+    self.corpus = None if version is None else version.corpus
+    self._null_id = self._base_null_id if version is None else version.corpus.null_id
+
   def wait_for_first(self, timeout: float):
     self.step, self.searcher, self.last_refresh_seconds = self.watcher.wait_for_first(timeout)
+    self._take_corpus()
 
   def maybe_swap(self) -> bool:
     """Swaps in a newer loaded version, if any; call between two steps."""
@@ -189,6 +225,7 @@ class WatchedIndex:
     if new is None or (self.step is not None and new[0] <= self.step):
       return False
     self.step, self.searcher, self.last_refresh_seconds = new
+    self._take_corpus()
     self.swaps += 1
     return True
 

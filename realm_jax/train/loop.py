@@ -102,6 +102,11 @@ class Retriever:
   def __call__(self, params, queries: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return self.finish(queries, self.start(params, queries))
 
+  def candidate_corpus(self, default):
+    """Where candidates' tokens come from: the corpus version the index in use was built for
+    (a builder version over an updated corpus), else `default`, the run's corpus."""
+    return getattr(self.index, "corpus", None) or default
+
 
 def _local_slice(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
   """Rows [start, stop) of the global eval order that belong to this process."""
@@ -150,7 +155,7 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
   for local, num_real in _eval_batches(queries, batch_size):
     ids, mask = retriever(params, local)
     out = jax.device_get(eval_step(params, partitioning.shard_batch(
-        _realm_device_batch(local, corpus, ids, mask), mesh)))
+        _realm_device_batch(local, retriever.candidate_corpus(corpus), ids, mask), mesh)))
     for name in ("loss", "retrieval_utility", "token_accuracy"):
       totals[name] += float(out[name]) * float(out["num_tokens"])
     for name in ("span_accuracy", "null_doc_prob"):
@@ -388,7 +393,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   if from_builder:  # versions come from the separate index-builder job
     index = watcher_lib.WatchedIndex(watcher_lib.IndexWatcher(
         workdir / "index", config.model.embed_dim, corpus.num_docs,
-        config.retrieval.watch_poll_seconds).start(), corpus.null_id)
+        config.retrieval.watch_poll_seconds, corpus_dir=data.directory).start(), corpus.null_id)
     teardown.add("index watcher stop", index.watcher.stop, WATCHER_STOP_SECONDS)
   elif retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
@@ -437,7 +442,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       if (batch["gold_ids"] >= 0).any():
         scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
             np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])
-    return _realm_device_batch(batch, corpus, ids, mask), scalars
+    return _realm_device_batch(batch, retriever.candidate_corpus(corpus), ids, mask), scalars
 
   def inputs_at(step: int) -> tuple[dict[str, np.ndarray], dict]:
     """Batch `step` retrieved now, with the current parameters and index."""

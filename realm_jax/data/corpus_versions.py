@@ -1,0 +1,467 @@
+"""Corpus versions: add, remove and replace documents of a built corpus without a rebuild.
+
+`--mode=update_corpus --add=new.jsonl [--remove=ids_or_titles.txt] [--replace=changed.jsonl]`
+publishes a new version of a prepared corpus (facts or wiki, `data.corpus_dir`):
+
+- added records (`{"title", "text"}` JSON lines) go through the wiki build's own per-record
+  pipeline (`wiki_corpus.build_shard`: cleaning, bad-record counting, exact-duplicate drop,
+  sentence split, greedy packing into blocks, salient-span tagging with `data.salient_tagger`
+  for wiki, none for facts, whose full build tags nothing); their blocks get new doc ids after
+  every existing one, so a doc id is never reused;
+- removed blocks (a `--remove` line is a doc id or a title: every live block of that title)
+  are tombstoned: `removed.npy` marks them and their token rows are blanked to the null block,
+  but their rows stay, so every other doc id keeps its meaning;
+- a replaced record (same title as live blocks) removes those blocks and adds its new ones.
+
+Layout (version 0 is the build itself, `<corpus_dir>/blocks/`, never changed):
+```
+<corpus_dir>/versions/000001/blocks/          the whole BlockCorpus of version 1 (old rows,
+                                              removed ones blanked, then the added rows, then
+                                              the null document: null_id grows with num_docs)
+<corpus_dir>/versions/000001/removed.npy      [num_docs] bool tombstones (cumulative)
+<corpus_dir>/versions/000001/block_texts.jsonl {"doc_id","record","title","text","removed"}
+<corpus_dir>/versions/000001/salient_spans.npz the parent's spans plus the added blocks' ones
+<corpus_dir>/versions/000001/VERSION.json     written last: the manifest (see `_manifest`)
+<corpus_dir>/CORPUS_LATEST                    the newest published version number
+```
+Publishing follows the index format's discipline: everything is written into a hidden tmp
+folder, VERSION.json last, the folder is renamed into place, and only then is CORPUS_LATEST
+replaced (write-then-rename). A killed update leaves a tmp folder that the next update removes;
+no reader ever sees a partial version. Published versions are never modified, so a reader of
+an older version (a trainer on the index built for it) keeps working until it moves on. One
+updater at a time: the corpus folder's `corpus_update` lease (`realm_jax.lease`).
+
+Bad input is a `CorpusVersionError` naming the cause, before anything is published: a corpus
+still being built (no build_config.json), a removed id or title that does not exist or is
+already removed, a replaced title that is not in the corpus, an update with nothing to do, an
+add file without one usable record, a config whose doc_len or vocabulary differs from the
+corpus's, and (when loading) a version whose vocabulary or block length differs from the base.
+
+Each version copies the corpus arrays (O(corpus) bytes per update); delta storage is future work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from realm_jax import lease as lease_lib
+from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import tokenizer as tokenizer_lib
+from realm_jax.data import wiki_corpus
+
+VERSIONS_DIR = "versions"
+LATEST = "CORPUS_LATEST"
+MANIFEST = "VERSION.json"
+REMOVED = "removed.npy"
+BUILD_CONFIG = "build_config.json"  # prepare.BUILD_CONFIG (not imported: prepare imports us)
+FORMAT_VERSION = 1
+LEASE_ROLE = "corpus_update"
+TMP_PREFIX = ".tmp-"
+# Test hook: an update whose environment names this point pauses there (for kill tests).
+PAUSE_ENV = "REALM_CORPUS_TEST_PAUSE"
+PAUSE_MARKER_ENV = "REALM_CORPUS_TEST_PAUSE_MARKER"  # a file touched when the pause starts
+
+
+class CorpusVersionError(ValueError):
+  """An update that cannot be applied, or a version that does not fit its corpus."""
+
+
+@dataclasses.dataclass
+class CorpusVersion:
+  """One published version: its blocks, tombstones and manifest."""
+
+  version: int
+  corpus: corpus_lib.BlockCorpus
+  removed: np.ndarray  # [num_docs] bool, True: tombstoned (never to be retrieved)
+  manifest: dict[str, Any]
+  directory: epath.Path  # the folder holding blocks/ (the corpus dir itself for version 0)
+
+  @property
+  def live_ids(self) -> np.ndarray:
+    """Doc ids that are not removed: [L] int64."""
+    return np.flatnonzero(~self.removed).astype(np.int64)
+
+
+def version_dir(corpus_dir: epath.PathLike, version: int) -> epath.Path:
+  corpus_dir = epath.Path(corpus_dir)
+  return corpus_dir if version == 0 else corpus_dir / VERSIONS_DIR / f"{version:06d}"
+
+
+def list_versions(corpus_dir: epath.PathLike) -> list[int]:
+  """Published version numbers (those with a manifest), ascending; 0 is always the build."""
+  root = epath.Path(corpus_dir) / VERSIONS_DIR
+  found = [0]
+  if root.is_dir():
+    found += sorted(int(p.name) for p in root.iterdir()
+                    if p.name.isdigit() and (p / MANIFEST).exists())
+  return found
+
+
+def latest_version(corpus_dir: epath.PathLike) -> int:
+  """The version CORPUS_LATEST names (0 without one). A garbage pointer is an error."""
+  path = epath.Path(corpus_dir) / LATEST
+  if not path.exists():
+    return 0
+  text = path.read_text().strip()
+  if not text.isdigit():
+    raise CorpusVersionError(f"{path} holds {text[:40]!r}, not a version number")
+  return int(text)
+
+
+def vocab_sha256(corpus_dir: epath.PathLike) -> str:
+  """sha256 of the corpus's vocab.txt: what every version must be tokenized with."""
+  return hashlib.sha256(
+      (epath.Path(corpus_dir) / tokenizer_lib.VOCAB_FILENAME).read_bytes()).hexdigest()
+
+
+def _base_metadata(corpus_dir: epath.Path) -> dict[str, Any]:
+  return json.loads((corpus_dir / "blocks" / corpus_lib.METADATA_FILENAME).read_text())
+
+
+def load_version(corpus_dir: epath.PathLike, version: int | None = None, mmap: bool = True
+                 ) -> CorpusVersion:
+  """Loads `version` (default: CORPUS_LATEST) and checks it fits the base build.
+
+  The version's vocabulary (sha256 of vocab.txt) and block lengths must be the base's: a
+  version tokenized otherwise would feed the model ids it was not trained on.
+  """
+  corpus_dir = epath.Path(corpus_dir)
+  version = latest_version(corpus_dir) if version is None else int(version)
+  directory = version_dir(corpus_dir, version)
+  if version == 0:
+    corpus = corpus_lib.load_block_corpus(corpus_dir / "blocks", mmap=mmap)
+    return CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool),
+                         dict(version=0, num_docs=corpus.num_docs), corpus_dir)
+  if not (directory / MANIFEST).exists():
+    raise CorpusVersionError(f"corpus version {version} is not published in {corpus_dir} "
+                             f"(no {directory / MANIFEST})")
+  manifest = json.loads((directory / MANIFEST).read_text())
+  base = _base_metadata(corpus_dir)
+  problems = [f"{key} {manifest.get(key)!r} != the corpus's {base[key]!r}"
+              for key in ("doc_len", "body_len", "vocab_size") if manifest.get(key) != base[key]]
+  if manifest.get("vocab_sha256") != vocab_sha256(corpus_dir):
+    problems.append("its vocabulary (vocab_sha256) is not the corpus's vocab.txt")
+  if problems:
+    raise CorpusVersionError(f"corpus version {version} in {directory} does not fit the corpus "
+                             f"{corpus_dir}: {'; '.join(problems)}")
+  corpus = corpus_lib.load_block_corpus(directory / "blocks", mmap=mmap)
+  with (directory / REMOVED).open("rb") as f:
+    removed = np.load(f).astype(bool)
+  if corpus.num_docs != manifest["num_docs"] or removed.shape != (corpus.num_docs,):
+    raise CorpusVersionError(f"{directory}: {corpus.num_docs} blocks and {removed.shape} "
+                             f"tombstones, the manifest says {manifest['num_docs']} docs")
+  return CorpusVersion(version, corpus, removed, manifest, directory)
+
+
+def changes(old: CorpusVersion, new: CorpusVersion) -> tuple[np.ndarray, np.ndarray]:
+  """What turned `old` into `new`: (added live doc ids [A], removed doc ids [R]), int64.
+
+  Ids only grow and rows never change once written, so the added ones are the new rows that
+  are live, and the removed ones are old rows tombstoned since.
+  """
+  if new.corpus.num_docs < old.corpus.num_docs or (old.removed & ~new.removed[
+      :old.corpus.num_docs]).any():
+    raise CorpusVersionError(f"corpus version {new.version} does not descend from "
+                             f"{old.version}")
+  added = np.arange(old.corpus.num_docs, new.corpus.num_docs, dtype=np.int64)
+  added = added[~new.removed[added]]
+  removed = np.flatnonzero(new.removed[:old.corpus.num_docs] & ~old.removed).astype(np.int64)
+  return added, removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Updating.
+
+
+def _read_lines(path: epath.PathLike | None) -> list[bytes]:
+  if not path:
+    return []
+  path = epath.Path(path)
+  if not path.is_file():
+    raise CorpusVersionError(f"update input {os.fspath(path)} does not exist")
+  return path.read_bytes().splitlines()
+
+
+def _resolve_removals(lines: Sequence[bytes], parent: CorpusVersion, path: str) -> np.ndarray:
+  """Doc ids named by --remove lines (an integer id, or a title: all its live blocks)."""
+  by_title: dict[str, list[int]] = {}
+  for doc_id, title in enumerate(parent.corpus.titles):
+    if not parent.removed[doc_id]:
+      by_title.setdefault(title, []).append(doc_id)
+  ids, unknown, gone = [], [], []
+  for raw in lines:
+    item = raw.decode("utf-8", "replace").strip()
+    if not item:
+      continue
+    if item.isdigit():
+      doc_id = int(item)
+      if doc_id >= parent.corpus.num_docs:
+        unknown.append(item)
+      elif parent.removed[doc_id]:
+        gone.append(item)
+      else:
+        ids.append(doc_id)
+    elif item in by_title:
+      ids.extend(by_title[item])
+    else:
+      unknown.append(item)
+  if unknown or gone:
+    detail = "; ".join(
+        part for part in (f"unknown ids or titles {unknown[:10]}" if unknown else "",
+                          f"ids already removed {gone[:10]}" if gone else "") if part)
+    raise CorpusVersionError(f"--remove={path}: {detail} (version {parent.version} has doc "
+                             f"ids 0..{parent.corpus.num_docs - 1}); nothing was published")
+  return np.unique(np.asarray(ids, np.int64))
+
+
+def _titles_of(lines: Sequence[bytes]) -> list[str | None]:
+  """Each replace line's title (None for a bad record: counted by the build instead)."""
+  titles = []
+  for raw in lines:
+    try:
+      titles.append(wiki_corpus.parse_record(raw, 1 << 20)[0])
+    except wiki_corpus.BadRecord:
+      titles.append(None)
+  return titles
+
+
+def _read_all(shard_dir: epath.Path, name: str, widths: dict[str, int]) -> np.ndarray:
+  dtype, width = wiki_corpus._STREAMS[name]  # pylint: disable=protected-access
+  chunks = list(wiki_corpus._read_stream(shard_dir, name, widths))  # pylint: disable=protected-access
+  if not chunks:
+    shape = (0,) if width is None else (0, widths[width])
+    return np.zeros(shape, dtype)
+  return np.concatenate(chunks)
+
+
+def _offsets_after(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """offsets [n+1] extended by lengths [m] -> [n+m+1] int64."""
+  return np.concatenate([np.asarray(offsets, np.int64),
+                         int(offsets[-1]) + np.cumsum(lengths, dtype=np.int64)])
+
+
+def _append(parent: CorpusVersion, shard_dir: epath.Path, removed_now: np.ndarray
+            ) -> tuple[corpus_lib.BlockCorpus, int]:
+  """The parent's corpus with removed rows blanked and the shard's blocks appended."""
+  base = parent.corpus
+  widths = dict(doc_len=base.doc_len, body_len=base.body_len)
+  new = {name: _read_all(shard_dir, name, widths) for name in wiki_corpus._STREAMS}  # pylint: disable=protected-access
+  num_new = len(new["reader_lengths"])
+  special = base.special
+  null = lambda name: np.asarray(getattr(base, name)[base.null_id:base.null_id + 1])
+  rows = {}
+  for name in ("retriever_tokens", "retriever_segments", "reader_tokens", "reader_lengths"):
+    old = np.array(getattr(base, name)[:base.num_docs])  # a copy: blanked below
+    old[removed_now] = null(name)  # tombstoned: nothing of the removed text stays retrievable
+    rows[name] = np.concatenate([old, new[name].astype(old.dtype), null(name)])
+  with (shard_dir / wiki_corpus.TEXTS_FILE).open("r") as f:
+    new_titles = [json.loads(line)["title"] for line in f]
+  corpus = corpus_lib.BlockCorpus(
+      **rows,
+      sentence_token_ids=np.concatenate([base.sentence_token_ids, new["sentence_token_ids"]]),
+      sentence_offsets=_offsets_after(base.sentence_offsets, new["sentence_lengths"]),
+      doc_sentence_offsets=_offsets_after(base.doc_sentence_offsets,
+                                          new["doc_sentence_counts"]),
+      title_token_ids=np.concatenate([base.title_token_ids, new["title_token_ids"]]),
+      title_offsets=_offsets_after(base.title_offsets, new["title_lengths"]),
+      titles=list(base.titles) + new_titles, vocab_size=base.vocab_size, special=special)
+  return corpus, num_new
+
+
+def _parent_texts(parent: CorpusVersion) -> list[dict]:
+  path = parent.directory / wiki_corpus.TEXTS_FILE
+  if not path.exists():
+    return [dict(doc_id=i, record=i, title=t, text="") for i, t in enumerate(
+        parent.corpus.titles)]
+  with path.open("r") as f:
+    return [json.loads(line) for line in f]
+
+
+def _parent_spans(parent: CorpusVersion) -> dict[str, np.ndarray]:
+  path = parent.directory / wiki_corpus.SPANS_FILE
+  if not path.exists():
+    return dict(span_sentence=np.zeros(0, np.int64), span_start=np.zeros(0, np.int32),
+                span_end=np.zeros(0, np.int32))
+  return wiki_corpus.load_salient_spans(parent.directory)
+
+
+def _sha256_file(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    while chunk := f.read(1 << 24):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _pause(point: str):
+  if os.environ.get(PAUSE_ENV) == point:
+    if os.environ.get(PAUSE_MARKER_ENV):
+      epath.Path(os.environ[PAUSE_MARKER_ENV]).write_text(point)
+    logging.warning("corpus_versions: pausing at %r (test hook %s)", point, PAUSE_ENV)
+    while True:
+      time.sleep(3600)
+
+
+def _replace_text(path: epath.Path, text: str):
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def update_corpus(corpus_dir: epath.PathLike, *, add: str | None = None,
+                  remove: str | None = None, replace: str | None = None,
+                  span_fn: wiki_corpus.SpanFn | None = None, max_span_wordpieces: int = 10,
+                  doc_len: int | None = None, vocab_file: str | None = None,
+                  force_lease: bool = False) -> dict[str, Any]:
+  """Publishes the next version of the corpus in `corpus_dir`; returns its manifest.
+
+  add / replace: JSONL files of {"title", "text"} records; remove: a text file, one doc id or
+  title per line. doc_len / vocab_file (the run's data config) must match the corpus's.
+  """
+  corpus_dir = epath.Path(corpus_dir)
+  if not (corpus_dir / BUILD_CONFIG).exists():
+    raise CorpusVersionError(
+        f"{corpus_dir} is not a finished corpus (no {BUILD_CONFIG}): it is being built or its "
+        "build failed; run --mode=build_corpus to completion before updating it")
+  if not (add or remove or replace):
+    raise CorpusVersionError("update_corpus needs --add, --remove or --replace")
+  with lease_lib.acquire(corpus_dir, LEASE_ROLE, force=force_lease) as held:
+    return _update(corpus_dir, add, remove, replace, span_fn, max_span_wordpieces, doc_len,
+                   vocab_file, held)
+
+
+def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_wordpieces,
+            doc_len, vocab_file, held: lease_lib.Lease) -> dict[str, Any]:
+  start_time = time.time()
+  versions_root = corpus_dir / VERSIONS_DIR
+  versions_root.mkdir(exist_ok=True)
+  for stale in versions_root.glob(f"{TMP_PREFIX}*"):  # a killed update's (one updater: lease)
+    logging.info("update_corpus: removing the leftover %s", stale)
+    stale.rmtree()
+  parent_version = max(latest_version(corpus_dir), list_versions(corpus_dir)[-1])
+  parent = load_version(corpus_dir, parent_version)
+  base = _base_metadata(corpus_dir)
+  if doc_len is not None and doc_len != base["doc_len"]:
+    raise CorpusVersionError(f"data.doc_len={doc_len} but the corpus in {corpus_dir} has "
+                             f"blocks of {base['doc_len']}: a version cannot change it")
+  vocab_path = corpus_dir / tokenizer_lib.VOCAB_FILENAME
+  if vocab_file and epath.Path(vocab_file).read_bytes() != vocab_path.read_bytes():
+    raise CorpusVersionError(f"data.vocab_file={vocab_file} is not the vocabulary the corpus "
+                             f"in {corpus_dir} was built with ({vocab_path})")
+  tokenizer = tokenizer_lib.load_tokenizer(vocab_path)
+
+  texts = _parent_texts(parent)
+  add_lines, replace_lines = _read_lines(add), _read_lines(replace)
+  removed_now = _resolve_removals(_read_lines(remove), parent, remove)
+  replaced_titles = [t for t in _titles_of(replace_lines) if t is not None]
+  if replaced_titles:
+    live = {t for t, gone in zip(parent.corpus.titles, parent.removed) if not gone}
+    missing = sorted(set(replaced_titles) - live)
+    if missing:
+      raise CorpusVersionError(f"--replace={replace}: titles not in corpus version "
+                               f"{parent.version}: {missing[:10]}; nothing was published")
+    wanted = set(replaced_titles)
+    replaced_ids = [i for i, (t, gone) in enumerate(zip(parent.corpus.titles, parent.removed))
+                    if t in wanted and not gone]
+    removed_now = np.union1d(removed_now, np.asarray(replaced_ids, np.int64))
+
+  version = parent_version + 1
+  tmp = versions_root / f"{TMP_PREFIX}{version:06d}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    lines = add_lines + replace_lines
+    report = wiki_corpus.BuildReport()
+    if lines:
+      work = epath.Path(tempfile.mkdtemp(prefix="realm-corpus-update-"))
+      try:
+        report = wiki_corpus.build_shard(
+            wiki_corpus.SequenceSource(lines, description=f"update:{add}+{replace}"),
+            work, tokenizer, 0, 1, doc_len=base["doc_len"], body_len=base["body_len"],
+            span_fn=span_fn, max_span_wordpieces=max_span_wordpieces, progress_every_s=30.0)
+        if not report.records_ok:
+          raise CorpusVersionError(
+              f"{wiki_corpus.no_usable_records(f'update records ({add}, {replace})', report)}"
+              "; nothing was published")
+        shard = work / wiki_corpus.SHARDS_DIR / wiki_corpus.shard_name(0, 1)
+        corpus, num_new = _append(parent, shard, removed_now)
+        with (shard / wiki_corpus.TEXTS_FILE).open("r") as f:
+          new_texts = [json.loads(line) for line in f]
+        new_spans = {name: _read_all(shard, name, {})
+                     for name in ("span_sentence", "span_start", "span_end")}
+      finally:
+        work.rmtree()
+    else:
+      if not len(removed_now):
+        raise CorpusVersionError("the update removes nothing and adds nothing")
+      empty = epath.Path(tempfile.mkdtemp(prefix="realm-corpus-update-"))
+      try:
+        writer = wiki_corpus._ShardWriter(empty, dict(doc_len=base["doc_len"],  # pylint: disable=protected-access
+                                                      body_len=base["body_len"]))
+        writer.close()
+        corpus, num_new = _append(parent, empty, removed_now)
+      finally:
+        empty.rmtree()
+      new_texts, new_spans = [], None
+    first_new = parent.corpus.num_docs
+    removed = np.zeros(corpus.num_docs, bool)
+    removed[:first_new] = parent.removed
+    removed[removed_now] = True
+
+    corpus_lib.save_block_corpus(corpus, tmp / "blocks")
+    with (tmp / REMOVED).open("wb") as f:
+      np.save(f, removed)
+    with (tmp / wiki_corpus.TEXTS_FILE).open("w") as f:
+      for doc_id, line in enumerate(texts + new_texts):
+        entry = dict(line, doc_id=doc_id, removed=bool(removed[doc_id]))
+        if doc_id >= first_new:
+          entry["version"] = version
+        f.write(json.dumps(entry) + "\n")
+    spans = _parent_spans(parent)
+    if new_spans is not None:
+      offset = int(parent.corpus.sentence_offsets.shape[0] - 1)
+      spans = dict(span_sentence=np.concatenate([spans["span_sentence"],
+                                                 new_spans["span_sentence"] + offset]),
+                   span_start=np.concatenate([spans["span_start"], new_spans["span_start"]]),
+                   span_end=np.concatenate([spans["span_end"], new_spans["span_end"]]))
+    with (tmp / wiki_corpus.SPANS_FILE).open("wb") as f:
+      np.savez(f, **spans)
+    files = {}
+    for directory, _, names in os.walk(os.fspath(tmp)):
+      for name in sorted(names):
+        path = epath.Path(directory) / name
+        files[os.path.relpath(os.fspath(path), os.fspath(tmp))] = _sha256_file(path)
+    manifest = dict(
+        format_version=FORMAT_VERSION, version=version, parent=parent_version,
+        created=time.time(), num_docs=corpus.num_docs, num_live=int((~removed).sum()),
+        doc_len=corpus.doc_len, body_len=corpus.body_len, vocab_size=corpus.vocab_size,
+        vocab_sha256=vocab_sha256(corpus_dir), added=[first_new, first_new + num_new],
+        removed=removed_now.tolist(), num_removed=int(removed.sum()),
+        inputs=dict(add=add, remove=remove, replace=replace), report=report.to_dict(),
+        files=files, seconds=round(time.time() - start_time, 3))
+    held.check()  # another updater took over (--force): publish nothing
+    _pause("before_manifest")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    tmp.rename(version_dir(corpus_dir, version))
+  except BaseException:
+    if tmp.exists():
+      tmp.rmtree()
+    raise
+  _replace_text(corpus_dir / LATEST, str(version))
+  logging.info("update_corpus: published version %d of %s: +%d blocks (ids %d..%d), %d removed "
+               "now (%d in all), %d live; records: %s", version, corpus_dir, num_new, first_new,
+               first_new + num_new - 1, len(removed_now), int(removed.sum()),
+               int((~removed).sum()), report.summary() if lines else "none added")
+  return manifest
