@@ -163,6 +163,13 @@ def state_shardings_from_config(abstract_state: Any, mesh: Mesh, config) -> Any:
   return state_shardings(abstract_state, mesh, rules, min_size)
 
 
+def layout_key(shardings: Any) -> tuple:
+  """A hashable summary of a sharding pytree (structure and each leaf's spec), for caches of
+  jitted functions built for one layout."""
+  leaves, treedef = jax.tree_util.tree_flatten(shardings)
+  return (treedef, tuple(s.spec for s in leaves))
+
+
 def with_shardings(abstract_state: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings` (orbax restore targets, AOT compiles)."""
   return jax.tree_util.tree_map(
