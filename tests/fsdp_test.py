@@ -248,3 +248,21 @@ def test_qa_steps_match_under_fsdp():
     assert any(sharded) == (len(axes) == 2)
   np.testing.assert_allclose(losses[2], losses[1], rtol=RTOL)
   assert losses[1][0] != losses[1][-1]
+
+
+def test_sharded_creation_gives_the_replicated_initial_state(corpus_dir):
+  """`create_train_state(..., sharding)` builds the state in the fsdp layout with the very
+  values of the plain (one-device) creation: the initial parameters do not depend on the
+  layout."""
+  config = config_for(corpus_dir, FSDP)
+  model = state_lib.build_model(config, *_vocab_and_pad(config))
+  mesh = partitioning.make_mesh(FSDP)
+  rng = jax.random.key(config.seed)
+  shardings = partitioning.state_shardings_from_config(
+      state_lib.abstract_train_state(config, model, rng), mesh, config)
+  sharded = state_lib.create_train_state(config, model, rng, shardings)
+  plain = state_lib.create_train_state(config, model, rng)
+  assert partitioning.layout_key(jax.tree_util.tree_map(lambda x: x.sharding, sharded)) == (
+      partitioning.layout_key(shardings))
+  for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

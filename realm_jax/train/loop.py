@@ -340,7 +340,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     ckpt.save(done, state, {"step": done, "wall_seconds": wall_seconds()})
 
   if restored is None:
-    state = state_lib.create_train_state(config, model, rng)
+    state = state_lib.create_train_state(config, model, rng, state_sharding)
     if config.model.get("init_from_hf"):
       state = state.replace(params=hf_weights.apply_hf_checkpoint(
           state.params, config.model.init_from_hf, model_config=config.model,

@@ -125,7 +125,12 @@ def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: realm.RealmModel,
-                       rng: jax.Array) -> train_state.TrainState:
+                       rng: jax.Array, sharding=None) -> train_state.TrainState:
+  """Initial parameters and optimizer state. With `sharding` (a pytree of shardings like the
+  state, e.g. `partitioning.state_shardings`) the state is created in that layout by one jitted
+  call, never whole on one device: what a model too large to replicate needs."""
+  if sharding is not None:
+    return jax.jit(lambda r: create_train_state(config, model, r), out_shardings=sharding)(rng)
   params = jax.jit(model.init)(rng, *dummy_inputs(config))["params"]
   return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                        tx=optimizer_for(config))
