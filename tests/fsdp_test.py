@@ -266,3 +266,32 @@ def test_sharded_creation_gives_the_replicated_initial_state(corpus_dir):
       partitioning.layout_key(shardings))
   for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_qa_finetune_under_fsdp_matches_data_parallelism(tmp_path, caplog):
+  """`finetune_qa` (qa/finetune.py) with mesh data=2 x fsdp=4: the per-step losses of the
+  data=8 run, from the same 0-step ICT workdir (qa_finetune_test's fastest start)."""
+  from qa_finetune_test import qa_config, small_config  # pylint: disable=g-import-not-at-top
+  from realm_jax.qa import finetune  # pylint: disable=g-import-not-at-top
+  start = tmp_path / "ict"
+  config = small_config()
+  config.objective = "ict"
+  config.ict.num_steps = 0
+  loop.train_and_evaluate(config, start)
+  losses = {}
+  caplog.set_level(logging.INFO)
+  for axes in (DP, FSDP):
+    config = qa_config(start)
+    config.mesh = axes
+    config.partitioning.fsdp_min_size = 0
+    config.qa.prefetch = False
+    config.qa.eval_at_end = False
+    config.qa.num_steps = 3
+    result = finetune.finetune_qa(config, tmp_path / f"qa{len(axes)}")
+    losses[len(axes)] = [h["loss"] for h in result["history"]]
+  assert len(losses[2]) == 3
+  np.testing.assert_allclose(losses[2], losses[1], rtol=RTOL)
+  layouts = [r.getMessage() for r in caplog.records if "optimizer state per device" in
+             r.getMessage()]
+  assert len(layouts) == 2 and "fsdp=1, 0 of" in layouts[0], layouts
+  assert "fsdp=4" in layouts[1] and ", 0 of" not in layouts[1], layouts  # really sharded
