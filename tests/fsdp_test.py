@@ -280,6 +280,7 @@ def test_qa_finetune_under_fsdp_matches_data_parallelism(tmp_path, caplog):
   loop.train_and_evaluate(config, start)
   losses = {}
   caplog.set_level(logging.INFO)
+  caplog.clear()  # the QA runs' lines only
   for axes in (DP, FSDP):
     config = qa_config(start)
     config.mesh = axes
