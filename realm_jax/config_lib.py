@@ -102,7 +102,16 @@ FIELDS: dict[str, Field] = {
     "objective": _choice('"realm" (marginal MLM over retrieved docs) or "ict" (the Inverse '
                          "Cloze Task warm start of the retriever)", ("realm", "ict")),
     "seed": _int("parameter initialization, batch order and masking", 0, _SEED_MAX),
-    "mesh": Field("device mesh axes [(name, size)], size -1 = all remaining devices"),
+    "mesh": Field('device mesh axes [(name, size)], size -1 = all remaining devices; names '
+                  '"data" and "fsdp" (batch split over data x fsdp, parameters and optimizer '
+                  'state sharded over fsdp by partitioning.rules)'),
+    "partitioning.rules": Field(
+        '[(regex, "fsdp" | "replicate")], first re.search of the train-state leaf path wins '
+        '(e.g. "params/encoder/.../kernel", also matching its Adam moments); "fsdp" splits '
+        "the largest dimension divisible by the fsdp size; unmatched leaves are replicated; "
+        "no effect without an fsdp mesh axis (train/partitioning.py)"),
+    "partitioning.fsdp_min_size": _int(
+        'leaves with fewer elements stay replicated under "fsdp" (biases, LayerNorm)', 0),
     # ---- model ----
     "model.size": _choice("named BERT size the shape fields below were taken from", bert.SIZES),
     "model.hidden_size": _int("BERT hidden width (divisible by model.num_heads)", 1, 65536),
@@ -375,6 +384,9 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
   ))
 
   config.mesh = [("data", -1)]
+  # Parameter/optimizer-state layout over an "fsdp" mesh axis (train/partitioning.py).
+  config.partitioning = ml_collections.ConfigDict(dict(rules=[(".*", "fsdp")],
+                                                       fsdp_min_size=4096))
 
 
 def _require(condition: bool, message: str):
@@ -425,9 +437,15 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
   for field, size in batches.items():
     _require(size >= 1 and size % num_data_shards == 0,
              f"{field}={size} is not divisible by the {num_data_shards} data-parallel "
-             "devices of the mesh")
+             "devices of the mesh (config.mesh: the batch is split over data x fsdp)")
     _require(size % process_count == 0,
              f"{field}={size} is not divisible by the {process_count} processes")
+  if "partitioning" in config:
+    from realm_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+    try:
+      partitioning.rules_from_config(config)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
   if config.model.get("init_from_hf"):
     _require(epath.Path(config.model.init_from_hf).exists(),
              f"model.init_from_hf={config.model.init_from_hf!r} does not exist")
@@ -545,6 +563,8 @@ def load_run_config(workdir: epath.PathLike, wait_seconds: float = 0.0,
     time.sleep(poll_seconds)
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   config.mesh = [tuple(axis) for axis in config.mesh]  # JSON turned the (name, size) pairs into lists
+  if "partitioning" in config and "rules" in config.partitioning:
+    config.partitioning.rules = [tuple(rule) for rule in config.partitioning.rules]
   return config
 
 
@@ -625,7 +645,7 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
     for section in ("train.*", "ict.*", "loss.*", "eval.*", "objective"):
       rules.append((section, "the QA modes read qa.*, model.*, data.* and mesh"))
   elif mode == "index_builder":
-    for section in ("train.*", "ict.*", "loss.*", "eval.*", "objective"):
+    for section in ("train.*", "ict.*", "loss.*", "eval.*", "objective", "partitioning.*"):
       rules.append((section, "the index builder reads only model.*, data.*, retrieval.*, "
                     "mesh and seed"))
   if mode in ("train", "print_config", "index_builder") and (

@@ -114,11 +114,11 @@ def _canonical_model(model: reader_lib.OpenQAModel) -> reader_lib.OpenQAModel:
 
 
 def _make_embed_questions(model: reader_lib.OpenQAModel, mesh):
-  """(params, tokens [B, Lq]) -> [B, D], batch-sharded."""
-  repl, sharded = partitioning.replicated(mesh), partitioning.batch_sharded(mesh)
+  """(params, tokens [B, Lq]) -> [B, D], batch-sharded; params in the caller's layout."""
+  sharded = partitioning.batch_sharded(mesh)
   return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, True,
                                                     method=model.embed_questions),
-                 in_shardings=(repl, sharded), out_shardings=sharded)
+                 in_shardings=(None, sharded), out_shardings=sharded)
 
 
 # ---- Data: corpus, tokenizer, questions ------------------------------------------------------
@@ -622,10 +622,11 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                         lambda: initial_params()[1], world.is_main)
   tx = _tx(config)
   dummy = world.dummy_batch()
-  replicated = partitioning.replicated(mesh)
-  abstract = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      jax.eval_shape(lambda r: qa_steps.create_qa_train_state(world.model, r, dummy, tx), rng))
+  shapes = jax.eval_shape(lambda r: qa_steps.create_qa_train_state(world.model, r, dummy, tx),
+                          rng)
+  state_sharding = partitioning.state_shardings_from_config(shapes, mesh, config)
+  abstract = partitioning.with_shardings(shapes, state_sharding)
+  _LOG.info("state: %s", partitioning.describe_state_layout(shapes, state_sharding, mesh))
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=qa.keep_checkpoints)
   restored = ckpt.restore(abstract)
   if restored is not None:
@@ -637,12 +638,14 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     state = jax.device_put(train_state.TrainState.create(
         apply_fn=world.model.apply,
         params=jax.tree_util.tree_map(np.asarray, initial_params()[0]), tx=tx).replace(
-            step=np.zeros((), np.int32)), replicated)  # int32 like a restored step
+            step=np.zeros((), np.int32)), state_sharding)  # int32 like a restored step
     start_step = 0
   _LOG.info("state: %.2fM parameters", state_lib.count_params(state.params) / 1e6)
 
   # ---- Steps and batches ---------------------------------------------------------------
-  train_step = _cached("train", qa_steps.make_qa_train_step, world.model, mesh, config.seed)
+  train_step = _cached("train", lambda model, mesh, seed, _: qa_steps.make_qa_train_step(
+      model, mesh, seed, state_sharding), world.model, mesh, config.seed,
+                       partitioning.layout_key(state_sharding))
   tokens = world.encode(world.train)
   matcher = world.matcher(world.train)
   per_process = qa.batch_size // jax.process_count()

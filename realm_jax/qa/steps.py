@@ -2,7 +2,9 @@
 
 The query tower and the reader train; the retrieved blocks' embeddings come from the frozen
 index and are inputs, so documents are never re-embedded (ORQA/REALM). Layout as in
-`realm_jax.train.steps`: the train state replicated, the batch split over `data`
+`realm_jax.train.steps`: the train state in the caller's `state_sharding` (replicated by
+default, `partitioning.state_shardings` for FSDP), parameters-only functions taking the
+parameters in whatever layout they come, the batch split over `data` (x `fsdp`)
 (`partitioning.shard_batch`), dropout keys `fold_in(seed, step)`.
 
 Batch (all [B, ...], built on the host; B questions, K retrieved blocks, R = reader_k <= K
@@ -52,8 +54,10 @@ def create_qa_train_state(model: reader_lib.OpenQAModel, rng: jax.Array, batch,
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
-def make_qa_train_step(model: reader_lib.OpenQAModel, mesh: Mesh, seed: int):
-  """(state, batch) -> (state, metrics); the state is donated."""
+def make_qa_train_step(model: reader_lib.OpenQAModel, mesh: Mesh, seed: int,
+                       state_sharding=None):
+  """(state, batch) -> (state, metrics); the state is donated and keeps `state_sharding`
+  (a pytree of shardings, or one for all; default replicated)."""
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     (_, metrics), grads = jax.value_and_grad(
@@ -63,15 +67,16 @@ def make_qa_train_step(model: reader_lib.OpenQAModel, mesh: Mesh, seed: int):
     return state.apply_gradients(grads=grads), metrics
 
   replicated = partitioning.replicated(mesh)
-  return jax.jit(step, in_shardings=(replicated, partitioning.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(step, in_shardings=(state_sharding, partitioning.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
 def make_qa_eval_step(model: reader_lib.OpenQAModel, mesh: Mesh):
   """(params, batch) -> metrics of `qa_forward`, deterministic."""
   replicated = partitioning.replicated(mesh)
   return jax.jit(lambda params, batch: qa_forward(model, params, batch, None, True)[1],
-                 in_shardings=(replicated, partitioning.batch_sharded(mesh)),
+                 in_shardings=(None, partitioning.batch_sharded(mesh)),
                  out_shardings=replicated)
 
 
@@ -85,5 +90,5 @@ def make_qa_predict_step(model: reader_lib.OpenQAModel, mesh: Mesh):
                       batch["reader_block_tokens"], deterministic=True)
     return out.retrieval_logits, out.span_logits
 
-  return jax.jit(predict, in_shardings=(partitioning.replicated(mesh), sharded),
+  return jax.jit(predict, in_shardings=(None, sharded),
                  out_shardings=(sharded, sharded))

@@ -302,10 +302,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   # ---- State: restore, or create (+ warm start) and save step 0 ------------------------
   rng = jax.random.key(config.seed)
-  state_sharding = partitioning.replicated(mesh)
-  abstract = jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=state_sharding),
-      state_lib.abstract_train_state(config, model, rng))
+  shapes = state_lib.abstract_train_state(config, model, rng)
+  state_sharding = partitioning.state_shardings_from_config(shapes, mesh, config)
+  abstract = partitioning.with_shardings(shapes, state_sharding)
+  logging.info("state: %s", partitioning.describe_state_layout(shapes, state_sharding, mesh))
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
 
   def close_checkpointer():
@@ -353,7 +353,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     ckpt.save(done, state, {"step": done, "wall_seconds": wall_seconds()})
 
   if restored is None:
-    state = state_lib.create_train_state(config, model, rng)
+    state = state_lib.create_train_state(config, model, rng, state_sharding)
     if config.model.get("init_from_hf"):
       state = state.replace(params=hf_weights.apply_hf_checkpoint(
           state.params, config.model.init_from_hf, model_config=config.model,
@@ -374,14 +374,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   # ---- Compile: the step functions, with FLOPs and memory before the first step --------
   embed_queries, embed_docs = steps_lib.make_embed_fns(model, mesh)
   if is_ict:
-    train_step = steps_lib.make_ict_train_step(model, mesh, config.seed)
+    train_step = steps_lib.make_ict_train_step(model, mesh, config.seed, state_sharding)
     source = pipeline.IctBatchSource(corpus, batch_size, config.seed, config.data.query_len,
                                      config.ict.remove_prob, jax.process_index(),
                                      jax.process_count(),
                                      exclude_sentences=data.heldout_sentences)
   else:
     train_step = steps_lib.make_realm_train_step(model, mesh, config.seed,
-                                                 config.loss.marginalization)
+                                                 config.loss.marginalization, state_sharding)
     source = data.train_source(config.data, batch_size, config.seed, jax.process_index(),
                                jax.process_count())
   eval_step = steps_lib.make_realm_eval_step(model, mesh, config.loss.marginalization)

@@ -6,6 +6,7 @@ touch it either); REALM trains everything.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax
@@ -80,8 +81,24 @@ def make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
 
   `lr_multipliers` scales the learning rate of top-level parameter groups (e.g.
   `{"embedder": 0.1}`); a multiplier of 0 freezes the group (no update, no weight decay).
+
+  One object per setting in this process: the optimizer is a static field of the train state,
+  so two states built with equal settings (a created one and the `abstract_train_state` a
+  restore fills) must share it to have the same tree structure, which per-leaf shardings
+  (`jax.device_put`, `jax.jit` in/out shardings) require.
   """
-  lr_multipliers = dict(lr_multipliers or {})
+  return _make_optimizer(float(learning_rate), int(num_steps), int(warmup_steps),
+                         float(weight_decay), float(grad_clip_norm),
+                         tuple(sorted(dict(lr_multipliers or {}).items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _make_optimizer(learning_rate: float, num_steps: int, warmup_steps: int,
+                    weight_decay: float, grad_clip_norm: float,
+                    lr_multipliers: tuple[tuple[str, float], ...]
+                    ) -> optax.GradientTransformation:
+  """`make_optimizer`, cached on its (hashable) arguments."""
+  lr_multipliers = dict(lr_multipliers)
   schedule = make_schedule(learning_rate, num_steps, warmup_steps)
 
   def group(multiplier: float) -> optax.GradientTransformation:
@@ -108,7 +125,12 @@ def optimizer_for(config: ml_collections.ConfigDict) -> optax.GradientTransforma
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: realm.RealmModel,
-                       rng: jax.Array) -> train_state.TrainState:
+                       rng: jax.Array, sharding=None) -> train_state.TrainState:
+  """Initial parameters and optimizer state. With `sharding` (a pytree of shardings like the
+  state, e.g. `partitioning.state_shardings`) the state is created in that layout by one jitted
+  call, never whole on one device: what a model too large to replicate needs."""
+  if sharding is not None:
+    return jax.jit(lambda r: create_train_state(config, model, r), out_shardings=sharding)(rng)
   params = jax.jit(model.init)(rng, *dummy_inputs(config))["params"]
   return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                        tx=optimizer_for(config))

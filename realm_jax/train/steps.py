@@ -1,8 +1,12 @@
 """The jitted device computations: REALM and ICT train steps, eval step, embedding calls.
 
 Each factory returns a `jax.jit` function whose shardings come from `partitioning`: the batch
-split over `data`, the train state replicated. Dropout keys are `fold_in(seed, step)`, so a run
-gives the same numbers on 1 or 8 devices and after a resume.
+split over `data` (x `fsdp`), the train state as `state_sharding` says (replicated by default;
+`partitioning.state_shardings` for FSDP). Functions that only read the parameters (eval,
+embedding) take them in whatever layout the caller placed them (`in_shardings` None: the
+argument's own sharding), so the trainer's sharded parameters and the builder's replicated ones
+both fit. Dropout keys are `fold_in(seed, step)`, so a run gives the same numbers on 1 or 8
+devices, under either layout and after a resume.
 """
 
 from __future__ import annotations
@@ -54,15 +58,18 @@ def _apply_gradients(state, grads, metrics):
   return state.apply_gradients(grads=grads), metrics
 
 
-def _jit_step(fn: Callable, mesh: Mesh):
-  """Train state replicated (data parallelism), batch split over `data`, state donated."""
+def _jit_step(fn: Callable, mesh: Mesh, state_sharding=None):
+  """Train state in `state_sharding` (a pytree of shardings, or one for all; default
+  replicated: data parallelism) in and out, batch split over the batch axes, state donated,
+  metrics replicated."""
   replicated = partitioning.replicated(mesh)
-  return jax.jit(fn, in_shardings=(replicated, partitioning.batch_sharded(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  state_sharding = replicated if state_sharding is None else state_sharding
+  return jax.jit(fn, in_shardings=(state_sharding, partitioning.batch_sharded(mesh)),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
 
 
 def make_realm_train_step(model: realm.RealmModel, mesh: Mesh, seed: int,
-                          marginalization: str):
+                          marginalization: str, state_sharding=None):
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
@@ -72,10 +79,10 @@ def make_realm_train_step(model: realm.RealmModel, mesh: Mesh, seed: int,
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return _apply_gradients(state, grads, metrics)
 
-  return _jit_step(step, mesh)
+  return _jit_step(step, mesh, state_sharding)
 
 
-def make_ict_train_step(model: realm.RealmModel, mesh: Mesh, seed: int):
+def make_ict_train_step(model: realm.RealmModel, mesh: Mesh, seed: int, state_sharding=None):
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
 
@@ -86,7 +93,7 @@ def make_ict_train_step(model: realm.RealmModel, mesh: Mesh, seed: int):
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     return _apply_gradients(state, grads, dict(loss=loss, accuracy=accuracy))
 
-  return _jit_step(step, mesh)
+  return _jit_step(step, mesh, state_sharding)
 
 
 def make_realm_eval_step(model: realm.RealmModel, mesh: Mesh, marginalization: str):
@@ -94,22 +101,22 @@ def make_realm_eval_step(model: realm.RealmModel, mesh: Mesh, marginalization: s
   def step(params, batch):
     return _realm_forward(model, params, batch, None, marginalization, deterministic=True)[1]
 
-  return jax.jit(step, in_shardings=(partitioning.replicated(mesh),
-                                     partitioning.batch_sharded(mesh)),
+  return jax.jit(step, in_shardings=(None, partitioning.batch_sharded(mesh)),
                  out_shardings=partitioning.replicated(mesh))
 
 
 def make_embed_fns(model: realm.RealmModel, mesh: Mesh):
-  """(embed_queries(params, tokens [B, Lq]), embed_docs(params, tokens, segments [N, Ld]))."""
-  batch, repl = partitioning.batch_sharded(mesh), partitioning.replicated(mesh)
+  """(embed_queries(params, tokens [B, Lq]), embed_docs(params, tokens, segments [N, Ld])),
+  parameters in the caller's layout (replicated or fsdp-sharded)."""
+  batch = partitioning.batch_sharded(mesh)
   embed_queries = jax.jit(
       lambda params, tokens: model.apply({"params": params}, tokens, True,
                                          method=model.embed_queries),
-      in_shardings=(repl, batch), out_shardings=batch)
+      in_shardings=(None, batch), out_shardings=batch)
   embed_docs = jax.jit(
       lambda params, tokens, segments: model.apply({"params": params}, tokens, segments, True,
                                                    method=model.embed_docs),
-      in_shardings=(repl, batch, batch), out_shardings=batch)
+      in_shardings=(None, batch, batch), out_shardings=batch)
   return embed_queries, embed_docs
 
 
