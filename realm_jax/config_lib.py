@@ -183,7 +183,17 @@ FIELDS: dict[str, Field] = {
     "retrieval.index_source": _choice(
         '"trainer": re-embed in-process every refresh_every steps; "builder": a separate '
         "--mode=index_builder job publishes versions", ("trainer", "builder")),
-    "retrieval.searcher": _choice('"exact" (matmul + top-k) or "scann"', ("exact", "scann")),
+    "retrieval.searcher": _choice(
+        '"exact" (host matmul + top-k), "scann" (host), or "device" (the table sharded over '
+        "the mesh's data axis, searched in jit; versions are published as exact)",
+        ("exact", "scann", "device")),
+    "retrieval.device.dtype": _choice("searcher=device: dtype of the table on the devices",
+                                      ("float32", "bfloat16")),
+    "retrieval.device.top_k": _choice(
+        'searcher=device: local top-k per shard; "auto": approx_max_k on TPU, exact top_k '
+        "elsewhere", ("auto", "exact", "approx")),
+    "retrieval.device.recall_target": _float("searcher=device: approx_max_k's recall target",
+                                             0.0, 1.0, lo_open=True),
     "retrieval.first_index_timeout": _float(
         "seconds the trainer waits for the builder's first version", 0.0, 7 * _DAY,
         lo_open=True),
@@ -319,7 +329,12 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       # "trainer": re-embed in-process every refresh_every steps (synchronous, small corpora);
       # "builder": a separate `--mode=index_builder` job publishes versions, the trainer swaps.
       index_source="trainer",
-      searcher="exact",  # "exact" (matmul + top-k) or "scann" (for builder-published versions)
+      # "exact" (matmul + top-k), "scann" (for builder-published versions) or "device" (the
+      # table on the accelerators, searched in jit: retrieval/device_searcher.py).
+      searcher="exact",
+      # searcher=device: table dtype, local top-k ("auto": approx_max_k on TPU, exact
+      # top_k elsewhere) and approx_max_k's recall target.
+      device=dict(dtype="float32", top_k="auto", recall_target=0.95),
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
@@ -622,6 +637,11 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
   if mode in ("train", "print_config", "index_builder") and (
       config.retrieval.get("searcher") != "scann"):
     rules.append(("retrieval.scann.*", "read only with retrieval.searcher=scann"))
+  if mode == "index_builder":
+    rules.append(("retrieval.device.*", "the trainer's device searcher; the builder "
+                  "publishes embeddings (exact versions) for it"))
+  elif mode in ("train", "print_config") and config.retrieval.get("searcher") != "device":
+    rules.append(("retrieval.device.*", "read only with retrieval.searcher=device"))
   out = []
   for field in overridden:
     if mode == "build_corpus" and not field.startswith("data."):

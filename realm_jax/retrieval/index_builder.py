@@ -59,6 +59,7 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import prepare
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import scann_searcher
+from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
@@ -229,7 +230,9 @@ class IndexBuilder:
       logging.info("index_builder: replacing the existing (unfinished or invalid) %s", version)
       version.rmtree()
     build = index_format.start_version(self.index_root, step, self.process_count,
-                                       self.config.retrieval.searcher, self.searcher_options)
+                                       searcher_lib.published_kind(
+                                           self.config.retrieval.searcher),
+                                       self.searcher_options)
     try:
       self.build_shard(build)
       shard_seconds = time.time() - start

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 from etils import epath
@@ -33,7 +34,11 @@ class IndexWatcher:
   """Background loader of the newest published (valid) index version."""
 
   def __init__(self, index_root: epath.PathLike, expected_dim: int, expected_num_docs: int,
-               poll_seconds: float = 1.0):
+               poll_seconds: float = 1.0,
+               prepare: Callable[[searcher_lib.Searcher], searcher_lib.Searcher] | None = None):
+    # `prepare` runs on this thread after validation, e.g. placing a device searcher's table
+    # on the accelerators (`device_searcher.prepare_for_swap`); a failure rejects the version.
+    self._prepare = prepare
     self.root = epath.Path(index_root)
     self._expected = dict(expected_dim=expected_dim, expected_num_docs=expected_num_docs)
     self._poll = poll_seconds
@@ -71,6 +76,8 @@ class IndexWatcher:
     start = time.time()
     try:
       _, searcher = index_format.load_index(self.root, step, **self._expected)
+      if self._prepare is not None:
+        searcher = self._prepare(searcher)
     except Exception as e:  # pylint: disable=broad-except
       if index_format.manifest_id(self.root, step) != key:  # pruned or rebuilt meanwhile
         logging.debug("index watcher: version %d changed while loading (%s)", step, e)
