@@ -129,6 +129,9 @@ FIELDS: dict[str, Field] = {
         "+ LayerNorm; False: the raw [CLS] state (faster ICT from a random init, see "
         "models/embedder.py)"),
     "model.remat": Field("rematerialize encoder layers (less memory, more compute)"),
+    "model.remat_policy": _choice(
+        'model.remat: what each layer keeps for the backward pass; "nothing" (least memory) '
+        'or "dots" (keeps the dense projections\' outputs)', ("nothing", "dots")),
     "model.init_from_hf": Field(
         "a Hugging Face BERT folder (model.safetensors + config.json) whose weights start every "
         "BERT tower; the model's shape and data.vocab_file must be the checkpoint's"),
@@ -306,6 +309,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       embedder_pooler=True,  # BERT pooler (dense + tanh over [CLS]) before the projection
       dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
       remat=False,
+      remat_policy="nothing",  # with remat: "nothing" or "dots" (models/bert.py)
       # A Hugging Face BERT folder (model.safetensors + config.json) whose weights start every
       # BERT tower; the model's shape and data.vocab_file must be the checkpoint's.
       init_from_hf="",

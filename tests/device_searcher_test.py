@@ -166,18 +166,18 @@ def test_realm_training_with_the_device_searcher_matches_exact(tmp_path):
   results = {}
   for kind in ("exact", "device"):
     config = tiny_config(tmp_path / "corpus")
-    config.train.num_steps = 3
-    config.retrieval.refresh_every = 2
-    config.train.checkpoint_every = 3
-    config.retrieval.prefetch = True
+    config.train.num_steps = 4
+    config.retrieval.refresh_every = 2  # a refresh after step 2: the next table is placed
+    config.train.checkpoint_every = 4
+    config.retrieval.prefetch = True  # batch t+1's device search queued before step t
     config.retrieval.searcher = kind
     config.retrieval.device.top_k = "exact"
-    results[kind] = loop.train_and_evaluate(config, tmp_path / kind)
-  exact, device = results["exact"], results["device"]
-  for a, b in zip(exact["history"], device["history"]):
+    # 3 of 4 steps: no final evaluation (its compile would double the test's time).
+    results[kind] = loop.train_and_evaluate(config, tmp_path / kind, max_steps_this_run=3)
+  exact, device = results["exact"]["history"], results["device"]["history"]
+  assert len(exact) == len(device) == 3
+  recall = f"train_{loop.recall_key(4)}"
+  for a, b in zip(exact, device):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-6)
-    for key in a:
-      if key.startswith("train_gold_recall"):  # the same candidates -> the same recall
-        assert a[key] == b[key]
-  for key in ("loss", "span_accuracy", loop.recall_key(config.retrieval.k)):
-    np.testing.assert_allclose(device[key], exact[key], rtol=1e-6)
+    assert a[recall] == b[recall]  # the same candidates: the same gold recall
+    assert a["index_step"] == b["index_step"]

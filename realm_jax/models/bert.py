@@ -53,12 +53,16 @@ class BertConfig:
   initializer_range: float = 0.02
   dtype: Any = jnp.float32  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialize each layer in the backward pass
+  remat_policy: str = "nothing"  # what a rematerialized layer keeps (REMAT_POLICIES)
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"model.hidden_size={self.hidden_size} is not divisible by "
           f"model.num_heads={self.num_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy={self.remat_policy!r} is not one of "
+                       f"{sorted(REMAT_POLICIES)}.")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"model.hidden_act={self.hidden_act!r} is not one of "
                        f"{sorted(ACTIVATIONS)}.")
@@ -86,7 +90,8 @@ class BertConfig:
         type_vocab_size=get("type_vocab_size", 2), dropout_rate=m.dropout_rate,
         attention_dropout_rate=get("attention_dropout_rate", None),
         layer_norm_eps=get("layer_norm_eps", 1e-12), hidden_act=get("hidden_act", "gelu"),
-        dtype=jnp.dtype(get("dtype", "float32")), remat=get("remat", False))
+        dtype=jnp.dtype(get("dtype", "float32")), remat=get("remat", False),
+        remat_policy=get("remat_policy", "nothing"))
 
 
 def _gelu_exact(x):
@@ -108,6 +113,17 @@ ACTIVATIONS = {
     "relu": nn.relu,
     "silu": nn.silu,
     "swish": nn.silu,
+}
+
+
+# `model.remat_policy` -> what `jax.checkpoint` may keep from a rematerialized layer's
+# forward pass for its backward pass (everything else is recomputed there):
+#   "nothing": only the layer's input (least memory; the layer's forward runs twice);
+#   "dots": also the outputs of matmuls without batch dimensions (the dense projections;
+#     attention score/probability tensors, which do have batch dims, are recomputed).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -233,7 +249,9 @@ class BertLayerStack(nn.Module):
 
   def setup(self):
     # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
-    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
+    layer_cls = (nn.remat(BertLayer, static_argnums=(3,),
+                          policy=REMAT_POLICIES[self.config.remat_policy])
+                 if self.config.remat else BertLayer)
     self.layers = [layer_cls(self.config, name=str(i)) for i in range(self.config.num_layers)]
 
   def __call__(self, x, attention_mask, deterministic: bool):
