@@ -103,6 +103,10 @@ FIELDS: dict[str, Field] = {
                          "Cloze Task warm start of the retriever)", ("realm", "ict")),
     "seed": _int("parameter initialization, batch order and masking", 0, _SEED_MAX),
     "mesh": Field("device mesh axes [(name, size)], size -1 = all remaining devices"),
+    "compilation_cache_dir": Field(
+        'JAX persistent compilation cache: "" = the user cache dir '
+        '(~/.cache/realm_jax/jax_compilation_cache), "none" = off, else a folder '
+        "(realm_jax/compile_cache.py)"),
     # ---- model ----
     "model.size": _choice("named BERT size the shape fields below were taken from", bert.SIZES),
     "model.hidden_size": _int("BERT hidden width (divisible by model.num_heads)", 1, 65536),
@@ -385,6 +389,9 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
   ))
 
   config.mesh = [("data", -1)]
+  # JAX's persistent compilation cache: "" = ~/.cache/realm_jax/jax_compilation_cache (or
+  # $XDG_CACHE_HOME), "none" = off, else a folder (realm_jax/compile_cache.py).
+  config.compilation_cache_dir = ""
 
 
 def _require(condition: bool, message: str):
