@@ -54,9 +54,11 @@ def test_remat_gives_the_same_loss_and_grads_with_dropout(policy):
   flat_b = flax.traverse_util.flatten_dict(grads_b, sep="/")
   assert flat_a.keys() == flat_b.keys()
   assert "encoder/layer/3/output/dense/kernel" in flat_a  # HF names kept
+  # f32 summation order differs (scan vs unrolled loop): tolerance relative to the largest
+  # gradient entry (some leaves, e.g. the embedding LayerNorm bias, are ~1e-8: rounding noise).
+  scale = max(float(np.abs(g).max()) for g in flat_a.values())
   for path in flat_a:
-    scale = float(np.abs(flat_a[path]).max())  # f32 summation order differs (scan vs loop)
-    np.testing.assert_allclose(flat_b[path], flat_a[path], rtol=1e-4, atol=1e-4 * scale,
+    np.testing.assert_allclose(flat_b[path], flat_a[path], rtol=1e-4, atol=1e-5 * scale,
                                err_msg=path)
   # Dropout is live (another key changes the loss), and each layer draws its own mask.
   other = jax.jit(_loss_fn(remat, inputs))(params, jax.random.key(6))
