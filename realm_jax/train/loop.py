@@ -98,7 +98,8 @@ class Retriever:
     return query_emb
 
   def finish(self, queries: dict[str, np.ndarray],
-             query_emb: jax.Array | device_searcher.PendingSearch | None) -> tuple[np.ndarray, np.ndarray]:
+             query_emb: jax.Array | device_searcher.PendingSearch | None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """-> candidate ids [B_local, k] and mask [B_local, k] for this process's queries."""
     if not self.enabled:
       return candidates_lib.null_only_candidates(len(queries["query_tokens"]),
