@@ -1,11 +1,17 @@
-"""ScaNN vs exact MIPS on a synthetic clustered corpus: build time, recall@k, queries/s, memory.
+"""ScaNN vs exact vs the device searcher on a synthetic clustered corpus: build time, recall@k,
+queries/s, memory.
 
   python benchmarks/search.py --num_docs=1000000 --dim=128 --num_queries=1000 --k=10 \
-      --output=search.json
+      --device_counts=1,8 --output=search.json
 
 Exact is the reference (`ExactSearcher`: numpy matmul + argpartition top-k), and optionally
-`jax.lax.top_k` on `jnp.dot` (--jax). Documents are Gaussian clusters around random centres
-(generated in chunks, float32); queries are drawn near the centres.
+`jax.lax.top_k` on `jnp.dot` (--jax). `--device_counts` runs `DeviceSearcher`
+(retrieval/device_searcher.py, searcher=device) on meshes of that many devices, for each
+`--device_dtypes`; on CPU the script asks XLA for max(device_counts) fake host devices (set
+before jax is imported), which share the same cores. Its q/s includes placing the queries on
+the mesh and fetching ids and scores back (what `search()` does); "placement" is the table's
+transfer to the devices. Documents are Gaussian clusters around random centres (generated in
+chunks, float32); queries are drawn near the centres.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 
@@ -62,6 +70,33 @@ def recall(ids, ref_ids):
   return float(np.mean([len(np.intersect1d(a, b)) / len(b) for a, b in zip(ids, ref_ids)]))
 
 
+def device_rows(args, counts, docs, doc_ids, queries, ref_ids, result):
+  """DeviceSearcher on each mesh size and table dtype: placement time, q/s, recall, memory."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from realm_jax.retrieval import device_searcher  # pylint: disable=import-outside-toplevel
+  from realm_jax.train import partitioning  # pylint: disable=import-outside-toplevel
+  result["device_platform"] = jax.default_backend()
+  result["device_rows"] = rows = []
+  for count in counts:
+    mesh = partitioning.make_mesh([("data", -1)], jax.devices()[:count])
+    for dtype in args.device_dtypes.split(","):
+      rss_before = rss_mib()
+      t = time.perf_counter()
+      searcher = device_searcher.DeviceSearcher(docs, doc_ids, mesh=mesh, dtype=dtype,
+                                                top_k=args.device_top_k).block_until_ready()
+      row = dict(devices=count, dtype=dtype, approx=searcher.approx,
+                 placement_s=time.perf_counter() - t,
+                 table_mib_per_device=searcher.table_bytes_per_device / 2**20,
+                 rss_mib_delta_table=rss_mib() - rss_before)
+      ids, row["qps"] = timed_search(searcher.search, queries, args.k, args.batch)
+      row["recall"] = recall(ids, ref_ids)
+      row["rss_mib_after_search"] = rss_mib()
+      print(f"device searcher, {count} device(s), {dtype}: {row['qps']:.1f} q/s, "
+            f"recall {row['recall']:.4f}", flush=True)
+      rows.append(row)
+      del searcher
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--num_docs", type=int, default=1_000_000)
@@ -73,7 +108,16 @@ def main():
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--jax", action=argparse.BooleanOptionalAction, default=True)
   parser.add_argument("--output", default=None, help="write the results as JSON here")
+  parser.add_argument("--device_counts", default="1,8",
+                      help="meshes for the device searcher ('' = skip it)")
+  parser.add_argument("--device_dtypes", default="float32,bfloat16")
+  parser.add_argument("--device_top_k", default="auto", help="auto, exact or approx")
+  parser.add_argument("--scann", action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args()
+  counts = [int(c) for c in args.device_counts.split(",") if c]
+  if counts and "jax" not in sys.modules and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={max(counts)}").strip()
 
   result = dict(vars(args), machine=f"{platform.node()} {platform.processor() or ''}".strip(),
                 cpus=os.cpu_count(), load_average_start=os.getloadavg())
@@ -101,6 +145,15 @@ def main():
     del docs_dev
     print(f"exact jax: {result['exact_jax_qps']:.1f} q/s", flush=True)
 
+  if counts:
+    device_rows(args, counts, docs, doc_ids, queries, ref_ids, result)
+
+  if not args.scann:
+    print(json.dumps(result, indent=2))
+    if args.output:
+      with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    return
   rss_before = rss_mib()
   t = time.perf_counter()
   scann_index = scann_searcher.ScannSearcher(docs, doc_ids)

@@ -112,6 +112,10 @@ FIELDS: dict[str, Field] = {
         "no effect without an fsdp mesh axis (train/partitioning.py)"),
     "partitioning.fsdp_min_size": _int(
         'leaves with fewer elements stay replicated under "fsdp" (biases, LayerNorm)', 0),
+    "compilation_cache_dir": Field(
+        'JAX persistent compilation cache: "" = the user cache dir '
+        '(~/.cache/realm_jax/jax_compilation_cache), "none" = off, else a folder '
+        "(realm_jax/compile_cache.py)"),
     # ---- model ----
     "model.size": _choice("named BERT size the shape fields below were taken from", bert.SIZES),
     "model.hidden_size": _int("BERT hidden width (divisible by model.num_heads)", 1, 65536),
@@ -138,6 +142,9 @@ FIELDS: dict[str, Field] = {
         "+ LayerNorm; False: the raw [CLS] state (faster ICT from a random init, see "
         "models/embedder.py)"),
     "model.remat": Field("rematerialize encoder layers (less memory, more compute)"),
+    "model.remat_policy": _choice(
+        'model.remat: what each layer keeps for the backward pass; "nothing" (least memory) '
+        'or "dots" (keeps the dense projections\' outputs)', ("nothing", "dots")),
     "model.init_from_hf": Field(
         "a Hugging Face BERT folder (model.safetensors + config.json) whose weights start every "
         "BERT tower; the model's shape and data.vocab_file must be the checkpoint's"),
@@ -192,7 +199,17 @@ FIELDS: dict[str, Field] = {
     "retrieval.index_source": _choice(
         '"trainer": re-embed in-process every refresh_every steps; "builder": a separate '
         "--mode=index_builder job publishes versions", ("trainer", "builder")),
-    "retrieval.searcher": _choice('"exact" (matmul + top-k) or "scann"', ("exact", "scann")),
+    "retrieval.searcher": _choice(
+        '"exact" (host matmul + top-k), "scann" (host), or "device" (the table sharded over '
+        "the mesh's data axis, searched in jit; versions are published as exact)",
+        ("exact", "scann", "device")),
+    "retrieval.device.dtype": _choice("searcher=device: dtype of the table on the devices",
+                                      ("float32", "bfloat16")),
+    "retrieval.device.top_k": _choice(
+        'searcher=device: local top-k per shard; "auto": approx_max_k on TPU, exact top_k '
+        "elsewhere", ("auto", "exact", "approx")),
+    "retrieval.device.recall_target": _float("searcher=device: approx_max_k's recall target",
+                                             0.0, 1.0, lo_open=True),
     "retrieval.first_index_timeout": _float(
         "seconds the trainer waits for the builder's first version", 0.0, 7 * _DAY,
         lo_open=True),
@@ -311,6 +328,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       embedder_pooler=True,  # BERT pooler (dense + tanh over [CLS]) before the projection
       dtype="float32",  # compute dtype: "float32" or "bfloat16" (parameters stay float32)
       remat=False,
+      remat_policy="nothing",  # with remat: "nothing" or "dots" (models/bert.py)
       # A Hugging Face BERT folder (model.safetensors + config.json) whose weights start every
       # BERT tower; the model's shape and data.vocab_file must be the checkpoint's.
       init_from_hf="",
@@ -334,7 +352,12 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       # "trainer": re-embed in-process every refresh_every steps (synchronous, small corpora);
       # "builder": a separate `--mode=index_builder` job publishes versions, the trainer swaps.
       index_source="trainer",
-      searcher="exact",  # "exact" (matmul + top-k) or "scann" (for builder-published versions)
+      # "exact" (matmul + top-k), "scann" (for builder-published versions) or "device" (the
+      # table on the accelerators, searched in jit: retrieval/device_searcher.py).
+      searcher="exact",
+      # searcher=device: table dtype, local top-k ("auto": approx_max_k on TPU, exact
+      # top_k elsewhere) and approx_max_k's recall target.
+      device=dict(dtype="float32", top_k="auto", recall_target=0.95),
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
@@ -387,6 +410,9 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
   # Parameter/optimizer-state layout over an "fsdp" mesh axis (train/partitioning.py).
   config.partitioning = ml_collections.ConfigDict(dict(rules=[(".*", "fsdp")],
                                                        fsdp_min_size=4096))
+  # JAX's persistent compilation cache: "" = ~/.cache/realm_jax/jax_compilation_cache (or
+  # $XDG_CACHE_HOME), "none" = off, else a folder (realm_jax/compile_cache.py).
+  config.compilation_cache_dir = ""
 
 
 def _require(condition: bool, message: str):
@@ -651,6 +677,11 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
   if mode in ("train", "print_config", "index_builder") and (
       config.retrieval.get("searcher") != "scann"):
     rules.append(("retrieval.scann.*", "read only with retrieval.searcher=scann"))
+  if mode == "index_builder":
+    rules.append(("retrieval.device.*", "the trainer's device searcher; the builder "
+                  "publishes embeddings (exact versions) for it"))
+  elif mode in ("train", "print_config") and config.retrieval.get("searcher") != "device":
+    rules.append(("retrieval.device.*", "read only with retrieval.searcher=device"))
   out = []
   for field in overridden:
     if mode == "build_corpus" and not field.startswith("data."):

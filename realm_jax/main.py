@@ -202,7 +202,9 @@ def _run_mode(mode: str, config, workdir: str) -> None:
   from realm_jax import demo  # pylint: disable=g-import-not-at-top
   from realm_jax.retrieval import index_builder  # pylint: disable=g-import-not-at-top
   from realm_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from realm_jax import compile_cache  # pylint: disable=g-import-not-at-top
 
+  compile_cache.enable(config)  # index_builder/retrieve without --config: the default folder
   if mode == "demo":
     demo.run_demo(config, workdir)
   elif mode == "index_builder":

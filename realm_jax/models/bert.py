@@ -53,12 +53,16 @@ class BertConfig:
   initializer_range: float = 0.02
   dtype: Any = jnp.float32  # compute dtype; parameters are always float32
   remat: bool = False  # rematerialize each layer in the backward pass
+  remat_policy: str = "nothing"  # what a rematerialized layer keeps (REMAT_POLICIES)
 
   def __post_init__(self):
     if self.hidden_size % self.num_heads:
       raise ValueError(
           f"model.hidden_size={self.hidden_size} is not divisible by "
           f"model.num_heads={self.num_heads}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"model.remat_policy={self.remat_policy!r} is not one of "
+                       f"{sorted(REMAT_POLICIES)}.")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"model.hidden_act={self.hidden_act!r} is not one of "
                        f"{sorted(ACTIVATIONS)}.")
@@ -86,7 +90,8 @@ class BertConfig:
         type_vocab_size=get("type_vocab_size", 2), dropout_rate=m.dropout_rate,
         attention_dropout_rate=get("attention_dropout_rate", None),
         layer_norm_eps=get("layer_norm_eps", 1e-12), hidden_act=get("hidden_act", "gelu"),
-        dtype=jnp.dtype(get("dtype", "float32")), remat=get("remat", False))
+        dtype=jnp.dtype(get("dtype", "float32")), remat=get("remat", False),
+        remat_policy=get("remat_policy", "nothing"))
 
 
 def _gelu_exact(x):
@@ -108,6 +113,17 @@ ACTIVATIONS = {
     "relu": nn.relu,
     "silu": nn.silu,
     "swish": nn.silu,
+}
+
+
+# `model.remat_policy` -> what `jax.checkpoint` may keep from a rematerialized layer's
+# forward pass for its backward pass (everything else is recomputed there):
+#   "nothing": only the layer's input (least memory; the layer's forward runs twice);
+#   "dots": also the outputs of matmuls without batch dimensions (the dense projections;
+#     attention score/probability tensors, which do have batch dims, are recomputed).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -226,19 +242,61 @@ class BertLayer(nn.Module):
     return BertResidualOutput(self.config, name="output")(h, x, deterministic)
 
 
+def _key_data(key):
+  """Raw uint32 data of a PRNG key, typed (`jax.random.key`) or legacy uint32 [2]."""
+  return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+def _layer_fn(config: BertConfig, deterministic: bool):
+  """One layer as a pure function: (params, x [B, T, H], mask [B, T], key data) -> [B, T, H].
+
+  `key_data` is the raw uint32 data of the layer's dropout key (unused when deterministic)."""
+  def fn(params, x, attention_mask, key_data):
+    rngs = None if deterministic else {"dropout": jax.random.wrap_key_data(key_data)}
+    return BertLayer(config, parent=None).apply({"params": params}, x, attention_mask,
+                                                deterministic, rngs=rngs)
+  return fn
+
+
 class BertLayerStack(nn.Module):
-  """The layers, named "0", "1", ... as in HF (`encoder/layer/<i>`)."""
+  """The layers, named "0", "1", ... as in HF (`encoder/layer/<i>`).
+
+  After `init`, each layer runs as a pure function of its parameters (`_layer_fn`) with one
+  dropout key per layer drawn here from the "dropout" stream, so `model.remat` changes memory
+  and time, never the numbers.
+
+  `model.remat`: the layers' parameters are stacked ([L, ...], a copy per step) and the layers
+  run as one `jax.lax.scan` over a `jax.checkpoint`ed layer (policy `model.remat_policy`).
+  Why a scan and not `nn.remat` per layer (what this was before): XLA's CPU pipeline removes
+  the optimization barriers that keep a checkpoint's recomputation apart from the forward pass,
+  and CSE then merges the two, so per-layer remat saved nothing (measured: XLA temp unchanged;
+  BENCHMARKS.md "Rematerialization"). The backward pass of a scan is a separate loop, which
+  must replay each layer's forward from its saved input: one layer's activations at a time.
+  """
 
   config: BertConfig
 
   def setup(self):
-    # static_argnums counts `self` as 0: (x=1, mask=2, deterministic=3).
-    layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.config.remat else BertLayer
-    self.layers = [layer_cls(self.config, name=str(i)) for i in range(self.config.num_layers)]
+    self.layers = [BertLayer(self.config, name=str(i)) for i in range(self.config.num_layers)]
 
   def __call__(self, x, attention_mask, deterministic: bool):
-    for layer in self.layers:
-      x = layer(x, attention_mask, deterministic)
+    # x: [B, T, H]; attention_mask: [B, T] bool -> [B, T, H]
+    if self.is_initializing():  # creates the parameters under their HF names
+      for layer in self.layers:
+        x = layer(x, attention_mask, deterministic)
+      return x
+    fn = _layer_fn(self.config, deterministic)
+    params = [self.variables["params"][str(i)] for i in range(self.config.num_layers)]
+    keys = [jnp.zeros((2,), jnp.uint32) if deterministic else _key_data(self.make_rng("dropout"))
+            for _ in params]  # [2] uint32 each (threefry key data)
+    if not self.config.remat:
+      for layer_params, key in zip(params, keys):
+        x = fn(layer_params, x, attention_mask, key)
+      return x
+    step = jax.checkpoint(fn, policy=REMAT_POLICIES[self.config.remat_policy])
+    stacked = jax.tree_util.tree_map(lambda *p: jnp.stack(p), *params)  # leaves [L, ...]
+    x, _ = jax.lax.scan(lambda h, pk: (step(pk[0], h, attention_mask, pk[1]), None), x,
+                        (stacked, jnp.stack(keys)))  # keys [L, 2]
     return x
 
 

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.retrieval import candidates as candidates_lib
+from realm_jax.retrieval import device_searcher
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
@@ -73,16 +74,20 @@ class InProcessIndex:
     start = time.time()
     embeddings = embed_corpus(params, self.corpus, self._embed_docs, self._mesh,
                               self._embed_batch_size, progress_name=f"index refresh @{step}")
-    self.searcher = scann_searcher.make_searcher(self._searcher_kind, embeddings,
-                                                 **self._searcher_options)
+    device = self._searcher_kind == "device"  # table on the mesh; published as exact
+    self.searcher = (device_searcher.DeviceSearcher(embeddings, mesh=self._mesh,
+                                                    **self._searcher_options) if device else
+                     scann_searcher.make_searcher(self._searcher_kind, embeddings,
+                                                  **self._searcher_options))
     self.step = step
     if self._write:
       if (self.root / str(step) / index_format.MANIFEST).exists():
         (self.root / str(step)).rmtree()  # a re-run of this step after a resume replaces it
       index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
-                                 searcher=self._searcher_kind, extra=dict(source="in_process"),
-                                 searcher_options=self._searcher_options,
-                                 searchers=[self.searcher])
+                                 searcher=searcher_lib.published_kind(self._searcher_kind),
+                                 extra=dict(source="in_process"),
+                                 searcher_options=None if device else self._searcher_options,
+                                 searchers=None if device else [self.searcher])
       index_format.prune_versions(self.root, self._keep)
     self.last_refresh_seconds = time.time() - start
     logging.info("index: re-embedded %d documents at step %d in %.1fs (%.0f docs/s, %s "
@@ -97,6 +102,9 @@ class InProcessIndex:
       try:
         _, self.searcher = index_format.load_index(
             self.root, expected, expected_num_docs=self.corpus.num_docs)
+        if self._searcher_kind == "device":
+          self.searcher = device_searcher.from_searcher(self.searcher, self._mesh,
+                                                        **self._searcher_options)
         self.step = expected
         logging.info("index: resumed with version %d", expected)
         return

@@ -76,6 +76,7 @@ from realm_jax.data import prepare
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import index_update
 from realm_jax.retrieval import scann_searcher
+from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import partitioning
 from realm_jax.train import preemption
@@ -324,7 +325,9 @@ class IndexBuilder:
       logging.info("index_builder: replacing the existing (unfinished or invalid) %s", version)
       version.rmtree()
     build = index_format.start_version(self.index_root, step, self.process_count,
-                                       self.config.retrieval.searcher, self.searcher_options,
+                                       searcher_lib.published_kind(
+                                           self.config.retrieval.searcher),
+                                       self.searcher_options,
                                        info=dict(corpus_version=corpus.version))
     try:
       self.build_shard(build)

@@ -3,6 +3,11 @@
 `ExactSearcher` (matmul + top-k) is the reference and the choice for small corpora and tests;
 the ScaNN searcher of the index-builder job implements the same protocol. Shards are searched
 independently and merged exactly by score (`merge_top_k`).
+
+`retrieval.searcher` names one of `KINDS`: "exact" and "scann" search on the host
+(`scann_searcher.make_searcher`); "device" (`device_searcher.DeviceSearcher`) holds the table
+on the accelerators and is built by the trainer from a version's embeddings, so such versions
+are published as "exact" (`published_kind`).
 """
 
 from __future__ import annotations
@@ -85,3 +90,23 @@ class ShardedSearcher:
 
   def search(self, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return merge_top_k([s.search(query_emb, k) for s in self.shards], k)
+
+
+KINDS = ("exact", "scann", "device")
+
+
+def published_kind(kind: str) -> str:
+  """The searcher kind written into index versions for trainers using `kind`: the device
+  searcher reads the stored embeddings, which is what an "exact" version is."""
+  return "exact" if kind == "device" else kind
+
+
+def options_for(kind: str, retrieval_config) -> dict:
+  """The searcher's options from `retrieval.scann` / `retrieval.device` ({} for exact)."""
+  if kind == "scann":
+    from realm_jax.retrieval import scann_searcher  # pylint: disable=import-outside-toplevel
+    return scann_searcher.options_from_config(retrieval_config)
+  if kind == "device":
+    from realm_jax.retrieval import device_searcher  # pylint: disable=import-outside-toplevel
+    return device_searcher.options_from_config(retrieval_config)
+  return {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 from etils import epath
@@ -38,7 +39,11 @@ class IndexWatcher:
   """Background loader of the newest published (valid) index version."""
 
   def __init__(self, index_root: epath.PathLike, expected_dim: int, expected_num_docs: int,
-               poll_seconds: float = 1.0, corpus_dir: epath.PathLike | None = None):
+               poll_seconds: float = 1.0, corpus_dir: epath.PathLike | None = None,
+               prepare: Callable[[searcher_lib.Searcher], searcher_lib.Searcher] | None = None):
+    # `prepare` runs on this thread after validation, e.g. placing a device searcher's table
+    # on the accelerators (`device_searcher.prepare_for_swap`); a failure rejects the version.
+    self._prepare = prepare
     self.root = epath.Path(index_root)
     # Where corpus versions live (default: the `corpus_dir` the builder wrote in the manifest).
     self.corpus_dir = None if corpus_dir is None else epath.Path(corpus_dir)
@@ -84,6 +89,8 @@ class IndexWatcher:
       if corpus is not None:
         expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed)
       _, searcher = index_format.load_index(self.root, step, **expected)
+      if self._prepare is not None:
+        searcher = self._prepare(searcher)
     except Exception as e:  # pylint: disable=broad-except
       if index_format.manifest_id(self.root, step) != key:  # pruned or rebuilt meanwhile
         logging.debug("index watcher: version %d changed while loading (%s)", step, e)

@@ -9,6 +9,7 @@ eval), and the final evaluation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -29,8 +30,9 @@ from realm_jax.data import pipeline
 from realm_jax.data import prepare
 from realm_jax.models import hf_weights
 from realm_jax.retrieval import candidates as candidates_lib
+from realm_jax.retrieval import device_searcher
 from realm_jax.retrieval import in_process
-from realm_jax.retrieval import scann_searcher
+from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
@@ -75,7 +77,9 @@ class Retriever:
 
   `start` dispatches the query embedding to the devices and returns at once; `finish` waits
   for it and searches on the host. The loop starts batch t+1 before dispatching step t, so
-  the host search runs while the devices train.
+  the host search runs while the devices train. With `retrieval.searcher=device` `start`
+  also dispatches the search itself (the query embeddings never leave the devices) and
+  `finish` fetches only the [B, k - 1 + margin] ids for the candidate assembly.
   """
 
   def __init__(self, enabled: bool, retrieval_config, corpus, index, embed_queries, mesh):
@@ -88,14 +92,22 @@ class Retriever:
     if not self.enabled:
       return None
     tokens = partitioning.shard_batch({"t": queries["query_tokens"]}, self._mesh)["t"]
-    return self._embed_queries(params, tokens)
+    query_emb = self._embed_queries(params, tokens)
+    if isinstance(self.index.searcher, device_searcher.DeviceSearcher):
+      return device_searcher.start_retrieval(self.index.searcher, query_emb, self.k,
+                                             self.margin)
+    return query_emb
 
   def finish(self, queries: dict[str, np.ndarray],
-             query_emb: jax.Array | None) -> tuple[np.ndarray, np.ndarray]:
+             query_emb: jax.Array | device_searcher.PendingSearch | None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """-> candidate ids [B_local, k] and mask [B_local, k] for this process's queries."""
     if not self.enabled:
       return candidates_lib.null_only_candidates(len(queries["query_tokens"]),
                                                  self.corpus.null_id)
+    if isinstance(query_emb, device_searcher.PendingSearch):
+      return device_searcher.finish_retrieval(query_emb, queries["source_ids"], self.k,
+                                              self.corpus.null_id)
     return self.index.retrieve(partitioning.local_rows(query_emb), queries["source_ids"],
                                self.k, self.margin)
 
@@ -393,16 +405,18 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   if from_builder:  # versions come from the separate index-builder job
     index = watcher_lib.WatchedIndex(watcher_lib.IndexWatcher(
         workdir / "index", config.model.embed_dim, corpus.num_docs,
-        config.retrieval.watch_poll_seconds, corpus_dir=data.directory).start(), corpus.null_id)
+        config.retrieval.watch_poll_seconds, corpus_dir=data.directory,
+        prepare=(functools.partial(device_searcher.prepare_for_swap, mesh=mesh,
+                                   **device_searcher.options_from_config(config.retrieval))
+                 if config.retrieval.searcher == "device" else None)).start(), corpus.null_id)
     teardown.add("index watcher stop", index.watcher.stop, WATCHER_STOP_SECONDS)
   elif retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
                                       config.retrieval.embed_batch_size,
                                       config.retrieval.keep_index_versions, write=is_main,
                                       searcher_kind=config.retrieval.searcher,
-                                      searcher_options=(
-                                          scann_searcher.options_from_config(config.retrieval)
-                                          if config.retrieval.searcher == "scann" else None))
+                                      searcher_options=searcher_lib.options_for(
+                                          config.retrieval.searcher, config.retrieval))
   # REALM retrieves for its batches; ICT only for judging its embedder on held-out queries;
   # the no-retrieval baseline (no index) gets the null document alone.
   retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries, mesh)
