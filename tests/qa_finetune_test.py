@@ -205,3 +205,50 @@ def test_warm_start_remap():
     finetune.warm_start_qa(params, source, "realm", copy_reader=True)
   with pytest.raises(ValueError, match="no embedder or query_embedder"):
     finetune.warm_start_qa(params, {"encoder": {}}, "other", copy_reader=True)
+
+
+def test_bm25_top_ids_find_the_named_entity_profile(realm_dir):
+  """A facts question names its entity ("Where was <full name> born?"); BM25 over the blocks'
+  text must rank that entity's profile block near the top for (nearly) every question."""
+  config = qa_config(realm_dir)
+  config.qa.retriever = "bm25"
+  world = finetune.setup(config, realm_dir / "bm25_probe")
+  examples = world.dev
+  bm25 = world.bm25()
+  ids = bm25.top_ids(examples, 5)
+  assert ids.shape == (len(examples), 5)
+  gold = np.array([e.gold_doc_id for e in examples])
+  assert (gold >= 0).all()
+  found = (ids == gold[:, None]).any(axis=1)
+  assert found.mean() >= 0.9, (found.mean(), [e.question for e, f in zip(examples, found)
+                                              if not f][:3])
+  # Cached: asking again searches nothing; a shallower request is a slice.
+  searched = bm25.searched
+  np.testing.assert_array_equal(bm25.top_ids(examples, 3), ids[:, :3])
+  assert bm25.searched == searched and bm25 is world.bm25()
+
+
+def test_bm25_reader_finetunes_and_evaluates(realm_dir, tmp_path):
+  """qa.retriever=bm25: the reader alone trains on BM25's blocks (no retriever loss, no index
+  published or recorded) and evaluate_qa reproduces the end-of-run evaluation."""
+  config = qa_config(realm_dir)
+  config.qa.retriever = "bm25"
+  config.qa.num_steps = 4
+  config.qa.checkpoint_every = 4
+  workdir = tmp_path / "bm25"
+  out = finetune.finetune_qa(config, workdir)
+  assert out["step"] == 4 and out["retriever"] == "bm25" and out["index"]["source"] == "bm25"
+  history = out["history"]
+  assert all(h["retriever_loss"] == 0.0 and h["retriever_answerable"] == 0.0 for h in history)
+  assert all(np.isfinite(h["reader_loss"]) for h in history)
+  # BM25 finds the profile block, so the reader's loss has answers to learn from.
+  assert max(h["reader_answerable"] for h in history) > 0.5
+  assert not (workdir / finetune.INDEX_RECORD).exists() and not (workdir / "index").exists()
+  assert out["num_examples"] == 32 and 0.0 <= out["exact_match"] <= 1.0
+  assert out["recall@5"] >= 0.9  # the profile states every attribute
+  result = finetune.evaluate_qa(config, workdir)
+  assert result["retriever"] == "bm25" and result["step"] == 4
+  assert result["exact_match"] == pytest.approx(out["exact_match"])
+  assert result["recall@5"] == pytest.approx(out["recall@5"])
+  saved = json.loads((workdir / "qa_results.json").read_text())
+  assert saved["retriever"] == "bm25"
