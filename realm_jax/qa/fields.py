@@ -109,6 +109,8 @@ def validate_qa(config: ml_collections.ConfigDict, num_data_shards: int = 1,
              f"qa.dataset={qa.dataset!r} needs qa.train_file (ORQA JSONL)")
   if qa.eval_split == "test":
     _require(bool(qa.test_file), "qa.eval_split='test' needs qa.test_file")
+    _require(qa.dataset != "facts", "qa.eval_split='test' reads qa.test_file as ORQA JSONL: "
+             "set qa.dataset to nq, wq or trec (facts questions have only their dev split)")
   for field in ("train_file", "dev_file", "test_file", "init_from", "init_reader_from",
                 "index_from"):
     _check_path(config, field)
