@@ -101,7 +101,8 @@ class AnswerMatcher:
     self._continuation = continuation_table(tokenizer)
     self.cache = answers_lib.AnswerSpanCache(self._compute, max_cache_entries)
     self.label_cache = answers_lib.AnswerSpanCache(self._compute_label, max_cache_entries)
-    self._block_texts: collections.OrderedDict[int, tuple] = collections.OrderedDict()
+    self._body_texts: collections.OrderedDict[int, str] = collections.OrderedDict()
+    self._span_texts: collections.OrderedDict[int, tuple] = collections.OrderedDict()
     self._max_block_text_entries = max_block_text_entries
 
   def _block(self, block_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,25 +111,36 @@ class AnswerMatcher:
     tokens = np.asarray(self.corpus.reader_tokens[block_id, :length])
     return tokens, self._continuation[np.clip(tokens, 0, len(self._continuation) - 1)]
 
-  def block_text(self, block_id: int) -> tuple[str, np.ndarray, list[str]]:
-    """(detokenized body, candidate spans [M, 2], their detokenized texts [M]) of a block,
-    kept for the last `max_block_text_entries` blocks (shared by every question)."""
-    entry = self._block_texts.get(block_id)
+  def body_text(self, block_id: int) -> str:
+    """The detokenized body of a block (the regex weak label searches it)."""
+    entry = self._body_texts.get(block_id)
+    if entry is None:
+      entry = self.tokenizer.decode(self._block(block_id)[0].tolist())
+      self._body_texts[block_id] = entry
+      if len(self._body_texts) > self._max_block_text_entries:
+        self._body_texts.popitem(last=False)
+    else:
+      self._body_texts.move_to_end(block_id)
+    return entry
+
+  def span_texts(self, block_id: int) -> tuple[np.ndarray, list[str]]:
+    """(candidate spans [M, 2], their detokenized texts [M]) of a block, kept for the last
+    `max_block_text_entries` blocks (shared by every question); only reader blocks need them."""
+    entry = self._span_texts.get(block_id)
     if entry is not None:
-      self._block_texts.move_to_end(block_id)
+      self._span_texts.move_to_end(block_id)
       return entry
     tokens, cont = self._block(block_id)
     spans = candidate_spans(tokens, cont, self.max_span_width)
-    texts = self.tokenizer.decode_batch([tokens[a:b + 1].tolist() for a, b in spans])
-    entry = (self.tokenizer.decode(tokens.tolist()), spans, texts)
-    self._block_texts[block_id] = entry
-    if len(self._block_texts) > self._max_block_text_entries:
-      self._block_texts.popitem(last=False)
+    entry = (spans, self.tokenizer.decode_batch([tokens[a:b + 1].tolist() for a, b in spans]))
+    self._span_texts[block_id] = entry
+    if len(self._span_texts) > self._max_block_text_entries:
+      self._span_texts.popitem(last=False)
     return entry
 
   def _compute(self, example_index: int, block_id: int) -> np.ndarray:
     if self.kinds[example_index] == "regex":
-      _, spans, texts = self.block_text(block_id)
+      spans, texts = self.span_texts(block_id)
       return answers_lib.regex_spans_in_texts(spans, texts, self.patterns[example_index])
     tokens, cont = self._block(block_id)
     return answers_lib.find_answer_spans(tokens, self.variants[example_index],
@@ -136,7 +148,7 @@ class AnswerMatcher:
                                          is_continuation=cont)
 
   def _compute_label(self, example_index: int, block_id: int) -> bool:
-    return answers_lib.block_text_has_regex_answer(self.block_text(block_id)[0],
+    return answers_lib.block_text_has_regex_answer(self.body_text(block_id),
                                                    self.patterns[example_index])
 
   def spans(self, example_index: int, block_id: int) -> np.ndarray:
