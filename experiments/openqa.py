@@ -16,6 +16,12 @@ overridable (`--config.qa.train_file=... --config.qa.dev_file=... --config.qa.te
       --config=experiments/openqa.py:size=tiny,dataset=wq \
       --config.qa.init_from=/tmp/realm_wiki --workdir=/tmp/qa_wq
 
+`retriever=bm25` gives the lexical baseline (the same reader over BM25's top blocks, no
+retriever loss):
+
+  python -m realm_jax.main --mode=finetune_qa \
+      --config=experiments/openqa.py:size=tiny,dataset=wq,retriever=bm25 --workdir=/tmp/qa_wq_bm25
+
 Only ~17-39% of these questions are answerable from the 10k-passage sample (see
 ../shared/data/README.md): report EM beside a lexical baseline, not as an absolute number.
 Every `qa.*` field's help and accepted range: `realm_jax/qa/fields.py:QA_FIELDS`.
@@ -64,11 +70,14 @@ def default_train_file(dataset: str) -> str:
 
 
 def get_config(arg: str = "size=tiny,dataset=nq") -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg, size="tiny", dataset="nq", init="scratch")
+  args = config_lib.parse_arg(arg, size="tiny", dataset="nq", init="scratch",
+                              retriever="dense")
   size = config_lib.check_choice("size", args.size, _QA_SIZES)
   dataset = config_lib.check_choice("dataset", args.dataset, QA_FILES)
   config = realm_wiki.get_config(f"size={size},init={args.init}")
   config.qa = openqa_facts.qa_section(_QA_SIZES[size], 32 if size == "tiny" else 64)
   config.qa.dataset = dataset
   config.qa.train_file = default_train_file(dataset)
+  config.qa.retriever = config_lib.check_choice("retriever", args.retriever,
+                                                openqa_facts.RETRIEVERS)
   return config

@@ -9,6 +9,9 @@ fine-tuning recipe (ORQA/REALM: index frozen, query tower and reader trained):
   python -m realm_jax.main --mode=eval_qa --config=experiments/openqa_facts.py:size=tiny \
       --config.qa.init_from=/tmp/realm_demo/realm --workdir=/tmp/qa_facts
 
+`retriever=bm25` (`get_config("size=tiny,retriever=bm25")`) is the lexical baseline: the same
+reader over BM25's top blocks.
+
 Questions are generated from the facts the corpus's queries state ("Where was <name> born?"):
 the training entities' facts to fine-tune on, the held-out entities' facts (never in REALM's
 training queries) as the dev set. The corpus is `qa.init_from`'s (`<init_from>/corpus`) unless
@@ -28,6 +31,8 @@ _SPEC = importlib.util.spec_from_file_location(
     "realm_facts", os.path.join(os.path.dirname(os.path.abspath(__file__)), "realm_facts.py"))
 realm_facts = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(realm_facts)
+
+RETRIEVERS = ("dense", "bm25")
 
 # Per size: the fine-tuning schedule and the reader's shape. tiny: 2 CPU cores.
 _QA_SIZES = {
@@ -53,6 +58,8 @@ def qa_section(s: dict, question_len: int) -> ml_collections.ConfigDict:
       init_from="",  # REALM workdir (embedder + encoder) or ICT workdir (embedder)
       init_reader_from="",  # a workdir whose encoder BERT starts the reader instead
       index_from="",  # index folder or workdir; default init_from's, else embedded at start-up
+      # "dense" or "bm25": BM25's top reader_k blocks, reader only (the lexical baseline).
+      retriever="dense",
       question_len=question_len,
       retriever_k=s["retriever_k"],  # the retriever's loss is over these (paper: 5000)
       reader_k=s["reader_k"],  # blocks the reader reads (paper: 5)
@@ -79,8 +86,9 @@ def qa_section(s: dict, question_len: int) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
-  args = config_lib.parse_arg(arg, size="tiny")
+  args = config_lib.parse_arg(arg, size="tiny", retriever="dense")
   size = config_lib.check_choice("size", args.size, _QA_SIZES)
   config = realm_facts.get_config(f"size={size}")
   config.qa = qa_section(_QA_SIZES[size], config.data.query_len)
+  config.qa.retriever = config_lib.check_choice("retriever", args.retriever, RETRIEVERS)
   return config

@@ -146,8 +146,10 @@ FIELDS: dict[str, Field] = {
         'model.remat: what each layer keeps for the backward pass; "nothing" (least memory) '
         'or "dots" (keeps the dense projections\' outputs)', ("nothing", "dots")),
     "model.init_from_hf": Field(
-        "a Hugging Face BERT folder (model.safetensors + config.json) whose weights start every "
-        "BERT tower; the model's shape and data.vocab_file must be the checkpoint's"),
+        "a Hugging Face BERT or REALM folder (model.safetensors or pytorch_model.bin + "
+        "config.json) whose weights start the towers it has, or several comma-separated (HF's "
+        "REALM embedder and encoder are separate; two giving the same parameter is an error); "
+        "the model's shape and data.vocab_file must be the checkpoints'"),
     # ---- data ----
     "data.corpus": _choice('"facts" (the generated corpus) or "wiki" (Wikipedia blocks)',
                            ("facts", "wiki")),
@@ -473,8 +475,10 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
     except ValueError as e:
       raise ConfigError(str(e)) from e
   if config.model.get("init_from_hf"):
-    _require(epath.Path(config.model.init_from_hf).exists(),
-             f"model.init_from_hf={config.model.init_from_hf!r} does not exist")
+    for path in str(config.model.init_from_hf).split(","):  # several folders: comma-separated
+      _require(bool(path.strip()) and epath.Path(path.strip()).exists(),
+               f"model.init_from_hf={config.model.init_from_hf!r}: {path.strip()!r} does not "
+               "exist")
     _require(bool(config.data.vocab_file),
              "model.init_from_hf needs data.vocab_file: the checkpoint's vocab.txt, so token "
              "ids mean what its embeddings learned")

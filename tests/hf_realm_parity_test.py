@@ -304,3 +304,59 @@ def test_flat_names_of_loaded_trees_are_our_module_names(config, realm_params):
   assert "embedder/bert/pooler/dense/kernel" in flat
   assert not any(k.startswith("encoder/bert/pooler") for k in flat)
   assert all(v.dtype == jnp.float32 for v in flat.values())
+
+
+# ---- several checkpoint folders (model.init_from_hf="embedder,encoder") ---------------------
+
+
+def test_several_folders_fill_the_model_like_one_at_a_time(hf, config, realm_params):
+  """HF ships REALM's embedder and encoder as two checkpoints: one comma-separated value (or a
+  list) loads both, exactly as two sequential loads do."""
+  model = _realm_model(config)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *_realm_inputs(hf))["params"]
+  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  both = f"{FIXTURES / 'embedder'},{FIXTURES / 'encoder'}"
+  for value in (both, [FIXTURES / "embedder", FIXTURES / "encoder"]):
+    params = hf_weights.apply_hf_checkpoint(zeros, value, model_config=config, vocab_size=40)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, realm_params)
+  assert np.any(realm_params["encoder"]["cls"]["predictions"]["bias"])  # both towers loaded
+
+
+def _openqa_zeros(hf):
+  bert_config = hf_weights.bert_config_from_hf(FIXTURES / "embedder", dropout_rate=0.0)
+  model = reader_lib.OpenQAModel(reader_lib.OpenQAModelConfig(
+      reader=reader_lib.ReaderConfig(bert=bert_config, span_hidden_size=8, max_span_width=3),
+      embed_dim=8))
+  question, blocks = hf["question"].astype(np.int32), hf["blocks"].astype(np.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), question,
+                          np.zeros((2, 3, 8), np.float32), blocks)["params"]
+  return bert_config, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def test_embedder_and_encoder_folders_start_the_qa_towers(hf):
+  """In the fine-tuning model the REALM encoder's BERT starts the reader (its MLM head has no
+  place; the span head stays as it was), the embedder the query tower."""
+  bert_config, zeros = _openqa_zeros(hf)
+  params = hf_weights.apply_hf_checkpoint(
+      zeros, f"{FIXTURES / 'embedder'},{FIXTURES / 'encoder'}", model_config=bert_config,
+      towers=("query_embedder", "reader"))
+  embedder = hf_weights.load_hf_checkpoint(FIXTURES / "embedder").towers["embedder"]
+  encoder = hf_weights.load_hf_checkpoint(FIXTURES / "encoder").towers["encoder"]
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params["query_embedder"], embedder)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params["reader"]["bert"],
+                         encoder["bert"])
+  jax.tree_util.tree_map(lambda x: np.testing.assert_array_equal(x, 0),
+                         params["reader"]["qa_outputs"])
+
+
+def test_two_folders_giving_the_same_parameter_is_an_error(hf, config, realm_params):
+  with pytest.raises(ValueError, match=r"embedder/.*embedder_bin/.* both provide .*"
+                                       r"embedder/bert/embeddings"):
+    hf_weights.apply_hf_checkpoint(realm_params,
+                                   f"{FIXTURES / 'embedder'},{FIXTURES / 'embedder_bin'}")
+  _, zeros = _openqa_zeros(hf)
+  with pytest.raises(ValueError, match=r"openqa_bin/.*encoder/.* both provide .*reader/bert/"):
+    hf_weights.apply_hf_checkpoint(zeros, [FIXTURES / "openqa_bin", FIXTURES / "encoder"],
+                                   towers=("query_embedder", "reader"))
+  with pytest.raises(ValueError, match="an empty checkpoint path"):
+    hf_weights.apply_hf_checkpoint(zeros, f"{FIXTURES / 'embedder'},")

@@ -82,6 +82,10 @@ def test_init_from_hf_needs_the_checkpoint_vocab(tmp_path):
   config.model.init_from_hf = str(tmp_path / "missing")
   with pytest.raises(config_lib.ConfigError, match="does not exist"):
     config_lib.validate(config, num_data_shards=8)
+  # Several folders (comma-separated): the missing one is named.
+  config.model.init_from_hf = f"{tmp_path},{tmp_path / 'nope'}"
+  with pytest.raises(config_lib.ConfigError, match=r"'[^']*/nope' does not exist"):
+    config_lib.validate(config, num_data_shards=8)
 
 
 def test_minilm_switch_of_the_wiki_experiment_fits_the_checkpoint():

@@ -1,5 +1,7 @@
 """realm_jax.qa.batches on a small facts corpus: spans point at the answer, matching is cached."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -51,10 +53,74 @@ def test_batch_marks_the_answer_in_the_profile_block(world):
   assert matcher.cache.misses == misses and matcher.cache.hits == 12
 
 
-def test_regex_answers_and_bad_reader_k_are_clear_errors(world):
+def _brute_force_regex_spans(tok, tokens, patterns, width):
+  """Reference: every span of <= width wordpieces that starts and ends on whole words, decoded
+  on its own and kept when some pattern re.fullmatch-es it (case-insensitive)."""
+  pieces = [tok.id_to_token(int(t)) for t in tokens]
+  compiled = []
+  for p in patterns:
+    try:
+      compiled.append(re.compile(p, re.IGNORECASE))
+    except re.error:
+      pass
+  found = []
+  for start in range(len(tokens)):
+    if pieces[start].startswith("##"):
+      continue
+    for end in range(start, min(start + width, len(tokens))):
+      if end + 1 < len(tokens) and pieces[end + 1].startswith("##"):
+        continue
+      text = tok.decode([int(t) for t in tokens[start:end + 1]])
+      if any(c.fullmatch(text) for c in compiled):
+        found.append((start, end))
+  return found
+
+
+def test_regex_answer_spans_match_a_brute_force_reference(world):
+  """CuratedTREC-style answers: spans and block labels against an independent enumeration of
+  all spans of every block; a pattern that does not compile is counted, not a crash."""
+  facts, tok, blocks = world
+  patterns = [
+      (r"1[0-9]{3}",),  # every year (one or more wordpieces)
+      (r"(the )?(cello|violin|flute|piano)( player)?",),  # multi-word, optional parts
+      (r"Dram\w*", r"Gum(li)?"),  # first-name prefix: must cover whole words only
+      (r"(unclosed", r"skilled \w+ player"),  # a bad pattern beside a good one
+      (r"[", ),  # only a bad pattern: never matches
+  ]
+  examples = [data.QAExample(f"q{i}", p, "regex") for i, p in enumerate(patterns)]
+  matcher = batches.AnswerMatcher(examples, tok, blocks, max_span_width=6)
+  assert matcher.bad_patterns == 2
+  total = 0
+  for block_id in range(blocks.num_docs):
+    length = int(blocks.reader_lengths[block_id]) - 1
+    tokens = np.asarray(blocks.reader_tokens[block_id, :length])
+    body = tok.decode(tokens.tolist())
+    for i, p in enumerate(patterns):
+      expected = _brute_force_regex_spans(tok, tokens, p, 6)
+      got = [tuple(x) for x in matcher.spans(i, block_id).tolist()]
+      assert sorted(got) == sorted(expected), (block_id, p, got, expected)
+      total += len(expected)
+      searched = any(re.search(q, body, re.IGNORECASE) for q in p if q not in ("(unclosed", "["))
+      assert matcher.has_answer(i, block_id) == bool(searched)
+  assert total > blocks.num_docs  # the patterns do find spans (the check is not vacuous)
+  assert all(len(matcher.spans(4, b)) == 0 for b in range(blocks.num_docs))
+  # The batch marks exactly those spans; a second batch is served from the caches.
+  pad = tokenizer_lib.special_ids(tok).pad
+  questions = batches.encode_questions(examples, tok, query_len=8, pad_id=pad)
+  ids = np.tile(np.arange(3), (5, 1))
+  batch = batches.build_qa_batch(np.arange(5), questions, ids, None, matcher, reader_k=2)
+  assert "cand_doc_emb" not in batch
+  for i in range(5):
+    for j in range(2):
+      expected = answers.spans_to_mask(matcher.spans(i, j), blocks.body_len, 6)
+      np.testing.assert_array_equal(batch["span_is_correct"][i, j], expected)
+  misses = matcher.cache.misses + matcher.label_cache.misses
+  batches.build_qa_batch(np.arange(5), questions, ids, None, matcher, reader_k=2)
+  assert matcher.cache.misses + matcher.label_cache.misses == misses
+
+
+def test_bad_reader_k_is_a_clear_error(world):
   _, tok, blocks = world
-  with pytest.raises(ValueError, match="regular-expression answers"):
-    batches.AnswerMatcher([data.QAExample("q", ("a+",), "regex")], tok, blocks)
   matcher = batches.AnswerMatcher([data.QAExample("q", ("a",))], tok, blocks)
   with pytest.raises(ValueError, match="qa.reader_k=3"):
     batches.build_qa_batch(np.arange(1), np.zeros((1, 4), np.int32), np.zeros((1, 2), int),

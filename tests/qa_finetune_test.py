@@ -205,3 +205,141 @@ def test_warm_start_remap():
     finetune.warm_start_qa(params, source, "realm", copy_reader=True)
   with pytest.raises(ValueError, match="no embedder or query_embedder"):
     finetune.warm_start_qa(params, {"encoder": {}}, "other", copy_reader=True)
+
+
+def test_bm25_top_ids_find_the_named_entity_profile(realm_dir):
+  """A facts question names its entity ("Where was <full name> born?"); BM25 over the blocks'
+  text must rank that entity's profile block near the top for (nearly) every question."""
+  config = qa_config(realm_dir)
+  config.qa.retriever = "bm25"
+  world = finetune.setup(config, realm_dir / "bm25_probe")
+  examples = world.dev
+  bm25 = world.bm25()
+  ids = bm25.top_ids(examples, 5)
+  assert ids.shape == (len(examples), 5)
+  gold = np.array([e.gold_doc_id for e in examples])
+  assert (gold >= 0).all()
+  found = (ids == gold[:, None]).any(axis=1)
+  assert found.mean() >= 0.9, (found.mean(), [e.question for e, f in zip(examples, found)
+                                              if not f][:3])
+  # Cached: asking again searches nothing; a shallower request is a slice.
+  searched = bm25.searched
+  np.testing.assert_array_equal(bm25.top_ids(examples, 3), ids[:, :3])
+  assert bm25.searched == searched and bm25 is world.bm25()
+
+
+def test_bm25_reader_finetunes_and_evaluates(realm_dir, tmp_path):
+  """qa.retriever=bm25: the reader alone trains on BM25's blocks (no retriever loss, no index
+  published or recorded) and evaluate_qa reproduces the end-of-run evaluation."""
+  config = qa_config(realm_dir)
+  config.qa.retriever = "bm25"
+  config.qa.num_steps = 4
+  config.qa.checkpoint_every = 4
+  workdir = tmp_path / "bm25"
+  out = finetune.finetune_qa(config, workdir)
+  assert out["step"] == 4 and out["retriever"] == "bm25" and out["index"]["source"] == "bm25"
+  history = out["history"]
+  assert all(h["retriever_loss"] == 0.0 and h["retriever_answerable"] == 0.0 for h in history)
+  assert all(np.isfinite(h["reader_loss"]) for h in history)
+  # BM25 finds the profile block, so the reader's loss has answers to learn from.
+  assert max(h["reader_answerable"] for h in history) > 0.5
+  assert not (workdir / finetune.INDEX_RECORD).exists() and not (workdir / "index").exists()
+  assert out["num_examples"] == 32 and 0.0 <= out["exact_match"] <= 1.0
+  assert out["recall@5"] >= 0.9  # the profile states every attribute
+  result = finetune.evaluate_qa(config, workdir)
+  assert result["retriever"] == "bm25" and result["step"] == 4
+  assert result["exact_match"] == pytest.approx(out["exact_match"])
+  assert result["recall@5"] == pytest.approx(out["recall@5"])
+  saved = json.loads((workdir / "qa_results.json").read_text())
+  assert saved["retriever"] == "bm25"
+
+
+def _write_regex_files(config, tmp_path):
+  """The facts questions as CuratedTREC-style JSONL (answers are regular expressions), plus a
+  line whose pattern does not compile."""
+  import re  # pylint: disable=g-import-not-at-top
+  from realm_jax.data import facts_corpus  # pylint: disable=g-import-not-at-top
+  from realm_jax.qa import data  # pylint: disable=g-import-not-at-top
+  d = config.data
+  facts = facts_corpus.generate_facts_corpus(d.num_entities, d.corpus_seed,
+                                             mentions_per_entity=d.mentions_per_entity)
+  paths = {}
+  for split, name in (("train", "train"), ("eval", "dev")):
+    lines = [json.dumps({"question": e.question,
+                         "answer": [f"(the )?{re.escape(e.answers[0])}( player)?"]})
+             for e in data.facts_questions(facts, split)]
+    if split == "train":
+      lines.insert(1, json.dumps({"question": "Who?", "answer": ["(unclosed"]}))
+    paths[name] = tmp_path / f"{name}.jsonl"
+    paths[name].write_text("\n".join(lines) + "\n")
+  return paths
+
+
+def test_regex_answers_finetune_end_to_end(realm_dir, tmp_path, caplog):
+  """qa.dataset=trec over the facts corpus: regex answers give the reader training spans; the
+  line with a bad pattern is counted and skipped, the run goes on."""
+  config = qa_config(realm_dir)
+  paths = _write_regex_files(config, tmp_path)
+  config.qa.dataset = "trec"
+  config.qa.train_file, config.qa.dev_file = str(paths["train"]), str(paths["dev"])
+  config.qa.retriever = "bm25"
+  config.qa.num_steps = 2
+  config.qa.max_train_examples = 16
+  with caplog.at_level("WARNING"):
+    out = finetune.finetune_qa(config, tmp_path / "trec")
+  assert "bad_regex: 1 (first at line 2)" in caplog.text
+  assert max(h["reader_answerable"] for h in out["history"]) > 0.5  # regex spans found
+  assert out["num_examples"] == 32 and out["recall@5"] >= 0.9
+  assert out["bad_answer_patterns"] == 0  # the reader already dropped the bad line
+
+
+def test_bad_input_end_to_end(realm_dir, tmp_path):
+  """The issue's bad-input list through finetune_qa / evaluate_qa: each a clear error."""
+  config = qa_config(realm_dir)
+  config.qa.dataset = "squad"
+  with pytest.raises(config_lib.ConfigError, match="qa.dataset='squad' must be one of"):
+    finetune.finetune_qa(config, tmp_path / "dataset")
+  config = qa_config(realm_dir)
+  config.qa.retriever = "tfidf"
+  with pytest.raises(config_lib.ConfigError, match="qa.retriever='tfidf'"):
+    finetune.finetune_qa(config, tmp_path / "retriever")
+  for reason, line in (("missing_answer", '{"question": "Who?"}'),
+                       ("empty_question", '{"question": "  ", "answer": ["x"]}')):
+    bad = tmp_path / f"{reason}.jsonl"
+    bad.write_text(line + "\n")
+    config = qa_config(realm_dir)
+    config.qa.dataset, config.qa.train_file = "nq", str(bad)
+    with pytest.raises(ValueError, match=f"No usable question.*{reason}: 1"):
+      finetune.finetune_qa(config, tmp_path / reason)
+  bad = tmp_path / "bad_regex.jsonl"
+  bad.write_text('{"question": "Who?", "answer": ["(unclosed"]}\n')
+  config = qa_config(realm_dir)
+  config.qa.dataset, config.qa.train_file = "trec", str(bad)
+  with pytest.raises(ValueError, match="No usable question.*bad_regex: 1"):
+    finetune.finetune_qa(config, tmp_path / "regex")
+  # 0 examples to evaluate: a test file with no usable line (facts has no test split).
+  config = qa_config(realm_dir)
+  config.qa.eval_split, config.qa.test_file = "test", str(bad)
+  with pytest.raises(config_lib.ConfigError, match="set qa.dataset to nq, wq or trec"):
+    finetune.evaluate_qa(config, tmp_path / "eval")
+  good = tmp_path / "good.jsonl"
+  good.write_text("".join(json.dumps({"question": f"Question {i}?", "answer": ["x"]}) + "\n"
+                          for i in range(40)))
+  config.qa.dataset, config.qa.train_file = "trec", str(good)
+  with pytest.raises(ValueError, match="No usable question.*bad_regex: 1"):
+    finetune.evaluate_qa(config, tmp_path / "eval")
+  with pytest.raises(ValueError, match="0 questions"):
+    finetune.evaluate_examples(finetune.setup(qa_config(realm_dir), tmp_path / "e"), {}, None,
+                               [])
+  # The data split helper and the experiment config refuse unknown names too.
+  with pytest.raises(config_lib.ConfigError, match="dataset='squad'"):
+    _load_openqa().get_config("size=tiny,dataset=squad")
+  with pytest.raises(config_lib.ConfigError, match="retriever='tfidf'"):
+    openqa_facts.get_config("size=tiny,retriever=tfidf")
+
+
+def _load_openqa():
+  spec = importlib.util.spec_from_file_location("openqa", _PATH.parent / "openqa.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

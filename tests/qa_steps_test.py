@@ -82,3 +82,42 @@ def test_predict_step_shapes_and_sharding():
   retrieval_logits, span_logits = predict(partitioning.replicate(state.params, mesh), batch)
   assert retrieval_logits.shape == (B, K) and span_logits.shape == (B, R, LB * W)
   assert span_logits.sharding.spec[0] == "data"
+
+
+def test_bm25_mode_is_the_reader_loss_with_block_score_zero():
+  """retriever="bm25": loss = -log of the span mass that matches, one softmax over every valid
+  (block, span) of the R reader blocks with a block score of 0 (numpy, written out), no
+  retriever loss, no query tower gradient; predict returns zeros [B, R] as block scores."""
+  mesh = partitioning.make_mesh([("data", -1)])
+  model = _model()
+  host_batch = _batch(2)
+  bm25_batch = {k: v for k, v in host_batch.items() if k != "cand_doc_emb"}
+  bm25_batch["cand_mask"] = host_batch["cand_mask"][:, :R]
+  bm25_batch["cand_has_answer"] = host_batch["cand_has_answer"][:, :R]
+  state = steps.create_qa_train_state(model, jax.random.key(2), host_batch,
+                                      state_lib.make_optimizer(1e-3, 10, 1, 0.0, 1.0))
+  metrics = steps.make_qa_eval_step(model, mesh, "bm25")(
+      state.params, partitioning.shard_batch(bm25_batch, mesh))
+  retrieval, span_logits = steps.make_qa_predict_step(model, mesh, "bm25")(
+      state.params, partitioning.shard_batch(
+          {k: bm25_batch[k] for k in steps.predict_keys("bm25")}, mesh))
+  retrieval, span_logits = np.asarray(retrieval), np.asarray(span_logits, np.float64)
+  assert retrieval.shape == (B, R) and not retrieval.any()
+  losses = []
+  for i in range(B):
+    valid = span_logits[i] > -1e8  # [R, S], the reader's NEG_INF marks invalid spans
+    logits = span_logits[i][valid]
+    correct = host_batch["span_is_correct"][i][valid]
+    log_z = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
+    log_num = np.log(np.exp(logits[correct] - logits.max()).sum()) + logits.max()
+    losses.append(log_z - log_num)
+  np.testing.assert_allclose(float(metrics["reader_loss"]), np.mean(losses), rtol=1e-5)
+  assert float(metrics["retriever_loss"]) == 0.0
+  assert float(metrics["loss"]) == float(metrics["reader_loss"])
+  # The dense loss on the same blocks differs (its block scores are not 0): not vacuous.
+  dense = steps.make_qa_eval_step(model, mesh)(state.params,
+                                               partitioning.shard_batch(host_batch, mesh))
+  assert abs(float(dense["reader_loss"]) - np.mean(losses)) > 1e-4
+  grads = jax.grad(lambda p: steps.qa_forward(model, p, bm25_batch, None, True, "bm25")[0])(
+      state.params)
+  assert not any(np.any(g) for g in jax.tree_util.tree_leaves(grads["query_embedder"]))

@@ -47,7 +47,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -712,21 +712,105 @@ def apply_to_realm_params(params: Mapping[str, Any], bert_params: Mapping[str, A
 _TARGETS = {"embedder": EMBEDDER_TOWERS, "encoder": ("encoder",), "reader": ("reader",)}
 
 
+def split_hf_paths(checkpoints: Any) -> list[str]:
+  """`model.init_from_hf` as a list of checkpoint folders: one path, a comma-separated string
+  ("…-embedder,…-encoder": HF ships REALM's towers as separate checkpoints) or a sequence."""
+  if isinstance(checkpoints, (str, os.PathLike)):
+    checkpoints = os.fspath(checkpoints).split(",")
+  paths = [os.fspath(p).strip() for p in checkpoints]
+  if not paths or not all(paths):
+    raise ValueError(f"model.init_from_hf={checkpoints!r}: an empty checkpoint path")
+  return paths
+
+
+def _realm_placements(checkpoint: HFCheckpoint, have: Sequence[str], towers: Sequence[str]
+                      ) -> list[tuple[str, Params, str]]:
+  """(model tower, the checkpoint tree it gets, the prefix every model leaf under which the
+  tree must cover) for an HF REALM checkpoint. An encoder checkpoint with no `encoder` in the
+  model (an `OpenQAModel`) starts the reader's BERT, as REALM's fine-tuning does; its MLM head
+  and the reader's span head are left out."""
+  out = []
+  for name, tree in checkpoint.towers.items():
+    targets = [t for t in _TARGETS[name] if t in towers and t in have]
+    if not targets and name == "encoder" and "reader" in towers and "reader" in have:
+      out.append(("reader", {"bert": tree["bert"]}, "reader/bert/"))
+      continue
+    if not targets:
+      raise ValueError(f"{checkpoint.source}: the checkpoint's {name} ({checkpoint.kind}) has "
+                       f"no place in the model, whose parameters are {list(have)}.")
+    out.extend((target, tree, f"{target}/") for target in targets)
+  return out
+
+
+def _provided_paths(checkpoint: HFCheckpoint, flat: Mapping[str, Any], towers: Sequence[str]
+                    ) -> set[str]:
+  """The model leaves (flat "/" paths) `apply_hf_checkpoint` would set from `checkpoint`."""
+  have = sorted({k.split("/")[0] for k in flat})
+  if checkpoint.kind == "bert":
+    source = flax.traverse_util.flatten_dict(dict(checkpoint.towers["bert"]), sep="/")
+    out = set()
+    for tower in (t for t in towers if t in have):
+      out |= {f"{tower}/bert/{k}" for k in source if not k.startswith("cls/")}
+      if tower == "encoder":
+        out |= {f"{tower}/{k}" for k in source if k.startswith("cls/")}
+    return out & set(flat)
+  return {path for target, tree, _ in _realm_placements(checkpoint, have, towers)
+          for path in _flat(tree, f"{target}/")}
+
+
+def apply_hf_checkpoints(params: Mapping[str, Any], checkpoints: Any, model_config: Any = None,
+                         vocab_size: int | None = None,
+                         towers: Iterable[str] = REALM_TOWERS) -> Params:
+  """`apply_hf_checkpoint` for several checkpoints (`split_hf_paths`), e.g. HF's
+  `google/realm-cc-news-pretrained-embedder` and `-encoder` folders into one model.
+
+  Each checkpoint is checked against `model_config` on its own. Two checkpoints that would set
+  the same parameter are a ValueError naming both and the parameters (no silent "last one
+  wins").
+  """
+  towers = tuple(towers)
+  if isinstance(checkpoints, HFCheckpoint):
+    checkpoints = [checkpoints]
+  elif isinstance(checkpoints, (str, os.PathLike)):
+    checkpoints = split_hf_paths(checkpoints)
+  checkpoints = [c if isinstance(c, HFCheckpoint) else load_hf_checkpoint(split_hf_paths(c)[0])
+                 for c in checkpoints]
+  frozen = isinstance(params, flax.core.FrozenDict)
+  flat = flax.traverse_util.flatten_dict(params if frozen else dict(params), sep="/")
+  provided: dict[str, str] = {}
+  for checkpoint in checkpoints:
+    paths = _provided_paths(checkpoint, flat, towers)
+    clash = sorted(p for p in paths if p in provided)
+    if clash:
+      raise ValueError(
+          f"model.init_from_hf: {provided[clash[0]]} and {checkpoint.source} both provide "
+          f"{len(clash)} parameters, e.g. {_listing(clash, 4)}; give each tower once (e.g. "
+          "the REALM embedder folder and the encoder folder)")
+    provided.update(dict.fromkeys(paths, checkpoint.source))
+  for checkpoint in checkpoints:
+    params = apply_hf_checkpoint(params, checkpoint, model_config, vocab_size, towers)
+  return params
+
+
 def apply_hf_checkpoint(params: Mapping[str, Any], checkpoint: HFCheckpoint | epath.PathLike,
                         model_config: Any = None, vocab_size: int | None = None,
                         towers: Iterable[str] = REALM_TOWERS) -> Params:
   """A copy of model params (RealmModel or OpenQAModel) with what an HF checkpoint holds.
 
-  A plain BERT goes through `apply_to_realm_params`. An HF REALM checkpoint replaces whole
-  towers: its embedder every embedder of the model (`embedder`, or `query_embedder` and
-  `doc_embedder`), its encoder `encoder`, its reader `reader`; every leaf of a filled tower
+  `checkpoint` may also name several folders (a comma-separated string or a sequence, see
+  `apply_hf_checkpoints`). A plain BERT goes through `apply_to_realm_params`. An HF REALM
+  checkpoint replaces whole towers: its embedder every embedder of the model (`embedder`, or
+  `query_embedder` and `doc_embedder`), its encoder `encoder` (in an `OpenQAModel`, which has
+  none: the reader's BERT), its reader `reader`; every leaf of a filled tower
   must be in the checkpoint and vice versa (ValueError naming the paths). A checkpoint tower
   with no place in the model is an error, a model tower the checkpoint lacks keeps its values.
   With `model_config` (config.model or a BertConfig), `hf_config_mismatches` first: any
   mismatch is a ValueError listing each field.
   """
   if not isinstance(checkpoint, HFCheckpoint):
-    checkpoint = load_hf_checkpoint(checkpoint)
+    if not isinstance(checkpoint, (str, os.PathLike)) or len(split_hf_paths(checkpoint)) > 1:
+      return apply_hf_checkpoints(params, checkpoint, model_config, vocab_size, towers)
+    checkpoint = load_hf_checkpoint(split_hf_paths(checkpoint)[0])
   if model_config is not None:
     if checkpoint.config is None:
       raise ValueError(f"{checkpoint.source}: no {CONFIG_FILENAME} beside the weights, so "
@@ -741,12 +825,7 @@ def apply_hf_checkpoint(params: Mapping[str, Any], checkpoint: HFCheckpoint | ep
   frozen = isinstance(params, flax.core.FrozenDict)
   flat = flax.traverse_util.flatten_dict(params if frozen else dict(params), sep="/")
   have = sorted({k.split("/")[0] for k in flat})
-  for name, tree in checkpoint.towers.items():
-    targets = [t for t in _TARGETS[name] if t in towers and t in have]
-    if not targets:
-      raise ValueError(f"{checkpoint.source}: the checkpoint's {name} ({checkpoint.kind}) has "
-                       f"no place in the model, whose parameters are {have}.")
-    for target in targets:
-      _replace(flat, _flat(tree, f"{target}/"), target, f"{target}/", checkpoint.source)
+  for target, tree, must_cover in _realm_placements(checkpoint, have, towers):
+    _replace(flat, _flat(tree, f"{target}/"), target, must_cover, checkpoint.source)
   out = flax.traverse_util.unflatten_dict(flat, sep="/")
   return flax.core.freeze(out) if frozen else out

@@ -170,3 +170,11 @@ class OpenQAModel(nn.Module):
                                   cand_doc_emb.astype(jnp.float32))
     read = self.reader(question_tokens, reader_block_tokens, deterministic)
     return OpenQAOutput(retrieval_logits, read.span_logits, read.span_mask, read.spans)
+
+  def read(self, question_tokens, reader_block_tokens, deterministic: bool = True
+           ) -> OpenQAOutput:
+    """The reader alone over given blocks (a BM25 retriever): retrieval_logits are 0 [B, R],
+    so the joint softmax ranks spans by the reader's score only; the query tower is not run."""
+    read = self.reader(question_tokens, reader_block_tokens, deterministic)
+    zeros = jnp.zeros(reader_block_tokens.shape[:2], jnp.float32)
+    return OpenQAOutput(zeros, read.span_logits, read.span_mask, read.spans)

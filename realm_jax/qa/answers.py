@@ -181,6 +181,22 @@ def find_regex_spans(block_text: str, token_offsets: np.ndarray, patterns: Itera
   return np.asarray(found, np.int32).reshape(-1, 2)
 
 
+def regex_spans_in_texts(spans: np.ndarray, span_texts: Sequence[str],
+                         patterns: Iterable[str]) -> np.ndarray:
+  """The candidate spans [M, 2] whose text some pattern `fullmatch`es (case-insensitive).
+
+  CuratedTREC training targets over detokenized candidate spans (`qa.batches.candidate_spans`):
+  `fullmatch` rather than evaluation's prefix `match`, so "Saudi Arabia is" is not the
+  answer "Saudi Arabia". Patterns that do not compile never match. Returns [N, 2] int32.
+  """
+  compiled = [c for c in (_compile(p) for p in patterns) if c is not None]
+  spans = np.asarray(spans, np.int32).reshape(-1, 2)
+  if not compiled:
+    return np.zeros((0, 2), np.int32)
+  keep = [i for i, text in enumerate(span_texts) if any(c.fullmatch(text) for c in compiled)]
+  return spans[keep].reshape(-1, 2)
+
+
 def block_text_has_regex_answer(block_text: str, patterns: Iterable[str]) -> bool:
   """CuratedTREC's weak label: some pattern matches anywhere in the block's text."""
   return any(c.search(block_text) is not None

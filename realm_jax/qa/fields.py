@@ -40,6 +40,10 @@ QA_FIELDS: dict[str, config_lib.Field] = {
     "qa.index_from": Field("the frozen index: an index folder or a workdir holding index/ "
                            "(default: qa.init_from's; none there: the corpus is embedded at "
                            "start-up)"),
+    "qa.retriever": _choice('"dense" (the frozen index searched with the trained query tower) '
+                            'or "bm25" (bm25s over the same blocks\' text; reader only, no '
+                            "retriever loss, block-score term 0: the lexical baseline)",
+                            ("dense", "bm25")),
     "qa.question_len": _int("[CLS] question [SEP] wordpieces", 3, 65536),
     "qa.retriever_k": _int("blocks retrieved per question; the retriever's loss is over these "
                            "(paper: 5000)", 1, 100_000),
@@ -105,6 +109,8 @@ def validate_qa(config: ml_collections.ConfigDict, num_data_shards: int = 1,
              f"qa.dataset={qa.dataset!r} needs qa.train_file (ORQA JSONL)")
   if qa.eval_split == "test":
     _require(bool(qa.test_file), "qa.eval_split='test' needs qa.test_file")
+    _require(qa.dataset != "facts", "qa.eval_split='test' reads qa.test_file as ORQA JSONL: "
+             "set qa.dataset to nq, wq or trec (facts questions have only their dev split)")
   for field in ("train_file", "dev_file", "test_file", "init_from", "init_reader_from",
                 "index_from"):
     _check_path(config, field)

@@ -22,6 +22,11 @@ functions). The recipe is ORQA/REALM's (DESIGN.md §1):
 - Orbax checkpoints with the data step, resume by default; metrics in `<workdir>/metrics`
   (JSONL + TensorBoard, phases "qa" and "qa_eval"); progress lines.
 
+BM25 (`qa.retriever="bm25"`, `realm_jax.qa.bm25`): no index and no query tower step; the
+reader trains on BM25's top `qa.reader_k` blocks of each question (computed once per run on the
+host), the block-score term of the joint softmax is 0 and there is no retriever loss. The
+lexical baseline beside every dense EM.
+
 Evaluation: the argmax of span score + retrieval score over the reader's blocks, decoded and
 judged by SQuAD-normalized EM (CuratedTREC: regex), recall@k (an answer string in a top-k
 block) for k = 1, 5, 20, 100 up to `qa.eval_retrieve_k`, and the reader-oracle EM; written as
@@ -56,6 +61,7 @@ from realm_jax.models import embedder as embedder_lib
 from realm_jax.models import hf_weights
 from realm_jax.models import reader as reader_lib
 from realm_jax.qa import batches as batches_lib
+from realm_jax.qa import bm25 as bm25_lib
 from realm_jax.qa import data as data_lib
 from realm_jax.qa import evaluate as evaluate_lib
 from realm_jax.qa import fields as fields_lib
@@ -397,6 +403,7 @@ class QAWorld:
   test: list[data_lib.QAExample] | None
   embed_questions: Any  # jitted (params, tokens [B, Lq]) -> [B, D], batch-sharded
   is_main: bool
+  corpus_directory: str = ""
 
   def encode(self, examples: Sequence[data_lib.QAExample]) -> np.ndarray:
     return batches_lib.encode_questions(examples, self.tokenizer, self.config.qa.question_len,
@@ -405,6 +412,16 @@ class QAWorld:
   def matcher(self, examples: Sequence[data_lib.QAExample]) -> batches_lib.AnswerMatcher:
     return batches_lib.AnswerMatcher(examples, self.tokenizer, self.corpus,
                                      self.config.qa.max_span_width)
+
+  def bm25(self) -> bm25_lib.QuestionBM25:
+    """The BM25 retriever over this corpus's blocks, built once per corpus in this process
+    (its question cache too: a question is searched once)."""
+    key = ("bm25", str(self.corpus_directory), self.corpus.num_docs)
+    if key not in _JITTED:
+      start = time.time()
+      _JITTED[key] = bm25_lib.QuestionBM25(bm25_lib.block_texts(self.corpus, self.tokenizer))
+      _LOG.info("bm25: indexed %d blocks in %.1fs", self.corpus.num_docs, time.time() - start)
+    return _JITTED[key]
 
   def dummy_batch(self) -> dict[str, np.ndarray]:
     """Smallest arrays with the run's shapes, for `init` (create and restore)."""
@@ -448,7 +465,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.PathLike, devices=No
   model = _canonical_model(build_qa_model(config, corpus.vocab_size, corpus.special.pad))
   embed_questions = _cached("embed_questions", _make_embed_questions, model, mesh)
   return QAWorld(config, workdir, mesh, corpus, tokenizer, model, train, dev, test,
-                 embed_questions, is_main)
+                 embed_questions, is_main, str(data.directory))
 
 
 def _tx(config: ml_collections.ConfigDict):
@@ -495,10 +512,11 @@ def _initial_params(world: QAWorld, rng) -> tuple[Any, Any]:
 
 # ---- Evaluation ------------------------------------------------------------------------------
 
-def evaluate_examples(world: QAWorld, params, index: FrozenIndex,
+def evaluate_examples(world: QAWorld, params, index: FrozenIndex | None,
                       examples: Sequence[data_lib.QAExample]
                       ) -> tuple[dict[str, float], list[evaluate_lib.Prediction]]:
-  """EM (with counts), recall@k and reader-oracle EM of `params` over `examples`.
+  """EM (with counts), recall@k and reader-oracle EM of `params` over `examples`, retrieving
+  from the frozen `index`, or with BM25 when `index` is None (`qa.retriever="bm25"`).
 
   Every process builds every (padded) global batch on the host and gets all predictions
   (`shard_batch_global` / `to_host`), so process 0 can write them.
@@ -508,10 +526,13 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex,
   qa, corpus, mesh = world.config.qa, world.corpus, world.mesh
   tokens = world.encode(examples)
   matcher = world.matcher(examples)
-  predict = _cached("predict", qa_steps.make_qa_predict_step, world.model, mesh)
+  bm25 = index is None
+  retriever = "bm25" if bm25 else "dense"
+  predict = _cached("predict", qa_steps.make_qa_predict_step, world.model, mesh, retriever)
   params = partitioning.replicate(params, mesh)
-  k = qa.retriever_k
+  k = qa.reader_k if bm25 else qa.retriever_k
   depth = min(max(qa.eval_retrieve_k, k), corpus.num_docs)
+  bm25_ids = world.bm25().top_ids(examples, depth) if bm25 else None
   spans = reader_lib.span_table(corpus.body_len, qa.max_span_width)
   decode = lambda ids: world.tokenizer.decode(list(ids))
   title_of = lambda doc_id: corpus.titles[doc_id]
@@ -523,13 +544,16 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex,
     rows = np.arange(start, start + batch_size)
     real = rows < len(examples)
     rows = np.where(real, rows, 0)  # padding: copies of question 0, dropped below
-    question_emb = partitioning.to_host(world.embed_questions(
-        params, partitioning.shard_batch_global({"t": tokens[rows]}, mesh)["t"]))
-    ids, _ = index.searcher.search(question_emb, depth)
-    batch = batches_lib.build_qa_batch(rows, tokens, ids[:, :k], index.embeddings, matcher,
-                                       qa.reader_k)
+    if bm25:
+      ids = bm25_ids[rows]
+    else:
+      question_emb = partitioning.to_host(world.embed_questions(
+          params, partitioning.shard_batch_global({"t": tokens[rows]}, mesh)["t"]))
+      ids, _ = index.searcher.search(question_emb, depth)
+    batch = batches_lib.build_qa_batch(rows, tokens, ids[:, :k],
+                                       None if bm25 else index.embeddings, matcher, qa.reader_k)
     retrieval_logits, span_logits = predict(params, partitioning.shard_batch_global(
-        {key: batch[key] for key in qa_steps.PREDICT_KEYS}, mesh))
+        {key: batch[key] for key in qa_steps.predict_keys(retriever)}, mesh))
     block_rank, span, score = evaluate_lib.best_spans(
         partitioning.to_host(retrieval_logits), partitioning.to_host(span_logits), spans)
     keep = np.flatnonzero(real)
@@ -537,7 +561,7 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex,
         [examples[i] for i in rows[keep]], ids[keep, :qa.reader_k],
         batch["reader_block_tokens"][keep], block_rank[keep], span[keep], score[keep], decode,
         title_of)
-    has_answer.append(np.array([[len(matcher.spans(int(r), int(j))) > 0 for j in ids[b]]
+    has_answer.append(np.array([[matcher.has_answer(int(r), int(j)) for j in ids[b]]
                                 for b, r in zip(keep, rows[keep])], bool).reshape(-1, depth))
     oracle.append(batch["span_is_correct"][keep].reshape(len(keep), -1).any(-1))
     progress.update(len(keep))
@@ -547,13 +571,21 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex,
   metrics["reader_oracle_em"] = evaluate_lib.reader_oracle_em(
       np.concatenate(oracle)[:, None, None])
   metrics["answer_cache_hits"] = float(matcher.cache.hits)
+  metrics["bad_answer_patterns"] = float(matcher.bad_patterns)
   return metrics, predictions
 
 
-def _write_evaluation(world: QAWorld, step: int, split: str, index: FrozenIndex,
+def _index_record(index: FrozenIndex | None) -> dict[str, Any]:
+  """What results JSON say about the retrieval: the frozen index version, or BM25."""
+  if index is None:
+    return dict(root="", step=-1, source="bm25")
+  return dict(root=index.root, step=index.step, source=index.source)
+
+
+def _write_evaluation(world: QAWorld, step: int, split: str, index: FrozenIndex | None,
                       metrics: dict[str, float], predictions, writer) -> dict[str, Any]:
   results = dict(step=step, split=split, dataset=world.config.qa.dataset,
-                 index=dict(root=index.root, step=index.step, source=index.source),
+                 retriever=world.config.qa.retriever, index=_index_record(index),
                  init_from=world.config.qa.init_from,
                  init_reader_from=world.config.qa.init_reader_from, **metrics)
   if world.is_main:
@@ -618,8 +650,13 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       initial["params"] = _initial_params(world, rng)
     return initial["params"]
 
-  index = resolve_index(config, workdir, world.model, mesh, corpus,
-                        lambda: initial_params()[1], world.is_main)
+  bm25 = qa.retriever == "bm25"
+  retriever = qa.retriever
+  if bm25:
+    index = None  # the reader reads BM25's blocks; nothing to embed or search
+  else:
+    index = resolve_index(config, workdir, world.model, mesh, corpus,
+                          lambda: initial_params()[1], world.is_main)
   tx = _tx(config)
   dummy = world.dummy_batch()
   shapes = jax.eval_shape(lambda r: qa_steps.create_qa_train_state(world.model, r, dummy, tx),
@@ -643,11 +680,16 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   _LOG.info("state: %.2fM parameters", state_lib.count_params(state.params) / 1e6)
 
   # ---- Steps and batches ---------------------------------------------------------------
-  train_step = _cached("train", lambda model, mesh, seed, _: qa_steps.make_qa_train_step(
-      model, mesh, seed, state_sharding), world.model, mesh, config.seed,
-                       partitioning.layout_key(state_sharding))
+  train_step = _cached("train", lambda model, mesh, seed, _, kind: qa_steps.make_qa_train_step(
+      model, mesh, seed, state_sharding, kind), world.model, mesh, config.seed,
+                       partitioning.layout_key(state_sharding), retriever)
   tokens = world.encode(world.train)
   matcher = world.matcher(world.train)
+  if bm25:  # every training question's top blocks, once for the run (they never change)
+    start = time.time()
+    bm25_ids = world.bm25().top_ids(world.train, qa.reader_k)
+    _LOG.info("bm25: top %d blocks of %d questions in %.1fs", qa.reader_k, len(world.train),
+              time.time() - start)
   per_process = qa.batch_size // jax.process_count()
   lo = jax.process_index() * per_process
 
@@ -657,6 +699,8 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   def start_retrieval(params, step: int):
     """Dispatches the live query embedding of batch `step`: (rows, [B, D] on the mesh)."""
     rows = local_rows(step)
+    if bm25:
+      return rows, None
     return rows, world.embed_questions(
         params, partitioning.shard_batch({"t": tokens[rows]}, mesh)["t"])
 
@@ -664,9 +708,12 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     """Host search of the frozen index and the QA batch (this process's rows)."""
     rows, question_emb = pending
     start = time.time()
-    ids, _ = index.searcher.search(partitioning.local_rows(question_emb), qa.retriever_k)
-    batch = batches_lib.build_qa_batch(rows, tokens, ids, index.embeddings, matcher,
-                                       qa.reader_k)
+    if bm25:
+      ids, embeddings = bm25_ids[rows], None
+    else:
+      ids, _ = index.searcher.search(partitioning.local_rows(question_emb), qa.retriever_k)
+      embeddings = index.embeddings
+    batch = batches_lib.build_qa_batch(rows, tokens, ids, embeddings, matcher, qa.reader_k)
     return batch, {"retrieval_seconds": time.time() - start}
 
   writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=world.is_main, phase="qa",
@@ -716,9 +763,8 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   ckpt.wait()
 
   final: dict[str, Any] = {"step": int(jax.device_get(state.step)), "history": history,
-                           "compile": report,
-                           "index": dict(root=index.root, step=index.step,
-                                         source=index.source)}
+                           "compile": report, "retriever": retriever,
+                           "index": _index_record(index)}
   if preempted or stop_request.agreed():  # ---- Preemption: checkpoint, no evaluation ----
     try:
       _checkpoint_on_preemption(ckpt, state, final["step"], stop_request)
@@ -764,7 +810,8 @@ def evaluate_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   examples = world.test if split == "test" else world.dev
   if not examples:
     raise ValueError(f"qa.eval_split={split!r}: 0 questions to evaluate")
-  if not (workdir / INDEX_RECORD).exists():
+  bm25 = config.qa.retriever == "bm25"
+  if not bm25 and not (workdir / INDEX_RECORD).exists():
     raise FileNotFoundError(f"{workdir / INDEX_RECORD} does not exist: run finetune_qa on "
                             f"{workdir} first")
   try:
@@ -772,8 +819,8 @@ def evaluate_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   except FileNotFoundError as e:
     raise FileNotFoundError(f"no fine-tuned checkpoint in {workdir / 'checkpoints'}: run "
                             "finetune_qa first") from e
-  index = resolve_index(config, workdir, world.model, world.mesh, world.corpus,
-                        lambda: None, world.is_main)
+  index = None if bm25 else resolve_index(config, workdir, world.model, world.mesh,
+                                          world.corpus, lambda: None, world.is_main)
   metrics, predictions = evaluate_examples(world, params, index, examples)
   writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=world.is_main, phase="qa_eval")
   try:

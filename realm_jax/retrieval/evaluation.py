@@ -46,16 +46,37 @@ def decode_rows(tokenizer: tokenizers.Tokenizer, rows: np.ndarray) -> list[str]:
   return tokenizer.decode_batch([row.tolist() for row in rows], skip_special_tokens=True)
 
 
+class BM25Index:
+  """A bm25s index (Lucene scoring, English stopwords) over block texts, built once and
+  searched many times (Open-QA retrieves for every question set of a run with one index)."""
+
+  def __init__(self, block_texts: Sequence[str]):
+    import bm25s  # pylint: disable=g-import-not-at-top  (core dependency; imported when used)
+    self._bm25s = bm25s
+    self.num_blocks = len(block_texts)
+    if not self.num_blocks:
+      raise ValueError("BM25 over 0 blocks: the corpus is empty")
+    self._retriever = bm25s.BM25()
+    self._retriever.index(bm25s.tokenize(list(block_texts), stopwords="en",
+                                         show_progress=False), show_progress=False)
+
+  def search(self, query_texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [Q, k'] int64, scores [Q, k'] float32) best first, k' = min(k, num_blocks).
+
+    A query with no indexed word (all stopwords or unknown) scores 0 everywhere; its ids are
+    then bm25s's arbitrary order, as in any BM25 tie."""
+    k = min(k, self.num_blocks)
+    if not query_texts:
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    ids, scores = self._retriever.retrieve(
+        self._bm25s.tokenize(list(query_texts), stopwords="en", show_progress=False), k=k,
+        show_progress=False)
+    return np.asarray(ids, np.int64), np.asarray(scores, np.float32)
+
+
 def bm25_top_ids(block_texts: Sequence[str], query_texts: Sequence[str], k: int) -> np.ndarray:
   """BM25 top-k block ids [Q, k] (bm25s; Lucene scoring, English stopwords)."""
-  import bm25s  # pylint: disable=g-import-not-at-top  (core dependency; imported when used)
-  retriever = bm25s.BM25()
-  retriever.index(bm25s.tokenize(list(block_texts), stopwords="en", show_progress=False),
-                  show_progress=False)
-  ids, _ = retriever.retrieve(bm25s.tokenize(list(query_texts), stopwords="en",
-                                             show_progress=False),
-                              k=min(k, len(block_texts)), show_progress=False)
-  return np.asarray(ids, np.int64)
+  return BM25Index(block_texts).search(query_texts, k)[0]
 
 
 def dense_top_ids(config: ml_collections.ConfigDict, params, corpus: corpus_lib.BlockCorpus,
