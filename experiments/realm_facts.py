@@ -8,7 +8,9 @@ One file, three sizes (big_vision style):
       --config.train.batch_size=64 --workdir=...
 
 `size=tiny` is exactly what CI and the demo run on 2 CPU cores. The `ict` block configures the
-Inverse Cloze Task warm start that the demo runs first (`--config.objective=ict` trains it alone).
+Inverse Cloze Task warm start that the demo runs first (`--config.objective=ict` trains it alone);
+the `qa` block the Open-QA fine-tuning the demo runs last (`--mode=finetune_qa` with
+experiments/openqa_facts.py runs it alone).
 
 Every field's help and accepted range: `realm_jax/config_lib.py:FIELDS`, shown by
 `python -m realm_jax.main --mode=print_config --config=experiments/realm_facts.py:size=tiny`.
@@ -22,7 +24,7 @@ from realm_jax import config_lib
 _SIZES = {
     # tiny: the CPU demo and CI budget (k=4 instead of REALM's 8 to fit 2 cores in ~10 min).
     "tiny": dict(model="tiny", num_entities=5000, vocab_size=2000, batch_size=16, k=4,
-                 realm_steps=1000, ict_steps=800, refresh_every=100,
+                 realm_steps=800, ict_steps=600, refresh_every=100,
                  eval_every=0),
     "small": dict(model="small", num_entities=20000, vocab_size=8000, batch_size=128, k=8,
                   realm_steps=5000, ict_steps=2000, refresh_every=250,
@@ -31,6 +33,58 @@ _SIZES = {
                  realm_steps=20000, ict_steps=5000, refresh_every=500,
                  eval_every=2000),
 }
+
+
+# Per size: the Open-QA fine-tuning schedule and the reader's shape (the demo's QA phase and
+# experiments/openqa_facts.py). tiny: 2 CPU cores.
+QA_SIZES = {
+    "tiny": dict(batch_size=16, num_steps=160, retriever_k=8, reader_k=4, span_hidden_size=64,
+                 learning_rate=1e-3, eval_batch_size=32, checkpoint_every=100),
+    "small": dict(batch_size=64, num_steps=2000, retriever_k=64, reader_k=5,
+                  span_hidden_size=256, learning_rate=1e-4, eval_batch_size=128,
+                  checkpoint_every=500),
+    "base": dict(batch_size=128, num_steps=10000, retriever_k=1000, reader_k=5,
+                 span_hidden_size=256, learning_rate=1e-5, eval_batch_size=256,
+                 checkpoint_every=1000),
+}
+
+
+def qa_section(s: dict, question_len: int) -> ml_collections.ConfigDict:
+  """The `qa` fields shared by the Open-QA experiments (see realm_jax/qa/fields.py)."""
+  return ml_collections.ConfigDict(dict(
+      dataset="facts",  # "facts", or "nq" / "wq" / "trec" with JSONL files below
+      train_file="",
+      dev_file="",  # empty: ORQA's sha256(question) mod 10 split of train_file
+      test_file="",  # what eval_split="test" judges
+      eval_split="dev",
+      init_from="",  # REALM workdir (embedder + encoder) or ICT workdir (embedder)
+      init_reader_from="",  # a workdir whose encoder BERT starts the reader instead
+      index_from="",  # index folder or workdir; default init_from's, else embedded at start-up
+      # "dense" or "bm25": BM25's top reader_k blocks, reader only (the lexical baseline).
+      retriever="dense",
+      question_len=question_len,
+      retriever_k=s["retriever_k"],  # the retriever's loss is over these (paper: 5000)
+      reader_k=s["reader_k"],  # blocks the reader reads (paper: 5)
+      max_span_width=10,  # wordpieces (paper: 10)
+      span_hidden_size=s["span_hidden_size"],  # paper: 256
+      batch_size=s["batch_size"],
+      num_steps=s["num_steps"],
+      learning_rate=s["learning_rate"],
+      warmup_steps=max(1, s["num_steps"] // 10),
+      # The query tower moves slower than the reader (the lesson of REALM on this corpus: a
+      # warm-started retriever at the full rate forgets its pretraining before the reader
+      # can use it); 1.0 is ORQA's setting.
+      query_embedder_lr_multiplier=0.1,
+      checkpoint_every=s["checkpoint_every"],
+      keep_checkpoints=2,
+      log_every=10,
+      prefetch=True,  # retrieve batch t+1 while step t runs
+      eval_batch_size=s["eval_batch_size"],
+      eval_retrieve_k=100,  # recall@1/5/20/100 depth (capped at the corpus size)
+      eval_at_end=True,
+      max_train_examples=0,  # 0: every training question
+      max_eval_examples=0,  # 0: every dev question
+  ))
 
 
 def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
@@ -64,4 +118,7 @@ def get_config(arg: str = "size=tiny") -> ml_collections.ConfigDict:
   ))
 
   config_lib.add_training_sections(config, s, size)
+  # The demo's QA phase (and experiments/openqa_facts.py): fine-tuning on questions generated
+  # from the facts, starting from this config's REALM (or no-retrieval) run.
+  config.qa = qa_section(QA_SIZES[size], config.data.query_len)
   return config

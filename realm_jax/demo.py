@@ -1,6 +1,7 @@
-"""The main job of `make demo`: warm starts, REALM pretraining, a no-retrieval baseline.
+"""The main job of `make demo`: warm starts, REALM pretraining, a no-retrieval baseline, Open-QA.
 
-Three runs share one generated corpus (`<workdir>/corpus`) and the model size of the config:
+Three pretraining runs share one generated corpus (`<workdir>/corpus`) and the model size of
+the config:
 1. `ict`: the retriever's warm start (Inverse Cloze Task);
 2. `realm`: REALM pretraining from it, as two processes sharing `<workdir>/realm`: this one
    trains, and a separate index-builder process (`--mode=index_builder`, log in
@@ -9,11 +10,19 @@ Three runs share one generated corpus (`<workdir>/corpus`) and the model size of
    trained as a plain MLM on the blocks learned to copy from retrieved documents later, not
    sooner, so the demo has no such phase);
 3. `baseline`: the same model from the same warm start, trained for the same steps with the
-   null document as its only candidate. The table compares masked-span accuracy on held-out entities (whose facts
-no training query contains, so only retrieval can supply them) and gold-document recall@k of
-the first and the last index. `<workdir>/demo_figure.png` (realm_jax/plots.py) plots held-out
-span accuracy of both runs over steps (both evaluate every DEMO_EVAL_EVERY steps) and the recall
-of every index version.
+   null document as its only candidate.
+Then the QA phase (`QA_RUNS`): Open-QA fine-tuning (`qa.finetune.finetune_qa`, the config's
+`qa` section) on questions generated from the training people's facts, evaluated by exact match
+on questions about the held-out people, once from each pretraining run: `qa_realm` (REALM's
+retriever, its last index and its reader) and `qa_baseline` (the ICT retriever and index, the
+baseline's reader).
+
+The table compares masked-span accuracy on held-out entities (whose facts no training query
+contains, so only retrieval can supply them), gold-document recall@k of every index version, the
+QA runs' exact match, reader-oracle EM and recall@k, and every phase's wall time.
+`<workdir>/demo_figure.png` (realm_jax/plots.py) plots held-out span accuracy of both runs over
+steps (both evaluate every DEMO_EVAL_EVERY steps), the recall of every index version and the
+QA exact match of every QA run.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import resource
 import subprocess
 import sys
 import time
@@ -29,6 +39,8 @@ import ml_collections
 from etils import epath
 
 from realm_jax import plots
+from realm_jax.data import prepare
+from realm_jax.qa import finetune
 from realm_jax.retrieval import index_builder
 from realm_jax.train import loop
 from realm_jax.train import metrics as metrics_lib
@@ -38,10 +50,34 @@ from realm_jax.train import metrics as metrics_lib
 # four mid-run points cost REALM ~50 s and the baseline (null document only) less.
 DEMO_EVAL_EVERY = 200
 
+PRETRAINING_PHASES = ("ict", "realm", "baseline")
+
+
+def qa_runs(workdir: epath.Path) -> dict[str, tuple[str, dict]]:
+  """The QA phase's fine-tunes: run name (its folder under `workdir`) -> (label, qa.* overrides).
+
+  Each starts from a pretraining run of the demo: the query tower and the frozen index from
+  `qa.init_from` (REALM: its last published index; ICT: the index it publishes at its end),
+  the reader from `qa.init_from`'s encoder or `qa.init_reader_from`'s. The table, the results
+  JSON and the figure list every entry, in this order.
+  """
+  return {
+      "qa_realm": ("REALM (retriever + reader)",
+                   dict(init_from=str(workdir / "realm"), init_reader_from="")),
+      "qa_baseline": ("no retrieval (ICT retriever, baseline reader)",
+                      dict(init_from=str(workdir / "ict"),
+                           init_reader_from=str(workdir / "baseline"))),
+      # ---- BM25 + reader: the one place its row goes (issue 12; qa.retriever="bm25" is being
+      # added on another branch). Once it exists, add e.g.
+      #   "qa_bm25": ("BM25 + baseline reader", dict(retriever="bm25", init_from="",
+      #               init_reader_from=str(workdir / "baseline"))),
+      # and the table, demo_results.json and the figure show it.
+  }
+
 
 def phase_configs(config: ml_collections.ConfigDict, workdir: epath.Path
                   ) -> dict[str, ml_collections.ConfigDict]:
-  """The three runs' configs, derived from the REALM config."""
+  """Every run's config (pretraining phases and QA runs), derived from the REALM config."""
   def derive(**overrides) -> ml_collections.ConfigDict:
     derived = config.copy_and_resolve_references()
     derived.data.corpus_dir = str(workdir / "corpus")
@@ -60,11 +96,14 @@ def phase_configs(config: ml_collections.ConfigDict, workdir: epath.Path
   from_builder = dict(retrieval__index_source="builder",
                       train__checkpoint_every=config.retrieval.refresh_every,
                       train__keep_checkpoints=max(config.train.keep_checkpoints, 3))
-  return dict(
+  configs = dict(
       ict=ict,
       realm=derive(**warm, **from_builder),
       baseline=derive(retrieval__enabled=False, **warm),
   )
+  for name, (_, overrides) in qa_runs(workdir).items():
+    configs[name] = derive(**{f"qa__{field}": value for field, value in overrides.items()})
+  return configs
 
 
 def _index_recalls(run_dir: epath.Path, key: str) -> list[tuple[int, float]]:
@@ -107,6 +146,36 @@ def _run_finished(run_dir: epath.Path, num_steps: int) -> bool:
   return bool(steps) and steps[-1] >= num_steps
 
 
+def _qa_columns(results: dict) -> list[str]:
+  """The QA metrics the table shows, in order: EM, reader-oracle EM, recall@k (as present)."""
+  keys = {k for name in qa_names(results) for k in results[name]}
+  recalls = sorted((k for k in keys if k.startswith("recall@")), key=lambda k: int(k[7:]))
+  return ["exact_match", "reader_oracle_em"] + recalls[:2]
+
+
+def qa_names(results: dict) -> list[str]:
+  """The QA runs present in `results`, in `qa_runs` order."""
+  return [name for name in results.get("qa_order", []) if name in results]
+
+
+def format_qa_table(results: dict) -> list[str]:
+  """One line per QA run: EM, reader-oracle EM and recall@1/5 on the held-out questions."""
+  names = qa_names(results)
+  if not names:
+    return []
+  columns = _qa_columns(results)
+  headers = {"exact_match": "EM", "reader_oracle_em": "oracle EM"}
+  first = results[names[0]]
+  lines = ["", f"Open-QA exact match on {first.get('num_examples', 0):.0f} questions about the "
+           f"held-out people ({first.get('step', 0):.0f} fine-tuning steps from each run):",
+           f"{'QA run':<48}" + "".join(f"{headers.get(c, c):>11}" for c in columns)]
+  for name in names:
+    row = results[name]
+    cells = "".join(f"{row[c]:>11.3f}" if c in row else f"{'-':>11}" for c in columns)
+    lines.append(f"{results['qa_labels'][name]:<48}{cells}")
+  return lines
+
+
 def format_table(results: dict) -> str:
   rows = [
       ("masked-span accuracy (held-out)", results["realm"]["span_accuracy"],
@@ -126,25 +195,73 @@ def format_table(results: dict) -> str:
                f"({results['index_swaps']} hot swaps from the index-builder process):")
   lines += [f"  index step {step:>6}: {value:.3f}" for step, value in recalls]
   lines.append(f"ICT warm start alone: {key} = {results['ict'][key]:.3f}")
-  lines.append(f"demo wall time: {results['seconds']:.0f}s")
+  lines += format_qa_table(results)
+  lines.append("")
+  phases = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in
+                     results.get("phase_seconds", {}).items())
+  lines.append(f"demo wall time: {results['seconds']:.0f}s ({phases})")
+  if results.get("phase_cpu_seconds"):
+    lines.append("CPU time (user + system, builder included): " + ", ".join(
+        f"{name} {seconds:.0f}s" for name, seconds in results["phase_cpu_seconds"].items()))
   return "\n".join(lines)
 
 
+def cpu_seconds() -> float:
+  """CPU time (user + system) of this process and of its finished children (the index
+  builder, once stopped): on a shared machine it varies much less with the load than wall
+  time does, so it says what a phase costs the cores."""
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextlib.contextmanager
+def timed_phase(name: str, phase_seconds: dict[str, float], phase_cpu: dict[str, float]):
+  """Logs the `with` body's wall time and CPU time as phase `name` and records them (the
+  lead times the demo on an idle machine; these say where the minutes went)."""
+  logging.info("demo: ---- %s ----", name)
+  start, cpu_start = time.time(), cpu_seconds()
+  try:
+    yield
+  finally:
+    phase_seconds[name] = time.time() - start
+    phase_cpu[name] = cpu_seconds() - cpu_start
+    logging.info("demo: phase %s took %.1fs wall, %.1fs CPU", name, phase_seconds[name],
+                 phase_cpu[name])
+
+
+def _numbers(out: dict) -> dict:
+  return {k: v for k, v in out.items() if isinstance(v, (int, float))}
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict:
-  """Runs the three phases (each resumable) and prints and saves the comparison table."""
+  """Runs every phase (each resumable) and prints and saves the comparison table."""
   workdir = epath.Path(workdir)
   start = time.time()
   configs = phase_configs(config, workdir)
-  results = {}
-  for name in ("ict", "realm", "baseline"):
-    logging.info("demo: ---- %s ----", name)
+  results: dict = {}
+  phase_seconds: dict[str, float] = {}
+  phase_cpu: dict[str, float] = {}
+  timed = lambda name: timed_phase(name, phase_seconds, phase_cpu)
+  with timed("corpus"):  # generated corpus and vocabulary, shared by all
+    prepare.prepare_data(configs["ict"], workdir)
+  for name in PRETRAINING_PHASES:
     run_dir = workdir / name
-    if name == "realm":
-      with index_builder_process(run_dir, _run_finished(run_dir, config.train.num_steps)):
+    with timed(name):
+      if name == "realm":
+        with index_builder_process(run_dir, _run_finished(run_dir, config.train.num_steps)):
+          out = loop.train_and_evaluate(configs[name], run_dir)
+      else:
         out = loop.train_and_evaluate(configs[name], run_dir)
-    else:
-      out = loop.train_and_evaluate(configs[name], run_dir)
-    results[name] = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+    results[name] = _numbers(out)
+  runs = qa_runs(workdir)
+  results["qa_order"] = list(runs)
+  results["qa_labels"] = {name: label for name, (label, _) in runs.items()}
+  for name in runs:
+    with timed(name):
+      results[name] = _numbers(finetune.finetune_qa(configs[name], workdir / name))
+  results["phase_seconds"] = phase_seconds
+  results["phase_cpu_seconds"] = phase_cpu
   key = loop.recall_key(config.retrieval.k)
   results["recall_key"] = key
   results["index_recalls"] = _index_recalls(workdir / "realm", key)
@@ -155,7 +272,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> dict
   print("\n" + table + "\n", flush=True)
   (workdir / "demo_table.txt").write_text(table + "\n")
   try:  # the runs and the table are done: a figure that cannot be drawn must not lose them
-    results["figure"] = str(plots.demo_figure(workdir, recall_key=key))
+    results["figure"] = str(plots.demo_figure(workdir, recall_key=key,
+                                              qa_runs=results["qa_labels"]))
     print(f"figure: {results['figure']}", flush=True)
   except Exception:  # pylint: disable=broad-except
     logging.exception("demo: the figure could not be written (the table above stands)")

@@ -1,9 +1,11 @@
-"""The demo's figure: held-out span accuracy over steps and gold recall per index version.
+"""The demo's figure: held-out span accuracy over steps, gold recall per index version, QA EM.
 
 Reads `<workdir>/{realm,baseline}/metrics/metrics.jsonl` as the trainer writes them: one JSON
 object a line with at least "step" and "phase". Records are picked by phase and key, so lines of
 other phases (train steps, "config", ...) and fields added later are ignored, and a torn or
-garbled line (a run killed mid-write) is skipped rather than fatal.
+garbled line (a run killed mid-write) is skipped rather than fatal. The QA panel reads each QA
+run's `<workdir>/<run>/qa_results.json` (what `qa.finetune` writes); a missing or unreadable
+one leaves that run out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import re
 from etils import epath
 
 FIGURE_NAME = "demo_figure.png"
+QA_RESULTS = "qa_results.json"
+_QA_BARS = (("exact_match", "exact match", "tab:blue"),
+            ("reader_oracle_em", "reader-oracle EM", "tab:orange"))
 _RECALL_KEY = re.compile(r"gold_recall_at_\d+$")
 
 
@@ -66,14 +71,31 @@ def find_recall_key(records: list[dict]) -> str | None:
   return None
 
 
+def read_qa_results(workdir: epath.PathLike, runs: dict[str, str]) -> list[tuple[str, dict]]:
+  """(label, results) of the QA runs (folder name -> label) whose qa_results.json reads."""
+  out = []
+  for name, label in runs.items():
+    path = epath.Path(workdir) / name / QA_RESULTS
+    try:
+      results = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+      logging.warning("plots: no QA results for %s (%s)", name, e)
+      continue
+    if isinstance(results, dict):
+      out.append((label, results))
+  return out
+
+
 def demo_figure(workdir: epath.PathLike, out_path: epath.PathLike | None = None,
-                recall_key: str | None = None) -> epath.Path:
-  """Writes the demo's two-panel PNG (default `<workdir>/demo_figure.png`); returns its path.
+                recall_key: str | None = None,
+                qa_runs: dict[str, str] | None = None) -> epath.Path:
+  """Writes the demo's three-panel PNG (default `<workdir>/demo_figure.png`); returns its path.
 
   Left: held-out masked-span accuracy of REALM and the no-retrieval baseline at every
-  evaluation ("eval" records). Right: gold-document recall of held-out queries for every index
+  evaluation ("eval" records). Middle: gold-document recall of held-out queries for every index
   version REALM used ("index" records of the realm run; the step-0 version is the ICT
-  retriever alone). A panel without data says so instead of failing.
+  retriever alone). Right: exact match and reader-oracle EM of each QA run in `qa_runs`
+  (folder name under `workdir` -> label). A panel without data says so instead of failing.
   """
   # The object API with the Agg canvas: no pyplot, no global backend, no display needed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
@@ -85,9 +107,10 @@ def demo_figure(workdir: epath.PathLike, out_path: epath.PathLike | None = None,
   baseline = read_records(workdir / "baseline" / "metrics" / "metrics.jsonl")
   recall_key = recall_key or find_recall_key(realm) or "gold_recall_at_3"
 
-  figure = Figure(figsize=(11, 4.2), dpi=100)
+  figure = Figure(figsize=(15, 4.2), dpi=100)
   FigureCanvasAgg(figure)
-  accuracy_axes, recall_axes = figure.subplots(1, 2)
+  accuracy_axes, recall_axes, qa_axes = figure.subplots(
+      1, 3, gridspec_kw=dict(width_ratios=(1, 1, 0.8)))
 
   curves = [("REALM", series(realm, "eval", "span_accuracy"), "tab:blue"),
             ("no retrieval", series(baseline, "eval", "span_accuracy"), "tab:gray")]
@@ -112,6 +135,9 @@ def demo_figure(workdir: epath.PathLike, out_path: epath.PathLike | None = None,
                  + " per index version"),
           xlabel="index version (checkpoint step it embeds)", ylabel="gold-document recall")
 
+  qa_results = read_qa_results(workdir, qa_runs or {})
+  _qa_bars(qa_axes, qa_results)
+
   figure.suptitle(f"REALM demo: {workdir}", fontsize=9)
   figure.tight_layout()
   out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +145,28 @@ def demo_figure(workdir: epath.PathLike, out_path: epath.PathLike | None = None,
   with partial.open("wb") as f:
     figure.savefig(f, format="png")
   partial.replace(out_path)  # a reader never sees a half-written PNG
-  logging.info("plots: %d + %d eval points, %d index versions -> %s", len(curves[0][1]),
-               len(curves[1][1]), len(recalls), out_path)
+  logging.info("plots: %d + %d eval points, %d index versions, %d QA runs -> %s",
+               len(curves[0][1]), len(curves[1][1]), len(recalls), len(qa_results), out_path)
   return out_path
+
+
+def _qa_bars(axes, qa_results: list[tuple[str, dict]]):
+  """Grouped bars: each QA run's exact match beside its reader-oracle EM (the share of
+  questions whose answer is in a block the reader read), with the values written on them."""
+  width = 0.38
+  for offset, (key, label, color) in enumerate(_QA_BARS):
+    positions = [i + (offset - 0.5) * width for i in range(len(qa_results))]
+    values = [float(results.get(key, math.nan)) for _, results in qa_results]
+    if not qa_results:
+      continue
+    bars = axes.bar(positions, values, width, color=color, label=label)
+    axes.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
+  axes.set_xticks(range(len(qa_results)))
+  axes.set_xticklabels([label.replace(" (", "\n(") for label, _ in qa_results], fontsize=8)
+  examples = {results.get("num_examples") for _, results in qa_results}
+  count = f"{examples.pop():.0f} " if len(examples) == 1 and None not in examples else ""
+  _finish(axes, bool(qa_results), title=f"Open-QA on {count}held-out questions",
+          xlabel="QA fine-tuning from", ylabel="exact match")
 
 
 def _finish(axes, has_data: bool, title: str, xlabel: str, ylabel: str):
