@@ -67,11 +67,11 @@ def qa_runs(workdir: epath.Path) -> dict[str, tuple[str, dict]]:
       "qa_baseline": ("no retrieval (ICT retriever, baseline reader)",
                       dict(init_from=str(workdir / "ict"),
                            init_reader_from=str(workdir / "baseline"))),
-      # ---- BM25 + reader: the one place its row goes (issue 12; qa.retriever="bm25" is being
-      # added on another branch). Once it exists, add e.g.
-      #   "qa_bm25": ("BM25 + baseline reader", dict(retriever="bm25", init_from="",
-      #               init_reader_from=str(workdir / "baseline"))),
-      # and the table, demo_results.json and the figure show it.
+      # The lexical baseline (issue 12): the same baseline reader over BM25's top blocks (no
+      # query tower, no index; `init_from` only names the corpus's run).
+      "qa_bm25": ("BM25 + baseline reader",
+                  dict(retriever="bm25", init_from=str(workdir / "ict"),
+                       init_reader_from=str(workdir / "baseline"))),
   }
 
 

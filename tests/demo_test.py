@@ -127,8 +127,11 @@ def test_qa_runs_start_from_the_demo_runs(tmp_path):
   assert (baseline.init_from, baseline.init_reader_from) == (str(workdir / "ict"),
                                                             str(workdir / "baseline"))
   assert realm.num_steps == baseline.num_steps > 0 and realm.dataset == "facts"
+  bm25 = configs["qa_bm25"].qa  # the lexical baseline: the same baseline reader over BM25
+  assert (bm25.retriever, bm25.init_reader_from) == ("bm25", str(workdir / "baseline"))
+  assert realm.retriever == baseline.retriever == "dense"
   names = list(demo.qa_runs(workdir))
-  assert names == ["qa_realm", "qa_baseline"] and set(names) <= set(configs)
+  assert names == ["qa_realm", "qa_baseline", "qa_bm25"] and set(names) <= set(configs)
   assert len({c.data.corpus_dir for c in configs.values()}) == 1  # one corpus for all runs
 
 
@@ -181,7 +184,7 @@ def test_whole_demo_with_qa_phase_on_a_tiny_config(tmp_path):
   # The trainer's first index came from the builder child (how many more it swaps in during
   # 6 steps depends on timing).
   assert results["index_recalls"] and results["index_swaps"] >= 0
-  for name in ("qa_realm", "qa_baseline"):
+  for name in ("qa_realm", "qa_baseline", "qa_bm25"):
     qa = results[name]
     assert qa["step"] == 3 and qa["num_examples"] == 32  # 8 held-out people x 4 facts
     assert 0.0 <= qa["exact_match"] <= qa["reader_oracle_em"] <= 1.0
@@ -191,8 +194,10 @@ def test_whole_demo_with_qa_phase_on_a_tiny_config(tmp_path):
   assert used["qa_realm"]["index"]["root"] == str(workdir / "realm" / "index")
   assert used["qa_baseline"]["index"]["root"] == str(workdir / "ict" / "index")
   assert used["qa_baseline"]["init_reader_from"] == str(workdir / "baseline")
+  bm25 = json.loads((workdir / "qa_bm25" / "qa_results.json").read_text())
+  assert bm25["retriever"] == "bm25" and bm25["init_reader_from"] == str(workdir / "baseline")
   assert list(results["phase_seconds"]) == ["corpus", "ict", "realm", "baseline", "qa_realm",
-                                            "qa_baseline"]
+                                            "qa_baseline", "qa_bm25"]
   assert all(seconds > 0 for seconds in results["phase_seconds"].values())
   assert sum(results["phase_seconds"].values()) <= results["seconds"]
   assert list(results["phase_cpu_seconds"]) == list(results["phase_seconds"])
