@@ -22,7 +22,6 @@ from etils import epath
 
 from realm_jax import config_lib
 from realm_jax import lease as lease_lib
-from realm_jax import objectives
 from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import pipeline
@@ -34,6 +33,7 @@ from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
+from realm_jax.train import multihost
 from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
@@ -161,6 +161,7 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
       hits, known = hits + batch_hits, known + batch_known
     progress.update(num_real)
   progress.close()
+  hits, known = multihost.sum_over_processes((hits, known))  # each process judged its rows
   tokens, num_queries = max(totals["num_tokens"], 1.0), max(totals["num_queries"], 1.0)
   result = {name: totals[name] / tokens for name in ("loss", "retrieval_utility", "token_accuracy")}
   result["span_accuracy"] = totals["span_accuracy"] / num_queries
@@ -181,6 +182,7 @@ def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
     hits, known = hits + batch_hits, known + batch_known
     progress.update(num_real)
   progress.close()
+  hits, known = multihost.sum_over_processes((hits, known))  # each process judged its rows
   return hits / max(known, 1)
 
 
@@ -265,21 +267,30 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   with `teardown` as soon as it exists."""
   # ---- Set-up: the lease, data, model ----------------------------------------------------
   is_main = jax.process_index() == 0
-  held = None
   stuck = {"checkpoint": False}  # a save still running at teardown keeps the lease held
-  if is_main:
+
+  def take_workdir() -> lease_lib.Lease:
+    """Process 0: the lease, then the resume config check (which writes config.json)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    held = lease_lib.acquire(workdir, "trainer", force=force_lease)
+    taken = lease_lib.acquire(workdir, "trainer", force=force_lease)
 
     def release_lease():
       if stuck["checkpoint"]:
         logging.warning("lease: kept on %s: a checkpoint save is still running", workdir)
       else:
-        held.release()
+        taken.release()
     teardown.add("trainer lease release", release_lease, LEASE_RELEASE_SECONDS)
     config_lib.save_run_config(config, workdir)
+    return taken
+
+  # Process 0's outcome (lease held by another trainer, resume refusal, a corpus that cannot
+  # be built) is every process's: none trains alone, none waits in a collective forever.
+  held = multihost.agree(take_workdir, "the trainer lease and resume config check")
   logging.info("setup: %s", partitioning.describe(mesh))
-  data = prepare.prepare_data(config, workdir)
+  # Process 0 builds the corpus (if missing); the others load what it built.
+  data = multihost.agree(lambda: prepare.prepare_data(config, workdir), "corpus preparation")
+  if data is None:
+    data = prepare.prepare_data(config, workdir, build=False)
   corpus = data.corpus
   model = state_lib.build_model(config, corpus.vocab_size, corpus.special.pad)
   is_ict = config.objective == "ict"
@@ -327,10 +338,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   def check_lease(every: float = 0.0):
     """LeaseLostError if another trainer took the workdir over (looked at most every `every`
-    seconds: the lease file is read each time)."""
-    if held is not None and time.monotonic() - last_lease_check[0] >= every:
-      held.check()
-      last_lease_check[0] = time.monotonic()
+    seconds: the lease file is read each time). Process 0 looks; every process raises, so all
+    stop at the same step."""
+    def look():
+      if held is not None and time.monotonic() - last_lease_check[0] >= every:
+        held.check()
+        last_lease_check[0] = time.monotonic()
+    multihost.agree(look, "the trainer lease check")
 
   def save_checkpoint(done: int):
     """Checkpoint of `state` after `done` steps, if the lease is still ours; the metrics up to
@@ -426,9 +440,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     if retrieval_on:
       scalars["index_step"] = index.step
       scalars["staleness"] = step - index.step  # updates since the index was embedded
-      if (batch["gold_ids"] >= 0).any():
-        scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
-            np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])
+      hits, known = multihost.sum_over_processes(_gold_hits(ids, mask, batch["gold_ids"]))
+      if known:  # over the global batch (each process retrieved its own rows)
+        scalars[f"train_{gold_recall}"] = hits / known
     return _realm_device_batch(batch, corpus, ids, mask), scalars
 
   def inputs_at(step: int) -> tuple[dict[str, np.ndarray], dict]:
