@@ -78,12 +78,12 @@ def run(scenarios: list[dict], tmp_path: pathlib.Path, num_processes: int = 2,
       proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
     except subprocess.TimeoutExpired:
       timed_out = True
-  for proc in procs:  # a hung process prints its Python stacks (faulthandler) on SIGTERM
+  for proc in procs:  # a hung process prints its Python stacks (faulthandler) on SIGUSR1
     if proc.poll() is None:
-      proc.send_signal(signal.SIGTERM)
+      proc.send_signal(signal.SIGUSR1)
   for proc in procs:
     try:
-      proc.wait(timeout=10)
+      proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
@@ -183,13 +183,19 @@ def _record_steps(scenario: dict, seen: list[int]) -> None:
 def _worker(spec_path: str, process_id: int) -> None:
   """One process: distributed init, then every scenario; the result file last."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
-  faulthandler.register(signal.SIGTERM, all_threads=True)
+  faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
   logging.basicConfig(level=logging.INFO, format=f"[process {process_id}] %(asctime)s "
                       "%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Each scenario builds new jitted step functions: a persistent cache per process lets the
+  # later scenarios skip their compiles.
+  jax.config.update("jax_compilation_cache_dir",
+                    str(pathlib.Path(spec_path).parent / f"jax_cache_{process_id}"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   jax.distributed.initialize(coordinator_address=f"localhost:{spec['port']}",
                              num_processes=spec["num_processes"], process_id=process_id,
                              initialization_timeout=120)

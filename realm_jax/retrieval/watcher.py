@@ -192,6 +192,20 @@ class WatchedIndex:
     self.swaps += 1
     return True
 
+  def swap_to(self, step: int) -> None:
+    """Swaps in exactly version `step` (multi-host: the version process 0 swapped in): the
+    watcher's loaded one if it is that step, else loaded now, on this thread."""
+    if step == self.step:
+      return
+    new = self.watcher.take_new()
+    if new is None or new[0] != step:
+      start = time.time()
+      _, searcher = index_format.load_index(self.watcher.root, step,
+                                            **self.watcher._expected)  # pylint: disable=protected-access
+      new = (step, searcher, time.time() - start)
+    self.step, self.searcher, self.last_refresh_seconds = new
+    self.swaps += 1
+
   def retrieve(self, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int
                ) -> tuple[np.ndarray, np.ndarray]:
     return candidates_lib.retrieve(self.searcher, query_emb, source_ids, k, margin, self._null_id)

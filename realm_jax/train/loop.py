@@ -186,6 +186,30 @@ def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
   return hits / max(known, 1)
 
 
+def _agreed_swap(index: watcher_lib.WatchedIndex, first_timeout: float | None = None) -> bool:
+  """Swaps in a newer builder version (with `first_timeout`: waits for the first one).
+
+  With several processes, process 0's watcher decides and every process swaps in that very
+  version at the same step (each process's watcher polls on its own clock; candidates that
+  differed between processes would be a different batch than one process would build).
+  Returns whether a version was swapped in.
+  """
+  def decide() -> int:
+    if first_timeout is not None:
+      index.wait_for_first(first_timeout)
+      return index.step
+    return index.step if index.maybe_swap() else -1
+  if jax.process_count() == 1:
+    return decide() >= 0
+  step = multihost.agree(decide, "the index version swap")  # its errors are everyone's
+  step = multihost.broadcast_int(-1 if step is None else step)
+  if step < 0:
+    return False
+  if jax.process_index() != 0:
+    index.swap_to(step)
+  return True
+
+
 @contextlib.contextmanager
 def _sigint_deferred():
   """Holds a Ctrl-C back until the block is done, then raises it (KeyboardInterrupt).
@@ -426,7 +450,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   if from_builder:
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)
-    index.wait_for_first(config.retrieval.first_index_timeout)  # checkpoint: it must be there
+    _agreed_swap(index, config.retrieval.first_index_timeout)  # checkpoint: it must be there
     log_index_recall(index.step)
   elif retrieval_on and start_step < num_steps:
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
@@ -495,7 +519,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     for step in range(start_step, stop):
       step_start = time.time()
       scalars: dict[str, float] = {}
-      if from_builder and index.maybe_swap():  # between two steps, never inside one
+      if from_builder and _agreed_swap(index):  # between two steps, never inside one
         scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
         log_index_recall(index.step)
       inputs, retrieval_scalars = pending if pending is not None else inputs_at(step)
@@ -554,7 +578,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
       if from_builder:
-        index.maybe_swap()
+        _agreed_swap(index)
       elif retrieval_on:
         index.refresh(state.params, stop)
         log_index_recall(stop)

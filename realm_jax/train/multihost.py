@@ -28,7 +28,7 @@ MAX_MESSAGE_BYTES = 4096
 # other error type is re-raised as a RuntimeError naming it.
 _KNOWN_ERRORS: tuple[type[BaseException], ...] = (
     lease_lib.LeaseHeldError, lease_lib.LeaseLostError, config_lib.ConfigError,
-    prepare.CorpusTooSmall, FileNotFoundError, ValueError)
+    prepare.CorpusTooSmall, FileNotFoundError, TimeoutError, ValueError)
 
 
 def _encode(error: BaseException | None) -> dict[str, np.ndarray]:
