@@ -123,9 +123,13 @@ def test_checkpoints_of_one_process_restore_in_two_and_eval_agrees(runs):
     np.testing.assert_allclose(_losses(final["history"]), _losses(reference["history"])[HALF:],
                                rtol=RTOL)
     # The final evaluation, each process evaluating its half of every eval batch.
-    for key in ("loss", "span_accuracy", "retrieval_utility", "num_queries",
+    for key in ("loss", "span_accuracy", "num_queries",
                 loop.recall_key(tiny_config().retrieval.k)):
       np.testing.assert_allclose(final[key], reference[key], rtol=RTOL, err_msg=key)
+    # Retrieval utility is a difference of two log-likelihoods of ~6.6 each, ~-7e-5 here:
+    # float32 rounding of the terms (~1e-6 absolute) is a large fraction of it (2e-7 seen).
+    np.testing.assert_allclose(final["retrieval_utility"], reference["retrieval_utility"],
+                               rtol=0, atol=1e-6)
 
 
 def _files(workdir):
@@ -151,7 +155,7 @@ def test_only_process_zero_writes_metrics_config_corpus_and_index(runs):
   assert _files(root / "two_then_one") == _files(root / "reference")
   records = [json.loads(line) for line in
              (root / "two_then_one" / "metrics" / "metrics.jsonl").read_text().splitlines()]
-  train_steps = [r["step"] for r in records if r.get("phase", "train") == "train"]
+  train_steps = [r["step"] for r in records if r["phase"] == "realm"]
   assert train_steps == list(range(1, NUM_STEPS + 1))  # once each: no second writer
 
 
