@@ -82,15 +82,8 @@ class IndexWatcher:
       return _MISSING
     if (step, key) in self._rejected_keys:
       return _REJECTED
-    start = time.time()
     try:
-      corpus = self._corpus_for(step)
-      expected = dict(self._expected)
-      if corpus is not None:
-        expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed)
-      _, searcher = index_format.load_index(self.root, step, **expected)
-      if self._prepare is not None:
-        searcher = self._prepare(searcher)
+      loaded = self.load_now(step)
     except Exception as e:  # pylint: disable=broad-except
       if index_format.manifest_id(self.root, step) != key:  # pruned or rebuilt meanwhile
         logging.debug("index watcher: version %d changed while loading (%s)", step, e)
@@ -105,9 +98,23 @@ class IndexWatcher:
       return _REJECTED
     self._newest = step
     with self._lock:
-      self.corpus_of[step] = corpus
-      self._pending = (step, searcher, time.time() - start)
+      self._pending = loaded
     return _LOADED
+
+  def load_now(self, step: int) -> tuple[int, searcher_lib.Searcher, float]:
+    """Loads version `step` on this thread, as the polling thread would (its corpus version,
+    validation, `prepare`): (step, searcher, load seconds); an error if it is not valid."""
+    start = time.time()
+    corpus = self._corpus_for(step)
+    expected = dict(self._expected)
+    if corpus is not None:
+      expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed)
+    _, searcher = index_format.load_index(self.root, step, **expected)
+    if self._prepare is not None:
+      searcher = self._prepare(searcher)
+    with self._lock:
+      self.corpus_of[step] = corpus
+    return step, searcher, time.time() - start
 
   def _corpus_for(self, step: int) -> corpus_versions.CorpusVersion | None:
     """The corpus version a version was built for (None: the build itself, version 0)."""
@@ -235,6 +242,18 @@ class WatchedIndex:
     self._take_corpus()
     self.swaps += 1
     return True
+
+  def swap_to(self, step: int) -> None:
+    """Swaps in exactly version `step` (multi-host: the version process 0 swapped in): the
+    watcher's loaded one if it is that step, else loaded now, on this thread."""
+    if self.step is not None and str(step) == str(self.step):
+      return
+    new = self.watcher.take_new()
+    if new is None or str(new[0]) != str(step):
+      new = self.watcher.load_now(step)
+    self.step, self.searcher, self.last_refresh_seconds = new
+    self._take_corpus()
+    self.swaps += 1
 
   def retrieve(self, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int
                ) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,6 @@ from etils import epath
 
 from realm_jax import config_lib
 from realm_jax import lease as lease_lib
-from realm_jax import objectives
 from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import pipeline
@@ -32,10 +31,12 @@ from realm_jax.models import hf_weights
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import device_searcher
 from realm_jax.retrieval import in_process
+from realm_jax.retrieval import index_format
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
+from realm_jax.train import multihost
 from realm_jax.train import partitioning
 from realm_jax.train import preemption
 from realm_jax.train import state as state_lib
@@ -179,6 +180,7 @@ def evaluate_realm(params, queries: dict[str, np.ndarray], corpus, retriever: Re
       hits, known = hits + batch_hits, known + batch_known
     progress.update(num_real)
   progress.close()
+  hits, known = multihost.sum_over_processes((hits, known))  # each process judged its rows
   tokens, num_queries = max(totals["num_tokens"], 1.0), max(totals["num_queries"], 1.0)
   result = {name: totals[name] / tokens for name in ("loss", "retrieval_utility", "token_accuracy")}
   result["span_accuracy"] = totals["span_accuracy"] / num_queries
@@ -199,7 +201,34 @@ def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
     hits, known = hits + batch_hits, known + batch_known
     progress.update(num_real)
   progress.close()
+  hits, known = multihost.sum_over_processes((hits, known))  # each process judged its rows
   return hits / max(known, 1)
+
+
+def _agreed_swap(index: watcher_lib.WatchedIndex, first_timeout: float | None = None) -> bool:
+  """Swaps in a newer builder version (with `first_timeout`: waits for the first one).
+
+  With several processes, process 0's watcher decides and every process swaps in that very
+  version at the same step (each process's watcher polls on its own clock; candidates that
+  differed between processes would be a different batch than one process would build).
+  Returns whether a version was swapped in.
+  """
+  def decide() -> int:
+    if first_timeout is not None:
+      index.wait_for_first(first_timeout)
+      return index.step
+    return index.step if index.maybe_swap() else -1
+  if jax.process_count() == 1:
+    return decide() >= 0
+  step = multihost.agree(decide, "the index version swap")  # its errors are everyone's
+  # The version's name is (parameter step, corpus version): both travel.
+  corpus_version = multihost.broadcast_int(getattr(step, "corpus_version", 0) if step else 0)
+  step = multihost.broadcast_int(-1 if step is None else step)
+  if step < 0:
+    return False
+  if jax.process_index() != 0:
+    index.swap_to(index_format.VersionKey(step, corpus_version))
+  return True
 
 
 @contextlib.contextmanager
@@ -290,21 +319,30 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   with `teardown` as soon as it exists; `stop_request` is read at every step boundary."""
   # ---- Set-up: the lease, data, model ----------------------------------------------------
   is_main = jax.process_index() == 0
-  held = None
   stuck = {"checkpoint": False}  # a save still running at teardown keeps the lease held
-  if is_main:
+
+  def take_workdir() -> lease_lib.Lease:
+    """Process 0: the lease, then the resume config check (which writes config.json)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    held = lease_lib.acquire(workdir, "trainer", force=force_lease)
+    taken = lease_lib.acquire(workdir, "trainer", force=force_lease)
 
     def release_lease():
       if stuck["checkpoint"]:
         logging.warning("lease: kept on %s: a checkpoint save is still running", workdir)
       else:
-        held.release()
+        taken.release()
     teardown.add("trainer lease release", release_lease, LEASE_RELEASE_SECONDS)
     config_lib.save_run_config(config, workdir)
+    return taken
+
+  # Process 0's outcome (lease held by another trainer, resume refusal, a corpus that cannot
+  # be built) is every process's: none trains alone, none waits in a collective forever.
+  held = multihost.agree(take_workdir, "the trainer lease and resume config check")
   logging.info("setup: %s", partitioning.describe(mesh))
-  data = prepare.prepare_data(config, workdir)
+  # Process 0 builds the corpus (if missing); the others load what it built.
+  data = multihost.agree(lambda: prepare.prepare_data(config, workdir), "corpus preparation")
+  if data is None:
+    data = prepare.prepare_data(config, workdir, build=False)
   corpus = data.corpus
   model = state_lib.build_model(config, corpus.vocab_size, corpus.special.pad)
   is_ict = config.objective == "ict"
@@ -352,10 +390,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   def check_lease(every: float = 0.0):
     """LeaseLostError if another trainer took the workdir over (looked at most every `every`
-    seconds: the lease file is read each time)."""
-    if held is not None and time.monotonic() - last_lease_check[0] >= every:
-      held.check()
-      last_lease_check[0] = time.monotonic()
+    seconds: the lease file is read each time). Process 0 looks; every process raises, so all
+    stop at the same step."""
+    def look():
+      if held is not None and time.monotonic() - last_lease_check[0] >= every:
+        held.check()
+        last_lease_check[0] = time.monotonic()
+    multihost.agree(look, "the trainer lease check")
 
   def save_checkpoint(done: int):
     """Checkpoint of `state` after `done` steps, if the lease is still ours; the metrics up to
@@ -439,7 +480,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   if from_builder:
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)
-    index.wait_for_first(config.retrieval.first_index_timeout)  # checkpoint: it must be there
+    _agreed_swap(index, config.retrieval.first_index_timeout)  # checkpoint: it must be there
     log_index_recall(index.step)
   elif retrieval_on and start_step < num_steps:
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
@@ -453,9 +494,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     if retrieval_on:
       scalars["index_step"] = index.step
       scalars["staleness"] = step - index.step  # updates since the index was embedded
-      if (batch["gold_ids"] >= 0).any():
-        scalars[f"train_{gold_recall}"] = objectives.recall_at_k(
-            np.where(mask, ids, -2)[:, 1:], batch["gold_ids"])
+      hits, known = multihost.sum_over_processes(_gold_hits(ids, mask, batch["gold_ids"]))
+      if known:  # over the global batch (each process retrieved its own rows)
+        scalars[f"train_{gold_recall}"] = hits / known
     return _realm_device_batch(batch, retriever.candidate_corpus(corpus), ids, mask), scalars
 
   def inputs_at(step: int) -> tuple[dict[str, np.ndarray], dict]:
@@ -527,7 +568,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         break
       step_start = time.time()
       scalars: dict[str, float] = {}
-      if from_builder and index.maybe_swap():  # between two steps, never inside one
+      if from_builder and _agreed_swap(index):  # between two steps, never inside one
         scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
         log_index_recall(index.step)
       inputs, retrieval_scalars = pending if pending is not None else inputs_at(step)
@@ -588,7 +629,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
       if from_builder:
-        index.maybe_swap()
+        _agreed_swap(index)
       elif retrieval_on:
         index.refresh(state.params, stop)
         log_index_recall(stop)
