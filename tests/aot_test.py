@@ -1,7 +1,9 @@
 """realm_jax/train/aot.py: the report arithmetic and the does-not-fit error on CPU, and one real
 TPU compile of the tiny REALM step for v5e:2x2 (skipped where libtpu is not installed)."""
 
+import dataclasses
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -66,7 +68,6 @@ def test_negative_cost_analysis_is_rejected():
 
 
 def _result(steps):
-  import dataclasses  # pylint: disable=g-import-not-at-top
   return {"topology": "x:1x1", "chip": dataclasses.asdict(SMALL_CHIP), "num_chips": 1,
           "num_hosts": 1, "mesh": {"data": 1}, "model": "tiny", "params": 1, "dtype": "float32",
           "remat": False, "train_state_bytes": 1, "steps": steps}
@@ -164,3 +165,47 @@ def test_compile_mode_cli_rejects_an_unknown_topology():
                        capture_output=True, text=True, timeout=120,
                        cwd=str(tiny_configs._PATH.parent.parent))  # pylint: disable=protected-access
   assert out.returncode == 1 and "expected <chip>:<shape>" in out.stderr
+
+
+def _tiny_qa_config():
+  path = tiny_configs._PATH.parent / "openqa_facts.py"  # pylint: disable=protected-access
+  spec = importlib.util.spec_from_file_location("openqa_facts", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("size=tiny")
+  config.model.hidden_size, config.model.intermediate_size, config.model.num_heads = 32, 64, 2
+  config.train.batch_size = config.qa.batch_size = 8
+  config.qa.retriever_k, config.qa.reader_k = 8, 2
+  return config
+
+
+def test_all_three_steps_compile_end_to_end_on_cpu_devices(monkeypatch):
+  """`compile_for_topology` with the topology's devices swapped for 4 fake CPU devices: the
+  same abstract inputs, shardings and reports as on a TPU topology."""
+  big = dataclasses.replace(SMALL_CHIP, hbm_bytes=64 * aot.GIB)
+  monkeypatch.setattr(aot, "topology_devices", lambda name: (big, jax.devices()[:4]))
+  config = _tiny_qa_config()
+  result = aot.compile_for_topology(config, "cpu:2x2")
+  assert set(result["steps"]) == {"realm_train", "embed_docs", "qa_train"}
+  assert result["mesh"] == {"data": 4}
+  for name, r in result["steps"].items():
+    assert r["fits"] and r["xla_flops"] > 0 and r["total_bytes"] > 0, name
+  realm = result["steps"]["realm_train"]
+  # Replicated state: every chip holds the whole train state as an argument.
+  assert realm["argument_bytes"] >= result["train_state_bytes"]
+  # Per-chip analytic FLOPs are the step's over the 4 chips.
+  total = flops_lib.step_flops_from_config(config, "realm", 8, config.retrieval.k).train_step
+  assert realm["analytic_flops"] == pytest.approx(total / 4)
+  assert result["steps"]["qa_train"]["analytic_flops"] is None
+  json.dumps(result)  # --output writes it
+  text = aot.format_result(result)
+  assert "[qa_train]" in text and "roofline" in text
+
+
+def test_a_batch_that_does_not_divide_the_mesh_is_a_config_error(monkeypatch):
+  from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(aot, "topology_devices", lambda name: (SMALL_CHIP, jax.devices()[:4]))
+  config = tiny_configs.tiny_config()
+  config.train.batch_size = 6
+  with pytest.raises(config_lib.ConfigError, match="train.batch_size=6 is not divisible by the 4"):
+    aot.compile_for_topology(config, "cpu:2x2", steps=("realm_train",))

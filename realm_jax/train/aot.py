@@ -41,20 +41,18 @@ class ChipSpec:
   chip_config_name: str  # "megacore" (two TensorCores as one device) or "default"
 
 
-# Per-chip figures from Google Cloud's TPU documentation, the "System architecture" page and
-# the per-version pages (cloud.google.com/tpu/docs/system-architecture-tpu-vm,
-# .../tpu/docs/v4, .../v5e, .../v5p, .../v6e), as read in 2026; GB there is 10^9 bytes for the
-# bandwidths, and the capacities are quoted as GiB (v4: "32 GiB"; v5e "16 GB", v5p "95 GB",
-# v6e "32 GB", taken here as GiB, which overstates capacity by at most 7%).
+# Per-chip figures from Google Cloud's per-version TPU pages, read 2026-12-02 (bandwidths in
+# 10^9 bytes/s; capacities as the pages state them, v4 in GiB, the others in "GB", taken as
+# GiB here: the usable HBM a TPU runtime reports is a little below either).
 CHIPS = {
-    # v4: 275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s (cloud.google.com/tpu/docs/v4).
+    # cloud.google.com/tpu/docs/v4: "275 teraflops (bf16 or int8)", "32 GiB, 1200 GBps".
     "v4": ChipSpec("TPU v4", 275e12, 32 * GIB, 1200e9, "v4", "megacore"),
-    # v5e: 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s (cloud.google.com/tpu/docs/v5e).
+    # cloud.google.com/tpu/docs/v5e: "197 TFLOPs" bf16, "HBM2 ... 16 GB, 819 GBps".
     "v5e": ChipSpec("TPU v5e", 197e12, 16 * GIB, 819e9, "v5e", "default"),
-    # v5p: 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s (cloud.google.com/tpu/docs/v5p).
+    # cloud.google.com/tpu/docs/v5p: "459 TFLOPs" bf16, "HBM2e ... 95GB, 2765 GBps".
     "v5p": ChipSpec("TPU v5p", 459e12, 95 * GIB, 2765e9, "v5", "megacore"),
-    # v6e (Trillium): 918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s (cloud.google.com/tpu/docs/v6e).
-    "v6e": ChipSpec("TPU v6e", 918e12, 32 * GIB, 1640e9, "v6e", "default"),
+    # cloud.google.com/tpu/docs/v6e: "918 TFLOPs" bf16, "32 GB", "1638 GBps".
+    "v6e": ChipSpec("TPU v6e", 918e12, 32 * GIB, 1638e9, "v6e", "default"),
 }
 
 # XLA's FLOPs count every floating-point op (LayerNorm, softmax, GELU, the optimizer), the
@@ -290,7 +288,8 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
 
   def run(name, make_args):
     try:
-      result["steps"][name] = compile_step(name, *make_args(), chip, topology)
+      jitted, args, analytic_flops = make_args()
+      result["steps"][name] = compile_step(name, jitted, args, chip, topology, analytic_flops)
     except StepDoesNotFitError as e:
       result["steps"][name] = {"step": name, "fits": False, "error": str(e)}
 
