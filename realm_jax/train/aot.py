@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import time
 from typing import Any, Iterable
 
 GIB = 2 ** 30
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +291,9 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
   def run(name, make_args):
     try:
       jitted, args, analytic_flops = make_args()
+      _LOG.info("compiling %s for %s (%d chips) ...", name, topology, chips)
       result["steps"][name] = compile_step(name, jitted, args, chip, topology, analytic_flops)
+      _LOG.info("compiled %s in %.0f s", name, result["steps"][name]["compile_seconds"])
     except StepDoesNotFitError as e:
       result["steps"][name] = {"step": name, "fits": False, "error": str(e)}
 
