@@ -209,3 +209,40 @@ def test_a_batch_that_does_not_divide_the_mesh_is_a_config_error(monkeypatch):
   config.train.batch_size = 6
   with pytest.raises(config_lib.ConfigError, match="train.batch_size=6 is not divisible by the 4"):
     aot.compile_for_topology(config, "cpu:2x2", steps=("realm_train",))
+
+
+_CLI_WRAPPER = """
+import sys
+import jax
+from absl import app
+import realm_jax.main as m
+from realm_jax.train import aot
+chip = aot.ChipSpec("1 MiB chip", 1e12, 2.0 ** 20, 1e9, "x", "default")
+aot.topology_devices = lambda name: (chip, jax.devices()[:2])
+app.run(m.main, argv=sys.argv)
+"""
+
+
+def test_compile_mode_cli_writes_the_report_then_fails_when_a_step_does_not_fit(tmp_path):
+  """`--mode=compile` end to end (2 CPU devices stand in for the topology's chips): the JSON
+  report is written, and the exit is 1 with a last line naming the step and its sizes."""
+  import os  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out_path = tmp_path / "report.json"
+  out = subprocess.run(
+      [sys.executable, "-c", _CLI_WRAPPER, "--mode=compile",
+       "--config=experiments/realm_facts.py:size=tiny", "--config.model.hidden_size=32",
+       "--config.model.intermediate_size=64", "--config.train.batch_size=4",
+       "--config.retrieval.embed_batch_size=4", "--topology=v5e:1x2",
+       f"--output={out_path}"],
+      capture_output=True, text=True, timeout=900,
+      cwd=str(tiny_configs._PATH.parent.parent), env=env)  # pylint: disable=protected-access
+  last = [line for line in out.stderr.splitlines() if line.strip()][-1]
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert last.startswith("error: realm_train does not fit a 1 MiB chip of v5e:1x2: it needs")
+  assert "temporaries" in last and "GiB HBM" in last
+  report = json.loads(out_path.read_text())
+  assert set(report["steps"]) == {"realm_train", "embed_docs"}
+  assert report["steps"]["realm_train"]["fits"] is False
+  assert "[realm_train]" in out.stdout and "DOES NOT FIT" in out.stdout
