@@ -48,7 +48,12 @@ def markdown_rows(result) -> list[str]:
   gib = lambda b: f"{b / 2**30:.2f}"
   for name, r in result["steps"].items():
     if r.get("error"):
-      rows.append(f"| {result['topology']} | {name} | does not fit: {r['error']} | | | | |")
+      need = (f"temporaries {gib(r['xla_required_temp_bytes'])} GiB > "
+              f"{gib(r['xla_available_hbm_bytes'])} GiB available (XLA)"
+              if "xla_required_temp_bytes" in r else r["error"])
+      seconds = f"{r['compile_seconds']:.0f}" if "compile_seconds" in r else ""
+      rows.append(f"| {result['topology']} ({result['num_chips']} chips) | {name} | "
+                  f"**does not fit**: {need} | | | | {seconds} |")
       continue
     ratio = (f"{r['analytic_over_xla']:.2f}{'' if r['flops_agree'] else ' (disagree)'}"
              if r.get("analytic_flops") else "n/a")

@@ -246,3 +246,12 @@ def test_compile_mode_cli_writes_the_report_then_fails_when_a_step_does_not_fit(
   assert set(report["steps"]) == {"realm_train", "embed_docs"}
   assert report["steps"]["realm_train"]["fits"] is False
   assert "[realm_train]" in out.stdout and "DOES NOT FIT" in out.stdout
+
+
+def test_xla_oom_sizes_are_parsed():
+  text = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+          "temporaries (75.44G) exceeds available HBM (30.75G).")
+  got = aot.xla_oom_bytes(text)
+  assert got["xla_required_temp_bytes"] == pytest.approx(75.44 * 2 ** 30)
+  assert got["xla_available_hbm_bytes"] == pytest.approx(30.75 * 2 ** 30)
+  assert aot.xla_oom_bytes("no sizes here") == {}

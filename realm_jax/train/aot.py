@@ -63,7 +63,27 @@ AGREE_TOLERANCE = 0.25
 
 
 class StepDoesNotFitError(ValueError):
-  """A compiled step needs more memory per chip than the chip's HBM."""
+  """A compiled step needs more memory per chip than the chip's HBM. `details`: what is known
+  (compile_seconds; XLA's required and available bytes when the compiler said them)."""
+
+  def __init__(self, message: str, details: dict[str, Any] | None = None):
+    super().__init__(message)
+    self.details = dict(details or {})
+
+
+_G = {"K": 2.0 ** 10, "M": 2.0 ** 20, "G": 2.0 ** 30, "T": 2.0 ** 40}
+
+
+def xla_oom_bytes(text: str) -> dict[str, float]:
+  """From libtpu's 'the total memory required for HLO temporaries (75.44G) exceeds available
+  HBM (30.75G)': {'xla_required_temp_bytes': ..., 'xla_available_hbm_bytes': ...} (what it says)."""
+  out = {}
+  for key, pattern in (("xla_required_temp_bytes", r"temporaries \(([\d.]+)([KMGT])\)"),
+                       ("xla_available_hbm_bytes", r"available HBM \(([\d.]+)([KMGT])\)")):
+    match = re.search(pattern, text)
+    if match:
+      out[key] = float(match.group(1)) * _G[match.group(2)]
+  return out
 
 
 class TopologyError(ValueError):
@@ -198,7 +218,8 @@ def compile_step(name: str, jitted, args: tuple, chip: ChipSpec, topology: str,
     raise StepDoesNotFitError(
         f"{name} does not fit a {chip.name} of {topology}: the TPU compiler ran out of HBM "
         f"({_gib(chip.hbm_bytes)} per chip; the step's inputs are {_gib(tree_bytes(args))} "
-        f"in all, before sharding): {xla}") from e
+        f"in all, before sharding): {xla}",
+        dict(compile_seconds=time.perf_counter() - start, **xla_oom_bytes(text))) from e
   return step_report(name, compiled, chip, analytic_flops_per_chip,
                      time.perf_counter() - start)
 
@@ -295,7 +316,7 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
       result["steps"][name] = compile_step(name, jitted, args, chip, topology, analytic_flops)
       _LOG.info("compiled %s in %.0f s", name, result["steps"][name]["compile_seconds"])
     except StepDoesNotFitError as e:
-      result["steps"][name] = {"step": name, "fits": False, "error": str(e)}
+      result["steps"][name] = {"step": name, "fits": False, "error": str(e), **e.details}
 
   model = state_lib.build_model(config, vocab, pad_id)
   abstract_state = state_lib.abstract_train_state(config, model, jax.random.key(config.seed))
