@@ -45,7 +45,8 @@ setuptools.setup(
         # a prepared dataset needs no TensorFlow; `tfds build` of Wikipedia does (README).
         "tfds": ["tensorflow-datasets>=4.9.10,<5"],
         # TPU VMs (launch/): libtpu for jax 0.10.2; also compiles for a named TPU topology on a
-        # CPU host (jax.experimental.topologies).
+        # CPU host (jax.experimental.topologies; `--mode=compile`, realm_jax/train/aot.py).
+        # jax 0.10.2's own extra pins libtpu==0.0.42.* (0.0.42.1 tested, 2026-12-02).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # gs:// workdirs and corpora through etils.epath (gcsfs), without TensorFlow.
         "gcs": ["etils[epath-gcs]>=1.15.0,<2"],

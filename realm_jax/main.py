@@ -21,6 +21,9 @@ Modes:
          embedded with the checkpoint the index was built from; --config optional
   print_config   print the resolved config (after overrides), one `field = value  # help`
          line per field; needs no --workdir
+  compile        ahead-of-time compile of the REALM, embedding and QA steps for
+         --topology=v5e:8x8 (libtpu, `[tpu]` extra; no TPU needed): per-chip memory, FLOPs,
+         roofline time [--output=report.json]; exit 1 when a step does not fit HBM; no --workdir
 
 Any config field can be overridden, e.g. `--config.train.batch_size=64`; an override that
 cannot affect the chosen objective or mode (e.g. `train.num_steps` on an ICT run, which reads
@@ -54,7 +57,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://
 _MODE = flags.DEFINE_enum(
     "mode", "train",
     ["train", "demo", "index_builder", "build_corpus", "eval_retrieval", "print_config",
-     "finetune_qa", "eval_qa", "retrieve", "update_corpus"],
+     "finetune_qa", "eval_qa", "retrieve", "update_corpus", "compile"],
     "What to run (the modes are listed at the top of --help).")
 _CORPUS_SHARD = flags.DEFINE_integer(
     "corpus_shard", -1, "build_corpus: build only this shard of data.num_build_shards.")
@@ -77,7 +80,9 @@ _QUERIES = flags.DEFINE_string("queries", None, 'retrieve: a JSONL file of {"que
 _K = flags.DEFINE_integer("k", 5, "retrieve: documents per query.")
 _INDEX_STEP = flags.DEFINE_integer("index_step", None,
                                    "retrieve: the index version to search (default: LATEST).")
-_OUTPUT = flags.DEFINE_string("output", None, "retrieve: also write the results as JSONL here.")
+_OUTPUT = flags.DEFINE_string("output", None, "retrieve: also write the results as JSONL here; "
+                              "compile: write the report as JSON here.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "compile: TPU topology, e.g. v5e:8x8, v4:2x2x4.")
 _PREEMPTED_EXIT_CODE = flags.DEFINE_integer(
     "preempted_exit_code", 0, "Exit status after a SIGTERM stop with the checkpoint saved (0: "
     "done for now; a launcher whose scheduler restarts only failed jobs, e.g. xpk's JobSet "
@@ -247,6 +252,9 @@ def main(argv):
   if mode == "print_config":
     _print_config(config)
     return
+  if mode == "compile":  # realm_jax/train/aot.py
+    from realm_jax.train import aot  # pylint: disable=g-import-not-at-top
+    sys.exit(aot.run_compile_mode(config, _TOPOLOGY.value, _OUTPUT.value))
   if not _WORKDIR.value:
     sys.exit("error: --workdir is required")
 
