@@ -243,7 +243,8 @@ def test_compile_mode_cli_writes_the_report_then_fails_when_a_step_does_not_fit(
   assert last.startswith("error: realm_train does not fit a 1 MiB chip of v5e:1x2: it needs")
   assert "temporaries" in last and "GiB HBM" in last
   report = json.loads(out_path.read_text())
-  assert set(report["steps"]) == {"realm_train", "embed_docs"}
+  # realm_facts.py carries the demo's `qa` section, so its QA step is compiled too.
+  assert set(report["steps"]) == {"realm_train", "embed_docs", "qa_train"}
   assert report["steps"]["realm_train"]["fits"] is False
   assert "[realm_train]" in out.stdout and "DOES NOT FIT" in out.stdout
 
