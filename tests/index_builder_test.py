@@ -280,8 +280,15 @@ def test_two_builder_processes_publish_one_scann_version(trained, reference, tmp
   queries = np.random.default_rng(0).normal(size=(16, 128)).astype(np.float32)
   got_ids, got_scores = merged.search(queries, 10)
   want_ids, want_scores = single.search(queries, 10)
-  np.testing.assert_array_equal(got_ids, want_ids)
   np.testing.assert_allclose(got_scores, want_scores, rtol=1e-4, atol=1e-4)
+  # The same ids in the same order, except that two neighbours whose reference scores tie
+  # within the embeddings' float32 rounding (1e-4) may trade places (seen once: 28 <-> 42).
+  gaps = np.abs(np.diff(want_scores, axis=1)) < 1e-4  # [Q, k-1]
+  tied = np.zeros(want_ids.shape, bool)
+  tied[:, 1:] |= gaps
+  tied[:, :-1] |= gaps
+  np.testing.assert_array_equal(np.where(tied, -1, got_ids), np.where(tied, -1, want_ids))
+  assert tied.mean() < 0.1  # a tie is the exception, not what the check rests on
 
 
 def test_leader_without_its_followers_publishes_nothing_and_withdraws(trained, tmp_path):
