@@ -677,12 +677,7 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
     if not isinstance(entry.get("scann_files"), dict):
       raise IndexVersionError(f"{shard}: neither embeddings.npy nor ScaNN files")
     _check_scann_vectors(shard, entry, num_docs, dim)
-    searcher = _load_scann_shard(shard, entry, build=build)
-    if searcher is not None and (
-        (searcher.num_docs, searcher.dim) != (num_docs, dim) or
-        not np.array_equal(searcher.doc_ids, doc_ids)):
-      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
-    return searcher, doc_ids
+    return _stored_scann_searcher(shard, entry, build, num_docs, dim, doc_ids), doc_ids
   # The stored embeddings, also of "scann" shards whose searcher is stored: a NaN/inf there
   # means the searcher was trained on it too (its codebooks themselves are only checksummed).
   embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
@@ -692,17 +687,23 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
     if not isinstance(entry["scann_files"], dict):
       raise IndexVersionError(f"{shard}: scann_files is not a mapping")
     del embeddings
-    searcher = _load_scann_shard(shard, entry, build=build)
-    if searcher is not None and (
-        (searcher.num_docs, searcher.dim) != (num_docs, dim) or
-        not np.array_equal(searcher.doc_ids, doc_ids)):
-      raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
-    return searcher, doc_ids
+    return _stored_scann_searcher(shard, entry, build, num_docs, dim, doc_ids), doc_ids
   if not build:
     return None, doc_ids
   # Exact shards, and "scann" shards of versions written without ScaNN files: from embeddings.
   options = (manifest.get("searcher_options") or {}) if kind == "scann" else {}
   return scann_searcher.make_searcher(kind, embeddings, doc_ids, **options), doc_ids
+
+
+def _stored_scann_searcher(shard, entry: dict, build: bool, num_docs: int, dim: int,
+                           doc_ids: np.ndarray):
+  """The shard's stored ScaNN searcher (None unless `build`), checked against its manifest."""
+  searcher = _load_scann_shard(shard, entry, build=build)
+  if searcher is not None and (
+      (searcher.num_docs, searcher.dim) != (num_docs, dim) or
+      not np.array_equal(searcher.doc_ids, doc_ids)):
+    raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
+  return searcher
 
 
 def _check_scann_vectors(shard: epath.Path, entry: dict[str, Any], num_docs: int, dim: int):
