@@ -53,6 +53,21 @@ def test_exact_top_k_gives_the_ids_of_numpy_mips(num_devices):
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_sharded_exact_top_k_compiles_to_a_partial_selection_not_a_sort():
+  # XLA CPU turned the per-shard top_k into a full stable sort of [B, R] when the merge was
+  # an all_to_all (its row slices merged with top_k's slice); the all_gather merge keeps
+  # XLA's TopK (a partial selection) for the local top-k and the merge.
+  docs, queries = _data(4000, num_queries=16)
+  mesh = _mesh(8)
+  searcher = device_searcher.DeviceSearcher(docs, mesh=mesh, top_k="exact")
+  q = partitioning.shard_batch_global({"q": queries}, mesh)["q"]
+  hlo = device_searcher._compiled_search(mesh, 10, 4000, False, 0.95).lower(
+      q, searcher.table).compile().as_text()
+  sorts = [line for line in hlo.splitlines() if " sort(" in line]
+  assert not [s for s in sorts if f",{searcher.rows_per_shard}]" in s], sorts  # [B, R=500]
+  assert hlo.count('custom_call_target="TopK"') == 2  # local [16, 10] and merge [2, 10]
+
+
 def test_padding_rows_are_never_returned():
   # Every real score is negative, so the zero padding rows (score 0) would win unmasked.
   rng = np.random.default_rng(1)

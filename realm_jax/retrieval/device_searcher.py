@@ -63,6 +63,29 @@ def local_top_k(scores: jax.Array, k: int, approx: bool, recall_target: float,
   return jax.lax.top_k(scores, k)
 
 
+def _exchange_candidates(values, rows, axis: str, shards: int, me, use_all_to_all: bool):
+  """[B, k'] candidates of this shard -> the S * k' candidates of this device's B/S queries
+  from every shard, [B/S, S*k'] each, in shard order.
+
+  approx_max_k (TPU): an all_to_all (each device receives B*k' entries). Exact top_k: an
+  all_gather of every shard's [B, k'] then this device's rows (S times the bytes, B*k'*S
+  entries, tiny next to the table): XLA CPU splits an all_to_all into per-peer row slices
+  [B/S, k'] and merges them with top_k's [0:B, 0:k'] slice of the sorted scores; the sort's
+  users then no longer match XLA's TopkRewriter and the local top-k of [B, R] stays a full
+  stable sort (8.7x slower at 20k rows on 8 devices: BENCHMARKS.md).
+  """
+  if use_all_to_all:
+    exchange = lambda x: jax.lax.all_to_all(x, axis, split_axis=0, concat_axis=1, tiled=True)
+    return exchange(values), exchange(rows)
+  per_device = values.shape[0] // shards
+
+  def gather(x):  # [B, k'] -> all shards' [S, B, k'] -> own rows [B/S, S*k']
+    mine = jax.lax.dynamic_slice_in_dim(jax.lax.all_gather(x, axis), me * per_device,
+                                        per_device, axis=1)  # [S, B/S, k']
+    return jnp.transpose(mine, (1, 0, 2)).reshape(per_device, -1)
+  return gather(values), gather(rows)
+
+
 def _search_shard(queries, table, *, k: int, num_rows: int, approx: bool,
                   recall_target: float):
   """Body of the shard_map: queries [B/S, D], table [R, D] -> rows, scores [B/S, k]."""
@@ -81,10 +104,8 @@ def _search_shard(queries, table, *, k: int, num_rows: int, approx: bool,
   values, cols = local_top_k(scores, k_local, approx, recall_target,
                              rows_per_shard * shards)  # [B, k']
   global_rows = cols.astype(jnp.int32) + me * rows_per_shard
-  # Exact merge: all_to_all sends query block j of this shard's candidates to device j, so
-  # every device gets all S * k' candidates of its own B/S queries (shard order kept).
-  exchange = lambda x: jax.lax.all_to_all(x, axis, split_axis=0, concat_axis=1, tiled=True)
-  all_values, all_rows = exchange(values), exchange(global_rows)  # [B/S, S*k']
+  all_values, all_rows = _exchange_candidates(values, global_rows, axis, shards, me,
+                                              use_all_to_all=approx)  # [B/S, S*k']
   best, pos = jax.lax.top_k(all_values, k)
   return jnp.take_along_axis(all_rows, pos, axis=1), best
 
