@@ -46,3 +46,33 @@ def test_host_available_reads_meminfo(tmp_path):
   (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable:   2048 kB\n")
   assert preflight.host_available_bytes(str(tmp_path / "meminfo")) == 2048 * 1024
   assert preflight.host_available_bytes(str(tmp_path / "missing")) is None
+
+
+def test_check_trainer_measures_fsdp_shards_and_maps(tmp_path, monkeypatch):
+  """On 8 fake devices a [64, 16] float32 leaf sharded 8 ways is 512 bytes on device 0."""
+  import jax
+  import ml_collections
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = jax.make_mesh((8,), ("fsdp",))
+  leaf = jax.device_put(np.ones((64, 16), np.float32), NamedSharding(mesh, PartitionSpec("fsdp")))
+  config = ml_collections.ConfigDict(dict(model=dict(embed_dim=4),
+                                          retrieval=dict(searcher="exact")))
+  np.save(tmp_path / "t.npy", np.zeros((11, 3), np.int32))
+  corpus = type("C", (), {})()
+  import dataclasses
+  corpus = dataclasses.make_dataclass("C", ["tokens", "lengths"])(
+      np.load(tmp_path / "t.npy", mmap_mode="r"), np.zeros(11, np.int32))
+  corpus.num_docs = 10
+  monkeypatch.setattr(preflight, "host_available_bytes", lambda: 100 * GIB)
+  msg = preflight.check_trainer(config, corpus, {"w": leaf})
+  # index 11 x 4 x 4 x 2 = 352 B, resident corpus 44 B (the memmap not counted), state 512 B
+  assert "fits" in msg
+  est_state = 64 * 16 * 4 // 8
+  monkeypatch.setattr(preflight, "device_available_bytes", lambda d: est_state)
+  with pytest.raises(preflight.InsufficientMemory, match="device"):
+    preflight.check_trainer(config, corpus, {"w": leaf})
+  monkeypatch.setattr(preflight, "host_available_bytes", lambda: 396 / 0.95)
+  with pytest.raises(preflight.InsufficientMemory, match="host"):
+    preflight.check_trainer(config, corpus, {"w": np.zeros(1)})
+  monkeypatch.setenv("REALM_PREFLIGHT", "warn")
+  assert "DOES NOT FIT" in preflight.check_trainer(config, corpus, {"w": np.zeros(1)})

@@ -106,3 +106,25 @@ def check(estimate: Estimate, host_available: int | None, device_available: int 
 def env_fail() -> bool:
   """REALM_PREFLIGHT=warn downgrades a failed preflight to a warning (default: fail)."""
   return os.environ.get("REALM_PREFLIGHT", "fail") != "warn"
+
+
+def check_trainer(config, corpus, state) -> str:
+  """The trainer's preflight: its index (config.model.embed_dim x corpus rows, two copies; a
+  ScaNN searcher assumed to add one more float32 copy for reordering), the corpus arrays not
+  memory-mapped, and the train state's bytes on the first local device (measured from the
+  shards, so fsdp is accounted for)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  state_bytes = sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(state)
+                    if hasattr(leaf, "addressable_shards")
+                    for s in leaf.addressable_shards if s.device == device)
+  dim = config.model.embed_dim
+  scann = config.retrieval.get("searcher", "exact") == "scann"
+  arrays = [getattr(corpus, f.name) for f in dataclasses.fields(corpus)
+            if isinstance(getattr(corpus, f.name), np.ndarray)]
+  estimate = Estimate(
+      index_bytes=index_bytes(corpus.num_docs + 1, dim,
+                              searcher_bytes_per_vector=4 * dim if scann else 0),
+      corpus_bytes=resident_bytes(arrays), state_bytes_per_device=int(state_bytes))
+  return check(estimate, host_available_bytes(), device_available_bytes(device),
+               fail=env_fail(), where="trainer")
