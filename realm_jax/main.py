@@ -51,6 +51,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from realm_jax import mesh_flag
+
+_MESH_OVERRIDE = None  # --config.mesh from the command line (run), applied in main
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://).")
@@ -246,6 +250,8 @@ def main(argv):
   for noisy in ("absl", "jax._src", "orbax", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   mode, config = _MODE.value, _CONFIG.value
+  if _MESH_OVERRIDE is not None and config is not None:
+    config.mesh = _MESH_OVERRIDE
   if config is None and mode not in ("index_builder", "retrieve"):
     sys.exit("error: --config is required")
   _warn_ineffective(config, mode)
@@ -284,5 +290,16 @@ def main(argv):
     sys.exit(1)
 
 
+def run(argv: list[str]) -> None:
+  """app.run(main) with --config.mesh=data:2,fsdp:4 taken out of argv first (mesh_flag.py)."""
+  global _MESH_OVERRIDE
+  try:
+    argv, _MESH_OVERRIDE = mesh_flag.extract_mesh_flag(argv)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  sys.argv[:] = argv  # config_flags reads its overrides from sys.argv itself
+  app.run(main, argv=argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run(sys.argv)

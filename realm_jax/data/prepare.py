@@ -35,6 +35,7 @@ from etils import epath
 
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
+from realm_jax.data import npz_mmap
 from realm_jax.data import pipeline
 from realm_jax.data import tokenizer as tokenizer_lib
 from realm_jax.data import wiki_corpus
@@ -247,8 +248,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     raise ValueError(f"the corpus in {directory} was built with other settings ({detail}); "
                      "use another workdir or data.corpus_dir")
   blocks = corpus_lib.load_block_corpus(directory / "blocks")
-  with (directory / "queries.npz").open("rb") as f:
-    arrays = dict(np.load(f))
+  arrays = npz_mmap.load_npz(directory / "queries.npz")  # train_span_ids mapped, not read
   split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
   heldout = wiki_data.load_heldout(directory)
   train_span_ids = arrays.pop("train_span_ids", None)

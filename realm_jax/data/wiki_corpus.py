@@ -62,6 +62,7 @@ from etils import epath
 
 from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import npz_mmap
 from realm_jax.data.sentences import split_sentences
 from realm_jax.data.tokenizer import special_ids
 
@@ -1112,9 +1113,11 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
 
 
 def load_salient_spans(out_dir: epath.PathLike) -> dict[str, np.ndarray]:
-  """span_sentence [P] int64, span_start and span_end [P] int32 of a merged build."""
-  with (epath.Path(out_dir) / SPANS_FILE).open("rb") as f, np.load(f) as spans:
-    return {name: spans[name] for name in spans.files}
+  """span_sentence [P] int64, span_start and span_end [P] int32 of a merged build.
+
+  Memory-mapped from the (uncompressed) npz on local disks, not read whole (npz_mmap).
+  """
+  return npz_mmap.load_npz(epath.Path(out_dir) / SPANS_FILE)
 
 
 def build_wiki_corpus(

@@ -39,6 +39,7 @@ from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import multihost
 from realm_jax.train import partitioning
 from realm_jax.train import preemption
+from realm_jax.train import preflight
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
 from realm_jax.train import teardown as teardown_lib
@@ -441,6 +442,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   # ---- Index: the trainer's own exact index (REALM with retrieval) ---------------------
   retrieval_on = not is_ict and config.retrieval.enabled
+  preflight.check_trainer(config, corpus, state)  # fail fast before the index is built
   from_builder = retrieval_on and config.retrieval.index_source == "builder"
   index = None
   if from_builder:  # versions come from the separate index-builder job

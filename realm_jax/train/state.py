@@ -141,9 +141,18 @@ def abstract_train_state(config, model, rng) -> Any:
   return jax.eval_shape(lambda r: create_train_state(config, model, r), rng)
 
 
+def _placed_like(target, value):
+  """value with target's sharding when target is a placed jax.Array, else a jnp array."""
+  sharding = getattr(target, "sharding", None)
+  if isinstance(target, jax.Array) and sharding is not None:
+    return jax.device_put(value, sharding)
+  return jnp.asarray(value)
+
+
 def warm_start(params, source_params, keys: tuple[str, ...], source_name: str
                ) -> tuple[Any, list[str]]:
-  """Copies the top-level subtrees `keys` that `source_params` has into `params`."""
+  """Copies the top-level subtrees `keys` that `source_params` has into `params`, each leaf
+  placed with the target leaf's sharding (so an fsdp state stays sharded)."""
   params = dict(params)
   copied = []
   for key in keys:
@@ -153,7 +162,8 @@ def warm_start(params, source_params, keys: tuple[str, ...], source_name: str
       if target_shapes != source_shapes:
         raise ValueError(f"{source_name}: the {key!r} parameters have other shapes than "
                          "this model's (different model size or vocabulary?)")
-      params[key] = jax.tree_util.tree_map(jnp.asarray, source_params[key])
+      # Straight into the target leaf's layout (fsdp shards), never whole on one device first.
+      params[key] = jax.tree_util.tree_map(_placed_like, params[key], source_params[key])
       copied.append(key)
   if not copied:
     raise ValueError(f"{source_name}: none of {', '.join(keys)} found; it has "
