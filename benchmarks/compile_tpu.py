@@ -5,6 +5,12 @@ r"""Compiled for TPU on a CPU host: the BENCHMARKS.md table (realm_jax/train/aot
       --config.model.dtype=bfloat16 --topologies=v5e:8x8,v4:2x2x4,v5p:2x4x4 \
       --output=/tmp/compile_tpu.json
 
+The device searcher's search of REALM's index (13.35M x 128 bf16 rows split over all chips,
+512 queries, approx_max_k at recall 0.95 then the exact merge; and the exact-top_k variant):
+
+  python benchmarks/compile_tpu.py --config=experiments/openqa.py:size=base \
+      --topologies=v5e:8x8,v4:2x2x4 --steps=device_search,device_search_exact
+
 For each topology, one after the other: `aot.compile_for_topology` (the REALM train step, the
 index builder's embedding step and, for an Open-QA config, the QA train step, compiled by libtpu
 from abstract inputs; no TPU needed), its report printed, then a Markdown row per step. The JSON
@@ -15,6 +21,7 @@ a small CPU host.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -34,8 +41,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5e:8x8", "v4:2x2x4", "v5p:2x4x4"],
                                 "TPU topologies to compile for, in order.")
 _STEPS = flags.DEFINE_list("steps", ["realm_train", "embed_docs", "qa_train"],
-                           "Steps to compile (qa_train only with a qa section).")
+                           "Steps to compile (qa_train only with a qa section; "
+                           "device_search, device_search_exact: the device searcher).")
 _OUTPUT = flags.DEFINE_string("output", "", "Write all results as JSON here.")
+_SEARCH_DOCS = flags.DEFINE_integer("search_docs", 13_350_000,
+                                    "device_search: rows of the table (REALM: 13.35M blocks).")
+_SEARCH_BATCH = flags.DEFINE_integer("search_batch", 0,
+                                     "device_search: queries per search (0: train.batch_size).")
+_SEARCH_K = flags.DEFINE_integer("search_k", 0, "device_search: results per query (0: "
+                                 "retrieval.k - 1 + retrieval.margin, the trainer's).")
+_SEARCH_DTYPE = flags.DEFINE_enum("search_dtype", "bfloat16", ["bfloat16", "float32"],
+                                  "device_search: table dtype.")
 
 _HEADER = ("| topology | step | per chip: args / out (donated) / temp / total GiB of HBM | "
            "XLA TFLOP / GB accessed per chip | roofline ms (bound) | analytic / XLA FLOPs | "
@@ -67,6 +83,14 @@ def markdown_rows(result) -> list[str]:
   return rows
 
 
+def search_shape(config):
+  """The device-search shape of the flags (defaults: the trainer's search of `config`)."""
+  from realm_jax.train import aot  # pylint: disable=g-import-not-at-top
+  shape = aot.SearchShape.from_config(config, num_docs=_SEARCH_DOCS.value)
+  return dataclasses.replace(shape, batch=_SEARCH_BATCH.value or shape.batch,
+                             k=_SEARCH_K.value or shape.k, dtype=_SEARCH_DTYPE.value)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -92,7 +116,8 @@ def main(argv):
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()[0]
     try:
-      result = aot.compile_for_topology(_CONFIG.value, topology, steps=_STEPS.value)
+      result = aot.compile_for_topology(_CONFIG.value, topology, steps=_STEPS.value,
+                                        search=search_shape(_CONFIG.value))
     except (aot.TopologyError, ValueError) as e:
       print(f"{topology}: error: {e}", flush=True)
       run["results"].append(dict(topology=topology, error=str(e), date=date))
