@@ -44,6 +44,8 @@ _STEPS = flags.DEFINE_list("steps", ["realm_train", "embed_docs", "qa_train"],
                            "Steps to compile (qa_train only with a qa section; "
                            "device_search, device_search_exact: the device searcher).")
 _OUTPUT = flags.DEFINE_string("output", "", "Write all results as JSON here.")
+_MESH = flags.DEFINE_string("mesh", "", "Overrides config.mesh (a list, which --config.mesh "
+                            "cannot set), e.g. data:16,fsdp:4 or data:-1.")
 _SEARCH_DOCS = flags.DEFINE_integer("search_docs", 13_350_000,
                                     "device_search: rows of the table (REALM: 13.35M blocks).")
 _SEARCH_BATCH = flags.DEFINE_integer("search_batch", 0,
@@ -62,25 +64,39 @@ def markdown_rows(result) -> list[str]:
   """One table row per step of one topology's result."""
   rows = []
   gib = lambda b: f"{b / 2**30:.2f}"
+  mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
+  where = f"{result['topology']} ({result['num_chips']} chips, {mesh})"
   for name, r in result["steps"].items():
     if r.get("error"):
       need = (f"temporaries {gib(r['xla_required_temp_bytes'])} GiB > "
               f"{gib(r['xla_available_hbm_bytes'])} GiB available (XLA)"
               if "xla_required_temp_bytes" in r else r["error"])
       seconds = f"{r['compile_seconds']:.0f}" if "compile_seconds" in r else ""
-      rows.append(f"| {result['topology']} ({result['num_chips']} chips) | {name} | "
+      rows.append(f"| {where} | {name} | "
                   f"**does not fit**: {need} | | | | {seconds} |")
       continue
     ratio = (f"{r['analytic_over_xla']:.2f}{'' if r['flops_agree'] else ' (disagree)'}"
              if r.get("analytic_flops") else "n/a")
     rows.append(
-        f"| {result['topology']} ({result['num_chips']} chips) | {name} | "
+        f"| {where} | {name} | "
         f"{gib(r['argument_bytes'])} / {gib(r['output_bytes'])} ({gib(r['alias_bytes'])}) / "
         f"{gib(r['temp_bytes'])} / **{gib(r['total_bytes'])}** of {gib(r['hbm_bytes'])}"
         f"{'' if r['fits'] else ' DOES NOT FIT'} | {r['xla_flops'] / 1e12:.2f} / "
         f"{r['xla_bytes_accessed'] / 1e9:.2f} | {r['roofline_seconds'] * 1e3:.1f} "
         f"({r['bound']}) | {ratio} | {r['compile_seconds']:.0f} |")
   return rows
+
+
+def parse_mesh(text: str) -> list[tuple[str, int]]:
+  """'data:16,fsdp:4' -> [('data', 16), ('fsdp', 4)] (config.mesh's form)."""
+  axes = []
+  for part in text.split(","):
+    name, sep, size = part.strip().partition(":")
+    if not sep or not name or not size.lstrip("-").isdigit():
+      raise app.UsageError(f"--mesh={text!r}: expected name:size[,name:size], e.g. "
+                           "data:16,fsdp:4")
+    axes.append((name, int(size)))
+  return axes
 
 
 def search_shape(config):
@@ -110,14 +126,18 @@ def main(argv):
     run["libtpu_version"] = getattr(libtpu, "__version__", "unknown")
   except ImportError:
     sys.exit("error: libtpu is not installed: pip install -e '.[tpu]'")
+  config = _CONFIG.value
+  if _MESH.value:
+    config.mesh = parse_mesh(_MESH.value)
+  run["mesh"] = [list(axis) for axis in config.mesh]
   rows = []
   for topology in _TOPOLOGIES.value:
     start = time.perf_counter()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()[0]
     try:
-      result = aot.compile_for_topology(_CONFIG.value, topology, steps=_STEPS.value,
-                                        search=search_shape(_CONFIG.value))
+      result = aot.compile_for_topology(config, topology, steps=_STEPS.value,
+                                        search=search_shape(config))
     except (aot.TopologyError, ValueError) as e:
       print(f"{topology}: error: {e}", flush=True)
       run["results"].append(dict(topology=topology, error=str(e), date=date))
