@@ -5,6 +5,12 @@ r"""Compiled for TPU on a CPU host: the BENCHMARKS.md table (realm_jax/train/aot
       --config.model.dtype=bfloat16 --topologies=v5e:8x8,v4:2x2x4,v5p:2x4x4 \
       --output=/tmp/compile_tpu.json
 
+The device searcher's search of REALM's index (13.35M x 128 bf16 rows split over all chips,
+512 queries, approx_max_k at recall 0.95 then the exact merge; and the exact-top_k variant):
+
+  python benchmarks/compile_tpu.py --config=experiments/openqa.py:size=base \
+      --topologies=v5e:8x8,v4:2x2x4 --steps=device_search,device_search_exact
+
 For each topology, one after the other: `aot.compile_for_topology` (the REALM train step, the
 index builder's embedding step and, for an Open-QA config, the QA train step, compiled by libtpu
 from abstract inputs; no TPU needed), its report printed, then a Markdown row per step. The JSON
@@ -15,6 +21,7 @@ a small CPU host.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -34,8 +41,19 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5e:8x8", "v4:2x2x4", "v5p:2x4x4"],
                                 "TPU topologies to compile for, in order.")
 _STEPS = flags.DEFINE_list("steps", ["realm_train", "embed_docs", "qa_train"],
-                           "Steps to compile (qa_train only with a qa section).")
+                           "Steps to compile (qa_train only with a qa section; "
+                           "device_search, device_search_exact: the device searcher).")
 _OUTPUT = flags.DEFINE_string("output", "", "Write all results as JSON here.")
+_MESH = flags.DEFINE_string("mesh", "", "Overrides config.mesh (a list, which --config.mesh "
+                            "cannot set), e.g. data:16,fsdp:4 or data:-1.")
+_SEARCH_DOCS = flags.DEFINE_integer("search_docs", 13_350_000,
+                                    "device_search: rows of the table (REALM: 13.35M blocks).")
+_SEARCH_BATCH = flags.DEFINE_integer("search_batch", 0,
+                                     "device_search: queries per search (0: train.batch_size).")
+_SEARCH_K = flags.DEFINE_integer("search_k", 0, "device_search: results per query (0: "
+                                 "retrieval.k - 1 + retrieval.margin, the trainer's).")
+_SEARCH_DTYPE = flags.DEFINE_enum("search_dtype", "bfloat16", ["bfloat16", "float32"],
+                                  "device_search: table dtype.")
 
 _HEADER = ("| topology | step | per chip: args / out (donated) / temp / total GiB of HBM | "
            "XLA TFLOP / GB accessed per chip | roofline ms (bound) | analytic / XLA FLOPs | "
@@ -46,25 +64,35 @@ def markdown_rows(result) -> list[str]:
   """One table row per step of one topology's result."""
   rows = []
   gib = lambda b: f"{b / 2**30:.2f}"
+  mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
+  where = f"{result['topology']} ({result['num_chips']} chips, {mesh})"
   for name, r in result["steps"].items():
     if r.get("error"):
       need = (f"temporaries {gib(r['xla_required_temp_bytes'])} GiB > "
               f"{gib(r['xla_available_hbm_bytes'])} GiB available (XLA)"
               if "xla_required_temp_bytes" in r else r["error"])
       seconds = f"{r['compile_seconds']:.0f}" if "compile_seconds" in r else ""
-      rows.append(f"| {result['topology']} ({result['num_chips']} chips) | {name} | "
+      rows.append(f"| {where} | {name} | "
                   f"**does not fit**: {need} | | | | {seconds} |")
       continue
     ratio = (f"{r['analytic_over_xla']:.2f}{'' if r['flops_agree'] else ' (disagree)'}"
              if r.get("analytic_flops") else "n/a")
     rows.append(
-        f"| {result['topology']} ({result['num_chips']} chips) | {name} | "
+        f"| {where} | {name} | "
         f"{gib(r['argument_bytes'])} / {gib(r['output_bytes'])} ({gib(r['alias_bytes'])}) / "
         f"{gib(r['temp_bytes'])} / **{gib(r['total_bytes'])}** of {gib(r['hbm_bytes'])}"
         f"{'' if r['fits'] else ' DOES NOT FIT'} | {r['xla_flops'] / 1e12:.2f} / "
         f"{r['xla_bytes_accessed'] / 1e9:.2f} | {r['roofline_seconds'] * 1e3:.1f} "
         f"({r['bound']}) | {ratio} | {r['compile_seconds']:.0f} |")
   return rows
+
+
+def search_shape(config):
+  """The device-search shape of the flags (defaults: the trainer's search of `config`)."""
+  from realm_jax.train import aot  # pylint: disable=g-import-not-at-top
+  shape = aot.SearchShape.from_config(config, num_docs=_SEARCH_DOCS.value)
+  return dataclasses.replace(shape, batch=_SEARCH_BATCH.value or shape.batch,
+                             k=_SEARCH_K.value or shape.k, dtype=_SEARCH_DTYPE.value)
 
 
 def main(argv):
@@ -86,13 +114,22 @@ def main(argv):
     run["libtpu_version"] = getattr(libtpu, "__version__", "unknown")
   except ImportError:
     sys.exit("error: libtpu is not installed: pip install -e '.[tpu]'")
+  config = _CONFIG.value
+  if _MESH.value:
+    from realm_jax import mesh_flag  # pylint: disable=g-import-not-at-top
+    try:
+      config.mesh = mesh_flag.parse_mesh(_MESH.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
+  run["mesh"] = [list(axis) for axis in config.mesh]
   rows = []
   for topology in _TOPOLOGIES.value:
     start = time.perf_counter()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load = os.getloadavg()[0]
     try:
-      result = aot.compile_for_topology(_CONFIG.value, topology, steps=_STEPS.value)
+      result = aot.compile_for_topology(config, topology, steps=_STEPS.value,
+                                        search=search_shape(config))
     except (aot.TopologyError, ValueError) as e:
       print(f"{topology}: error: {e}", flush=True)
       run["results"].append(dict(topology=topology, error=str(e), date=date))

@@ -256,3 +256,31 @@ def test_xla_oom_sizes_are_parsed():
   assert got["xla_required_temp_bytes"] == pytest.approx(75.44 * 2 ** 30)
   assert got["xla_available_hbm_bytes"] == pytest.approx(30.75 * 2 ** 30)
   assert aot.xla_oom_bytes("no sizes here") == {}
+
+
+def test_device_search_compiles_with_its_table_sharded_on_cpu_devices(monkeypatch):
+  """The device searcher's jitted search through `compile_for_topology` (4 fake CPU devices for
+  the topology's chips): the table shard per chip, the matmul FLOPs, no model built."""
+  big = dataclasses.replace(SMALL_CHIP, hbm_bytes=64 * aot.GIB)
+  monkeypatch.setattr(aot, "topology_devices", lambda name: (big, jax.devices()[:4]))
+  search = aot.SearchShape(num_docs=1003, dim=16, batch=8, k=5, dtype="bfloat16")
+  result = aot.compile_for_topology(tiny_configs.tiny_config(), "cpu:2x2",
+                                    steps=aot.SEARCH_STEPS, search=search)
+  assert "params" not in result  # search-only: the model is not built
+  assert result["search"]["rows_per_shard"] == 251  # ceil(1003 / 4), padded rows
+  assert result["search"]["table_bytes_per_chip"] == 251 * 16 * 2
+  for name in aot.SEARCH_STEPS:
+    r = result["steps"][name]
+    assert r["fits"] and r["xla_flops"] > 0, name
+    assert r["analytic_flops"] == pytest.approx(2 * 8 * 1003 * 16 / 4)
+    # The per-chip arguments: the query shard and the table shard (bf16).
+    assert r["argument_bytes"] >= 251 * 16 * 2
+  text = aot.format_result(result)
+  assert "[device_search]" in text and "1,003 x 16 bfloat16" in text
+
+
+def test_search_shape_from_config_is_the_trainers_search():
+  config = tiny_configs.tiny_config()
+  shape = aot.SearchShape.from_config(config, num_docs=100)
+  assert shape.k == config.retrieval.k - 1 + config.retrieval.margin
+  assert shape.batch == config.train.batch_size and shape.dim == config.model.embed_dim

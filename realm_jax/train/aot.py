@@ -5,7 +5,13 @@
 (`jax.experimental.topologies.get_topology_desc`), the mesh of `config.mesh` is laid over them,
 and the REALM train step, the index builder's document-embedding step and (when the config has
 a `qa` section) the Open-QA train step are lowered from `jax.ShapeDtypeStruct` inputs carrying
-their shardings (no array is ever allocated) and compiled by the TPU compiler.
+their shardings (no array is ever allocated) and compiled by the TPU compiler. The train state
+is laid out as the trainer lays it out (`partitioning.state_shardings_from_config`: replicated,
+or split over an `fsdp` mesh axis). On request (`steps=("device_search", ...)`) the device
+searcher's jitted search (retrieval/device_searcher.py) is compiled the same way for a table of
+`SearchShape` rows split over all the chips: approx_max_k per shard at the recall target with
+`reduction_input_size_override` = the whole table, as `top_k=auto` runs on TPU, then the exact
+merge (`device_search_exact`: exact top_k per shard instead).
 
 Per chip, each step reports XLA's memory analysis (arguments, outputs, donated aliases,
 temporaries, generated code), XLA's FLOP and bytes-accessed counts, the analytic model FLOPs of
@@ -226,12 +232,6 @@ def compile_step(name: str, jitted, args: tuple, chip: ChipSpec, topology: str,
 
 # ---- The project's steps -------------------------------------------------------------------
 
-def _abstract(tree, sharding):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def realm_batch_shapes(config, batch_size: int, k: int) -> dict[str, tuple[tuple, Any]]:
   """{key: (shape, dtype)} of the REALM train batch (`steps.REALM_KEYS`, no cand_is_gold)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -271,17 +271,75 @@ def _require_divisible(what: str, size: int, shards: int) -> None:
                                  "data-parallel devices of the mesh")
 
 
-STEPS = ("realm_train", "embed_docs", "qa_train")
+MODEL_STEPS = ("realm_train", "embed_docs", "qa_train")
+# The device searcher's jitted search (retrieval/device_searcher.py): approx_max_k per shard,
+# as `top_k=auto` does on TPU, and the exact `jax.lax.top_k` variant beside it.
+SEARCH_STEPS = ("device_search", "device_search_exact")
+STEPS = MODEL_STEPS + SEARCH_STEPS
+DEFAULT_STEPS = MODEL_STEPS  # what --mode=compile compiles
+
+# REALM's Wikipedia index (Guu et al. 2020: 13.35M blocks of 288 tokens), the default table.
+REALM_NUM_BLOCKS = 13_350_000
 
 
-def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
-                         pad_id: int = 0) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class SearchShape:
+  """What the device-search compile searches: a [num_docs, dim] table of `dtype` rows split over
+  the mesh's `data` axis, `batch` queries, `k` results each (the trainer asks for
+  retrieval.k - 1 + retrieval.margin), approx_max_k at `recall_target`."""
+
+  num_docs: int = REALM_NUM_BLOCKS
+  dim: int = 128
+  batch: int = 512
+  k: int = 9
+  dtype: str = "bfloat16"
+  recall_target: float = 0.95
+
+  @classmethod
+  def from_config(cls, config, num_docs: int = REALM_NUM_BLOCKS) -> "SearchShape":
+    """The trainer's search of `config`: its batch, embed_dim, k - 1 + margin, device dtype
+    and recall target (retrieval.device), over `num_docs` rows."""
+    r = config.retrieval
+    device = dict(r.get("device", None) or {})
+    return cls(num_docs=num_docs, dim=config.model.embed_dim, batch=config.train.batch_size,
+               k=r.k - 1 + r.margin, dtype=device.get("dtype", "float32"),
+               recall_target=float(device.get("recall_target", 0.95)))
+
+
+def search_args(shape: SearchShape, mesh) -> tuple[Any, Any]:
+  """Abstract (queries [B, D] float32 batch-sharded, table [S * R, D] rows over `data`) as
+  `DeviceSearcher.search_device` receives them (R = ceil(N / S) rows per shard, zero-padded)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from realm_jax.train import partitioning  # pylint: disable=g-import-not-at-top
+  shards = mesh.shape[partitioning.DATA_AXIS]
+  rows = -(-shape.num_docs // shards) * shards
+  queries = jax.ShapeDtypeStruct((shape.batch, shape.dim), jax.numpy.float32,
+                                 sharding=NamedSharding(mesh, P(partitioning.DATA_AXIS)))
+  table = jax.ShapeDtypeStruct((rows, shape.dim), jax.numpy.dtype(shape.dtype),
+                               sharding=NamedSharding(mesh, P(partitioning.DATA_AXIS, None)))
+  return queries, table
+
+
+def search_flops(shape: SearchShape) -> float:
+  """The search's matmul FLOPs (2 B N D over the whole table; top-k and merge not counted)."""
+  return 2.0 * shape.batch * shape.num_docs * shape.dim
+
+
+def compile_for_topology(config, topology: str, steps: Iterable[str] = DEFAULT_STEPS,
+                         pad_id: int = 0, search: SearchShape | None = None) -> dict[str, Any]:
   """Compiles `steps` for `topology`; returns the report (JSON-able). Does not raise on a step
-  that does not fit: its report says `fits: false` (or carries `error`); see `check_result`."""
+  that does not fit: its report says `fits: false` (or carries `error`); see `check_result`.
+
+  The train state is laid out by `config.partitioning`'s rules over `config.mesh`, as the
+  trainer does (replicated without an `fsdp` axis). The search steps compile the device
+  searcher's function for `search` (default `SearchShape.from_config(config)`) on a mesh of
+  all the topology's chips on `data` (the table is split over `data` only)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
   from realm_jax.qa import finetune  # pylint: disable=g-import-not-at-top
+  from realm_jax.retrieval import device_searcher  # pylint: disable=g-import-not-at-top
   from realm_jax.qa import steps as qa_steps  # pylint: disable=g-import-not-at-top
   from realm_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from realm_jax.train import partitioning  # pylint: disable=g-import-not-at-top
@@ -299,7 +357,7 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
   mesh = partitioning.make_mesh(config.mesh, devices)
   chips = math.prod(mesh.shape.values())
   shards = partitioning.data_parallel_size(mesh)
-  repl, batch_sharding = partitioning.replicated(mesh), partitioning.batch_sharded(mesh)
+  batch_sharding = partitioning.batch_sharded(mesh)
   vocab = config.data.vocab_size
   dims = flops_lib.ModelDims.from_config(config, vocab)
   result: dict[str, Any] = {
@@ -318,12 +376,37 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
     except StepDoesNotFitError as e:
       result["steps"][name] = {"step": name, "fits": False, "error": str(e), **e.details}
 
+  if any(name in SEARCH_STEPS for name in steps):
+    search = search or SearchShape.from_config(config)
+    search_mesh = partitioning.make_mesh([(partitioning.DATA_AXIS, -1)], devices)
+    search_shards = search_mesh.shape[partitioning.DATA_AXIS]
+    _require_divisible("search batch", search.batch, search_shards)
+    rows_per_shard = -(-search.num_docs // search_shards)
+    result["search"] = dict(dataclasses.asdict(search), shards=search_shards,
+                            rows_per_shard=rows_per_shard,
+                            table_bytes_per_chip=rows_per_shard * search.dim
+                            * jax.numpy.dtype(search.dtype).itemsize)
+    for name in SEARCH_STEPS:
+      if name in steps:
+        approx = name == "device_search"
+        # The searcher's own jitted function (what DeviceSearcher.search_device calls).
+        fn = device_searcher._compiled_search(  # pylint: disable=protected-access
+            search_mesh, min(search.k, search.num_docs), search.num_docs, approx,
+            search.recall_target)
+        run(name, lambda fn=fn: (fn, search_args(search, search_mesh),
+                                 search_flops(search) / search_shards))
+  if not any(name in MODEL_STEPS for name in steps):
+    return result
+
   model = state_lib.build_model(config, vocab, pad_id)
   abstract_state = state_lib.abstract_train_state(config, model, jax.random.key(config.seed))
-  state = _abstract(abstract_state, repl)
+  state_sharding = partitioning.state_shardings_from_config(abstract_state, mesh, config)
+  state = partitioning.with_shardings(abstract_state, state_sharding)
   result["params"] = sum(math.prod(x.shape)
                          for x in jax.tree_util.tree_leaves(abstract_state.params))
   result["train_state_bytes"] = tree_bytes(abstract_state)
+  result["train_state_bytes_per_chip"] = partitioning.bytes_per_device(abstract_state,
+                                                                       state_sharding)
 
   if "realm_train" in steps:
     b, k = config.train.batch_size, config.retrieval.k
@@ -331,7 +414,8 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
     result.update(batch_size=b, k=k)
     flops = flops_lib.step_flops_from_config(config, "realm", b, k, vocab).train_step
     run("realm_train", lambda: (
-        steps_lib.make_realm_train_step(model, mesh, config.seed, config.loss.marginalization),
+        steps_lib.make_realm_train_step(model, mesh, config.seed, config.loss.marginalization,
+                                        state_sharding),
         (state, _sharded_batch(realm_batch_shapes(config, b, k), batch_sharding)),
         flops / chips))
 
@@ -360,8 +444,10 @@ def compile_for_topology(config, topology: str, steps: Iterable[str] = STEPS,
         lambda r: qa_steps.create_qa_train_state(qa_model, r, one, tx),
         jax.random.key(config.seed))
     # train/flops.py counts REALM and ICT only: the QA step has no analytic cross-check.
-    run("qa_train", lambda: (qa_steps.make_qa_train_step(qa_model, mesh, config.seed),
-                             (_abstract(qa_state, repl),
+    qa_sharding = partitioning.state_shardings_from_config(qa_state, mesh, config)
+    run("qa_train", lambda: (qa_steps.make_qa_train_step(qa_model, mesh, config.seed,
+                                                         qa_sharding),
+                             (partitioning.with_shardings(qa_state, qa_sharding),
                               _sharded_batch(shapes, batch_sharding)), None))
   return result
 
@@ -392,10 +478,18 @@ def format_result(result: dict[str, Any]) -> str:
   lines = [f"{result['topology']}: {result['num_chips']} x {chip['name']} "
            f"({result['num_hosts']} host(s)), mesh {result['mesh']}; peak "
            f"{_si(chip['peak_bf16_flops'], 'FLOP/s')} bf16, {_gib(chip['hbm_bytes'])} HBM at "
-           f"{_si(chip['hbm_bytes_per_second'], 'B/s')} per chip",
-           f"model {result['model']} ({result['params'] / 1e6:.1f}M params, {result['dtype']}"
-           f"{', remat' if result['remat'] else ''}), train state "
-           f"{_gib(result['train_state_bytes'])}"]
+           f"{_si(chip['hbm_bytes_per_second'], 'B/s')} per chip"]
+  if "params" in result:
+    per_chip = result.get("train_state_bytes_per_chip", result["train_state_bytes"])
+    lines.append(f"model {result['model']} ({result['params'] / 1e6:.1f}M params, "
+                 f"{result['dtype']}{', remat' if result['remat'] else ''}), train state "
+                 f"{_gib(result['train_state_bytes'])}, {_gib(per_chip)} per chip")
+  if "search" in result:
+    s = result["search"]
+    lines.append(f"device search: {s['num_docs']:,} x {s['dim']} {s['dtype']} rows over "
+                 f"{s['shards']} chips ({s['rows_per_shard']:,} rows = "
+                 f"{_gib(s['table_bytes_per_chip'])} per chip), {s['batch']} queries, k = "
+                 f"{s['k']}, approx recall target {s['recall_target']}")
   for name, r in result["steps"].items():
     lines.append(f"[{name}]")
     if r.get("error"):
@@ -412,7 +506,8 @@ def format_result(result: dict[str, Any]) -> str:
                  f"{r['memory_seconds'] * 1e3:.2f} ms)")
     if r.get("analytic_flops"):
       verdict = "agree" if r["flops_agree"] else "DISAGREE"
-      lines.append(f"  analytic (train/flops.py) {_si(r['analytic_flops'], 'FLOP')} per chip: "
+      source = "2 B N D matmul" if name in SEARCH_STEPS else "train/flops.py"
+      lines.append(f"  analytic ({source}) {_si(r['analytic_flops'], 'FLOP')} per chip: "
                    f"analytic / XLA = {r['analytic_over_xla']:.3f} ({verdict} within "
                    f"{AGREE_TOLERANCE:.0%})")
     else:
