@@ -59,7 +59,11 @@ def test_incremental_version_matches_a_full_rebuild(kind, tmp_path):
   n0, n_add = 6000, 600  # a 10% update: 600 added, 300 removed
   table = clustered(rng, n0 + n_add, centers)  # the embedding of every doc id
   removed = rng.choice(n0, 300, replace=False)
-  options = dict(num_leaves=40, num_leaves_to_search=12) if kind == "scann" else {}
+  # 16 of 40 leaves searched: at 12, ScaNN's own run-to-run variation (its builds and upserts
+  # are not bit-reproducible across processes) moved recall@10 of either index by up to 2.3%,
+  # so a single comparison failed ~1 run in 4 (measured: incremental 0.9775-1.0, rebuild
+  # 0.982-1.0); at 16 both stay >= 0.998 in 20 runs.
+  options = dict(num_leaves=40, num_leaves_to_search=16) if kind == "scann" else {}
   old, new = fake_version(0, n0), fake_version(1, n0 + n_add, removed)
   shards = [(table[:3000], np.arange(3000)), (table[3000:n0], np.arange(3000, n0))]
   index_format.publish_index(tmp_path, 5, shards, searcher=kind, searcher_options=options)
