@@ -4,6 +4,7 @@ Also the embedder-only (partial) restore it reads checkpoints with, several buil
 sharing one version, and a builder killed mid-publish.
 """
 
+import dataclasses
 import importlib.util
 import os
 import pathlib
@@ -70,6 +71,40 @@ def test_restart_cleans_tmp_and_waits_for_a_newer_checkpoint(trained, tmp_path):
   assert builder.run(poll_seconds=0.01, idle_timeout=0.2) == []
   assert not (workdir / "index" / ".tmp-9-deadbeef").exists()
   assert index_format.list_versions(workdir / "index") == [6]
+
+
+def test_builder_preflight_fails_fast_before_embedding_and_publishes_nothing(trained,
+                                                                           monkeypatch):
+  """A host too small for the builder's shard stops it at start-up with the numbers; the
+  estimate is the shard's float32 embeddings and the resident corpus arrays (hand count)."""
+  from realm_jax.train import preflight
+  config, workdir = trained
+  before = index_format.list_versions(workdir / "index")
+  seen = {}
+  real_check = preflight.check
+  def spy(estimate, *args, **kwargs):
+    seen["estimate"] = estimate
+    return real_check(estimate, *args, **kwargs)
+  monkeypatch.setattr(preflight, "check", spy)
+  monkeypatch.setattr(preflight, "host_available_bytes", lambda: 1000)  # 1 kB
+  builder = index_builder.IndexBuilder(config, workdir, process_index=0, process_count=2)
+  with pytest.raises(preflight.InsufficientMemory, match="index_builder memory preflight.*"
+                     "DOES NOT FIT.*host"):
+    builder.run(poll_seconds=0.01, max_builds=1)
+  corpus = builder.corpus
+  rows = index_builder.shard_rows(corpus.num_docs, 0, 2)
+  assert seen["estimate"].index_bytes == (rows[1] - rows[0]) * config.model.embed_dim * 4
+  resident = sum(getattr(corpus, f.name).nbytes for f in dataclasses.fields(corpus)
+                 if isinstance(getattr(corpus, f.name), np.ndarray)
+                 and not isinstance(getattr(corpus, f.name), np.memmap))
+  assert seen["estimate"].corpus_bytes == resident
+  assert seen["estimate"].state_bytes_per_device > 0  # the document tower's parameters
+  assert index_format.list_versions(workdir / "index") == before  # nothing built
+  assert builder._embed_docs is None  # stopped before compiling the embedder
+  monkeypatch.setenv("REALM_PREFLIGHT", "warn")  # the switch downgrades it to a warning
+  builder = index_builder.IndexBuilder(config, workdir)
+  builder._ensure_model(wait_seconds=0.0, poll_seconds=0.0)
+  assert builder._embed_docs is not None
 
 
 def test_checkpoint_steps_ignore_unfinished_saves(tmp_path):

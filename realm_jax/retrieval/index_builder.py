@@ -79,6 +79,7 @@ from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import partitioning
+from realm_jax.train import preflight
 from realm_jax.train import preemption
 from realm_jax.train import state as state_lib
 from realm_jax.train import steps as steps_lib
@@ -229,6 +230,9 @@ class IndexBuilder:
         0, data.corpus, np.zeros(data.corpus.num_docs, bool), dict(version=0), data.directory)
     self._refresh_corpus_version()
     model = state_lib.build_model(self.config, data.corpus.vocab_size, data.corpus.special.pad)
+    start, stop = shard_rows(len(self.corpus_version.live_ids), self.process_index,
+                             self.process_count)
+    preflight.check_builder(self.config, self.corpus, model, max(stop - start, 0))  # fail fast
     _, self._embed_docs = steps_lib.make_embed_fns(model, self.mesh)
 
   def corpus_at(self, version: int) -> corpus_versions.CorpusVersion:

@@ -128,3 +128,27 @@ def check_trainer(config, corpus, state) -> str:
       corpus_bytes=resident_bytes(arrays), state_bytes_per_device=int(state_bytes))
   return check(estimate, host_available_bytes(), device_available_bytes(device),
                fail=env_fail(), where="trainer")
+
+
+def check_builder(config, corpus, model, num_rows: int) -> str:
+  """The index builder's preflight: the embeddings of its `num_rows` blocks [num_rows, D]
+  float32 (one copy, plus ScaNN's float32 re-order copy with `searcher=scann`), the corpus
+  arrays not memory-mapped, and the document tower's parameters on each device (replicated,
+  no optimizer state; shapes from `jax.eval_shape`, nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from realm_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *state_lib.dummy_inputs(config))
+  params = abstract["params"]
+  tower = [params[k] for k in state_lib.EMBEDDER_KEYS if k in params] or [params]
+  param_bytes = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+                    for leaf in jax.tree_util.tree_leaves(tower))
+  dim = config.model.embed_dim
+  scann = config.retrieval.get("searcher", "exact") == "scann"
+  arrays = [getattr(corpus, f.name) for f in dataclasses.fields(corpus)
+            if isinstance(getattr(corpus, f.name), np.ndarray)]
+  estimate = Estimate(
+      index_bytes=index_bytes(num_rows, dim, copies=1,
+                              searcher_bytes_per_vector=4 * dim if scann else 0),
+      corpus_bytes=resident_bytes(arrays), state_bytes_per_device=int(param_bytes))
+  return check(estimate, host_available_bytes(), device_available_bytes(jax.local_devices()[0]),
+               fail=env_fail(), where="index_builder")
