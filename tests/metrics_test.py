@@ -254,3 +254,18 @@ def test_teardown_step_that_hangs_is_abandoned_after_its_timeout():
   assert time.monotonic() - start < 5
   assert isinstance(teardown.failures[0][1], TimeoutError)
   release.set()
+
+
+def test_tensorboard_tags_are_legal_and_jsonl_keeps_the_names(tmp_path, caplog):
+  """recall@5 becomes recall_at_5 in TensorBoard (no per-write warning from tensorboardX);
+  metrics.jsonl keeps recall@5."""
+  writer = metrics_lib.MetricWriter(tmp_path, keep_through_step=0, phase="qa_eval")
+  with caplog.at_level(logging.INFO):
+    writer.write(3, {"dev_recall@5": 0.25, "em (dev)": 0.5})
+  writer.close()
+  assert not [r for r in caplog.records if "illegal" in r.getMessage()]
+  tags = {v.tag: v.simple_value for e in read_events(tmp_path / "tensorboard")
+          for v in e.summary.value}
+  assert tags["qa_eval/dev_recall_at_5"] == 0.25 and tags["qa_eval/em__dev_"] == 0.5
+  record = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")[-1]
+  assert record["dev_recall@5"] == 0.25 and record["step"] == 3

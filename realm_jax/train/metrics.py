@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from typing import Any, Iterable, Mapping
@@ -167,6 +168,15 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def tensorboard_tag(name: str) -> str:
+  """A metric name as a TensorBoard tag: "qa_eval/dev_recall@5" -> "qa_eval/dev_recall_at_5".
+
+  TensorBoard allows [A-Za-z0-9_./-]; tensorboardX would rewrite other characters itself
+  (recall@5 -> recall_5) and log a warning per scalar per write. metrics.jsonl keeps the name.
+  """
+  return re.sub(r"[^A-Za-z0-9_./-]", "_", name.replace("@", "_at_"))
+
+
 class MetricWriter:
   """Appends `{"step": s, "phase": ..., name: value}` lines and TensorBoard scalars.
 
@@ -223,7 +233,7 @@ class MetricWriter:
     phase = phase or self.phase
     clean = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write_line(json.dumps({"step": int(step), "phase": phase, **clean}))
-    finite = {f"{phase}/{k}": v for k, v in clean.items() if math.isfinite(v)}
+    finite = {tensorboard_tag(f"{phase}/{k}"): v for k, v in clean.items() if math.isfinite(v)}
     if finite:
       self._tb.add_scalars(int(step), finite)
     if self.flush_every_seconds and (time.monotonic() - self._last_flush >=
