@@ -101,6 +101,33 @@ def write_text(path: epath.PathLike, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+def move_file(source: epath.PathLike, target: epath.PathLike) -> None:
+  """Moves one small finished file into place whole: a rename locally; on object storage the
+  target object is written from the source's bytes (one atomic object write), then the
+  source is deleted."""
+  source, target = epath.Path(source), epath.Path(target)
+  if is_object_storage(target) or is_object_storage(source):
+    target.write_bytes(source.read_bytes())
+    source.unlink()
+    return
+  source.rename(target)
+
+
+def list_files(root: epath.PathLike) -> list[str]:
+  """Every file under `root` as a sorted `/`-joined relative name (local or object storage).
+
+  `os.walk` sees nothing at a gs:// path, and epath's walk there yields folders without the
+  `gs://` prefix, so names are taken relative to the prefix-less root.
+  """
+  root = epath.Path(root)
+  base = os.fspath(root).split("://", 1)[-1].rstrip("/")
+  names = []
+  for directory, _, files in root.walk():
+    relative = os.fspath(directory).split("://", 1)[-1].rstrip("/")[len(base):].strip("/")
+    names += [f"{relative}/{name}" if relative else name for name in files]
+  return sorted(names)
+
+
 def remove_folder(path: epath.PathLike, marker: str | None = None) -> None:
   """Deletes a published folder, its marker first, so no reader takes a half-deleted one.
 
@@ -115,22 +142,26 @@ def remove_folder(path: epath.PathLike, marker: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def publish_folder(final: epath.PathLike, marker: str, tmp: epath.PathLike | None = None
-                   ) -> Iterator[epath.Path]:
+def publish_folder(final: epath.PathLike, marker: str, tmp: epath.PathLike | None = None,
+                   clear_leftover: bool = True) -> Iterator[epath.Path]:
   """Yields the folder to write the new folder `final` into; the caller writes `marker` last.
 
   Local: the folder is `tmp` (default `.<name>.tmp-<uuid>` beside `final`), renamed to `final`
   when the block exits normally and removed when it raises. Object storage: the folder is
   `final` itself; the marker's write is the publish, and a block that raises before writing it
   has its objects removed. A leftover `final` without its marker (a killed writer's objects)
-  is removed first; one with its marker is published and refused (FileExistsError). One writer
-  per folder at a time (callers hold a lease or own the folder).
+  is removed first, or, with `clear_leftover=False` (a folder the caller does not own
+  outright), refused like a published one (FileExistsError). One writer per folder at a time
+  (callers hold a lease or own the folder).
   """
   final = epath.Path(final)
   if is_object_storage(final):
     if (final / marker).exists():
       raise FileExistsError(f"{os.fspath(final)} is already published")
     if final.exists():
+      if not clear_leftover:
+        raise FileExistsError(f"{os.fspath(final)} exists without {marker} (a killed build's "
+                              "leftover?): remove it, then run again")
       final.rmtree()
     try:
       yield final
