@@ -18,6 +18,7 @@ from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import corpus_versions as cv
 from realm_jax.data import prepare
+from realm_jax.data import tokenizer as tokenizer_lib
 from realm_jax.retrieval import index_builder
 from realm_jax.retrieval import index_format
 import fake_bucket  # pylint: disable=g-bad-import-order
@@ -323,3 +324,46 @@ def test_lease_on_a_bucket_is_one_object_write(bucket):
   finally:
     held.release()
   assert not lease_lib.lease_path("gs://bkt/run", "trainer").exists() and not bucket.renames
+
+
+# --- the sharded wiki build ---------------------------------------------------------------
+
+def test_wiki_build_on_a_bucket_matches_a_local_one(bucket, tmp_path, monkeypatch):
+  from data_wiki_corpus_test import DOC_LEN, make_articles  # pylint: disable=g-import-not-at-top
+  from realm_jax.data import wiki_corpus as wc  # pylint: disable=g-import-not-at-top
+  source = f"jsonl:{write_jsonl(tmp_path / 'a.jsonl', make_articles(12))}"
+  tokenizer = tokenizer_lib.train_wordpiece(
+      [a["title"] + " " + a["text"] for a in make_articles(12)], 300, tmp_path / "vocab")
+  local = tmp_path / "local"
+  wc.build_wiki_corpus(source, local, tokenizer, doc_len=DOC_LEN, num_shards=2)
+  out = epath.Path("gs://bkt/wiki")
+
+  # Shard 1 killed mid-write: shard 0 finished, shard 1 has no shard.json, nothing merged.
+  real_write = wc._write_batch  # pylint: disable=protected-access
+  def dying_write(*args, **kwargs):
+    raise Killed()
+  wc.build_shard(source, out, tokenizer, 0, 2, doc_len=DOC_LEN)
+  monkeypatch.setattr(wc, "_write_batch", dying_write)
+  with pytest.raises(Killed):
+    wc.build_shard(source, out, tokenizer, 1, 2, doc_len=DOC_LEN)
+  assert not (out / wc.SHARDS_DIR / wc.shard_name(1, 2) / wc.SHARD_METADATA).exists()
+  # ... and a merge killed before its report: the build is not done.
+  monkeypatch.setattr(wc, "_write_batch", real_write)
+  wc.build_shard(source, out, tokenizer, 1, 2, doc_len=DOC_LEN)
+  real_spans = wc._write_spans_npz  # pylint: disable=protected-access
+  monkeypatch.setattr(wc, "_write_spans_npz", dying_write)
+  with pytest.raises(Killed):
+    wc.merge_shards(out)
+  assert not (out / wc.REPORT_FILE).exists()
+  monkeypatch.setattr(wc, "_write_spans_npz", real_spans)
+  wc.build_wiki_corpus(source, out, tokenizer, doc_len=DOC_LEN, num_shards=2)
+  assert not bucket.renames
+  assert bucket.writes[-1] == f"bkt/wiki/{wc.REPORT_FILE}"
+  ours = corpus_lib.load_block_corpus(out / wc.BLOCKS_DIR, mmap=False)
+  theirs = corpus_lib.load_block_corpus(epath.Path(local) / wc.BLOCKS_DIR, mmap=False)
+  for name in corpus_lib._ARRAY_NAMES:  # pylint: disable=protected-access
+    np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name), err_msg=name)
+  assert (out / wc.TEXTS_FILE).read_text() == (local / wc.TEXTS_FILE).read_text()
+  spans, local_spans = wc.load_salient_spans(out), wc.load_salient_spans(local)
+  assert spans.keys() == local_spans.keys() and all(
+      np.array_equal(spans[k], local_spans[k]) for k in spans)
