@@ -380,3 +380,16 @@ def test_run_config_and_metrics_files_on_a_bucket(bucket):
   metrics_lib._atomic_write_text(path, "{}")  # pylint: disable=protected-access
   assert path.read_text() == "{}"
   assert not bucket.renames and not [k for k in _objects(bucket) if ".tmp" in k]
+
+
+def test_a_stale_shard_writer_leaves_a_published_version_alone(bucket):
+  root = epath.Path("gs://bkt/run/index")
+  rng = np.random.default_rng(3)
+  (emb, ids), = _shards(rng, [6])
+  stale = index_format.start_version(root, 5, num_shards=1)
+  build = index_format.start_version(root, 5, num_shards=1)  # the leader restarted
+  index_format.write_shard(root, build, 0, emb, ids)
+  index_format.finish_version(root, build)
+  with pytest.raises(index_format.StaleBuildError):
+    index_format.write_shard(root, stale, 0, emb[::-1], ids)
+  index_format.load_index(root, 5, expected_num_docs=6)  # intact

@@ -385,6 +385,13 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
     raise IndexVersionError(f"shard {shard_index} of a {build['num_shards']}-shard build")
   name = shard_name(shard_index, build["num_shards"])
   shard = tmp_dir(index_root, build_key(build)) / name
+  if storage.is_object_storage(shard):
+    # The build folder is the version folder there, and no rename moves a published one out
+    # of reach: a writer of a replaced (or published) attempt must not touch it at all.
+    current = read_build(index_root, build_key(build))
+    if current is None or current["attempt"] != build["attempt"]:
+      raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is "
+                            "no longer the announced one")
   if shard.exists():  # an earlier try of this shard (only its own process writes it)
     shard.rmtree()
   shard.mkdir()  # no parents: a tmp folder the leader removed is not brought back
