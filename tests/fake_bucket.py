@@ -8,7 +8,8 @@ semantics, not a disk's:
 - no rename or move at all (`mv`/`rename` raise OSError and are counted in `renames`);
 - folders are only key prefixes: `mkdir` creates nothing, a prefix exists while an object
   under it does, and deleting its last object makes it vanish;
-- an object write is atomic: the object appears whole when its file is closed;
+- an object write is atomic: the object appears whole when its file is closed (as with gcsfs,
+  also when an exception closes it; a killed process's unclosed object never appears);
 - listing is by prefix.
 """
 
