@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import ml_collections
 from etils import epath
 
+from realm_jax import storage
 from realm_jax.models import bert
 
 
@@ -572,9 +573,8 @@ def save_run_config(config: ml_collections.ConfigDict, workdir: epath.PathLike) 
                       _describe_diff(diff))
     else:
       return
-  tmp = path.parent / f".{RUN_CONFIG}.tmp"
-  tmp.write_text(json.dumps(config.to_dict(), indent=1, default=str))
-  tmp.replace(path)  # a reader never sees half a file
+  # A reader never sees half a file: write-then-rename locally, one object on a bucket.
+  storage.write_text(path, json.dumps(config.to_dict(), indent=1, default=str))
 
 
 def load_run_config(workdir: epath.PathLike, wait_seconds: float = 0.0,

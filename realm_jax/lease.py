@@ -13,8 +13,14 @@ pid is gone (a killed job restarts at once instead of waiting out the timeout); 
 is taken over with a warning, a live one only with `force=True` (`--force`). A holder whose
 lease was taken over notices at its next heartbeat or `check()` and must stop writing.
 
-Works on local disk and on `gs://` alike (etils.epath): writes are write-then-rename, and a
-taker re-reads the file after a settle delay, so of two racing takers exactly one keeps it.
+Works on local disk and on `gs://` alike (etils.epath): a lease write replaces the file whole
+(`storage.write_text`: write-then-rename locally, one object write on object storage, where a
+single object write is atomic), and a taker re-reads the file after a settle delay, so of two
+racing takers exactly one keeps it. On object storage that is last-writer-wins, not mutual
+exclusion: two takers whose writes both land before either re-reads (a settle delay shorter
+than the store's write latency) can both believe they hold it. True exclusion there needs a
+conditional write (GCS `ifGenerationMatch` preconditions), which etils.epath does not expose;
+the heartbeat check (`check()` before each publish) bounds how long a loser keeps writing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import uuid
 from typing import Any
 
 from etils import epath
+
+from realm_jax import storage
 
 DEFAULT_STALE_AFTER = 120.0
 
@@ -96,9 +104,7 @@ class Lease:
 
   def _write(self):
     self.record["heartbeat"] = time.time()
-    tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(self.record))
-    tmp.replace(self.path)
+    storage.write_text(self.path, json.dumps(self.record))
 
   def _holder(self) -> dict[str, Any] | None:
     return _read(self.path)
@@ -170,7 +176,7 @@ def acquire(workdir: epath.PathLike, role: str, force: bool = False,
     else:
       logging.warning("lease: taking over the stale %s lease of %s (%s)", role, path.parent,
                       describe(holder))
-  if holder is None and not path.exists() and "://" not in os.fspath(path):
+  if holder is None and not path.exists() and not storage.is_object_storage(path):
     # Local disk: an exclusive create, so of two takers of a free lease exactly one gets it.
     try:
       fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

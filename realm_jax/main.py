@@ -244,6 +244,20 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     _with_force(loop.train_and_evaluate, config, workdir)
 
 
+def _check_storage(config, workdir: str) -> None:
+  """Exits with one line naming the install command when a gs:// (s3://) path of the run
+  cannot be opened (gcsfs missing), before anything starts."""
+  from realm_jax import storage  # pylint: disable=g-import-not-at-top
+  data = config.get("data") if config is not None else None
+  paths = [workdir] + [data.get(key) for key in ("corpus_dir", "vocab_file", "tfds_data_dir")
+                       if data is not None and data.get(key)]
+  try:
+    for path in paths:
+      storage.check_available(path)
+  except storage.StorageUnavailableError as e:
+    sys.exit(f"error: {e}")
+
+
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
@@ -263,6 +277,7 @@ def main(argv):
     sys.exit(aot.run_compile_mode(config, _TOPOLOGY.value, _OUTPUT.value))
   if not _WORKDIR.value:
     sys.exit("error: --workdir is required")
+  _check_storage(config, _WORKDIR.value)
 
   from realm_jax import config_lib  # pylint: disable=g-import-not-at-top
   from realm_jax.train import preemption  # pylint: disable=g-import-not-at-top

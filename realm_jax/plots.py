@@ -10,12 +10,15 @@ one leaves that run out.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import re
 
 from etils import epath
+
+from realm_jax import storage
 
 FIGURE_NAME = "demo_figure.png"
 QA_RESULTS = "qa_results.json"
@@ -141,10 +144,9 @@ def demo_figure(workdir: epath.PathLike, out_path: epath.PathLike | None = None,
   figure.suptitle(f"REALM demo: {workdir}", fontsize=9)
   figure.tight_layout()
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  partial = out_path.parent / (out_path.name + ".tmp")
-  with partial.open("wb") as f:
-    figure.savefig(f, format="png")
-  partial.replace(out_path)  # a reader never sees a half-written PNG
+  png = io.BytesIO()
+  figure.savefig(png, format="png")
+  storage.write_bytes(out_path, png.getvalue())  # a reader never sees a half-written PNG
   logging.info("plots: %d + %d eval points, %d index versions, %d QA runs -> %s",
                len(curves[0][1]), len(curves[1][1]), len(recalls), len(qa_results), out_path)
   return out_path

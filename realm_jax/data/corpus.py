@@ -20,6 +20,7 @@ import tokenizers
 from etils import epath
 
 from realm_jax import progress as progress_lib
+from realm_jax import storage
 from realm_jax.data.tokenizer import SpecialIds, special_ids
 
 FORMAT_VERSION = 1
@@ -168,21 +169,24 @@ def build_block_corpus(
 
 
 def save_block_corpus(corpus: BlockCorpus, directory: epath.PathLike) -> None:
-  """Writes the .npy arrays, then corpus.json, into a tmp dir and renames it to directory."""
+  """Writes the .npy arrays, then corpus.json, into a tmp dir and renames it to directory.
+
+  On object storage the arrays go straight into `directory` and corpus.json, the marker
+  `load_block_corpus` requires, is written last (`storage.publish_folder`).
+  """
   directory = epath.Path(directory)
-  if directory.exists():
+  if directory.exists() and not storage.is_object_storage(directory):
     raise FileExistsError(f"Corpus directory already exists: {os.fspath(directory)}")
   tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-  tmp.mkdir(parents=True)
-  for name in _ARRAY_NAMES:
-    with (tmp / f"{name}.npy").open("wb") as f:
-      np.save(f, np.asarray(getattr(corpus, name)))
-  metadata = dict(
-      format_version=FORMAT_VERSION, num_docs=corpus.num_docs, doc_len=corpus.doc_len,
-      body_len=corpus.body_len, vocab_size=corpus.vocab_size,
-      special=dataclasses.asdict(corpus.special), titles=corpus.titles)
-  (tmp / METADATA_FILENAME).write_text(json.dumps(metadata))
-  tmp.rename(directory)
+  with storage.publish_folder(directory, METADATA_FILENAME, tmp=tmp) as folder:
+    for name in _ARRAY_NAMES:
+      with (folder / f"{name}.npy").open("wb") as f:
+        np.save(f, np.asarray(getattr(corpus, name)))
+    metadata = dict(
+        format_version=FORMAT_VERSION, num_docs=corpus.num_docs, doc_len=corpus.doc_len,
+        body_len=corpus.body_len, vocab_size=corpus.vocab_size,
+        special=dataclasses.asdict(corpus.special), titles=corpus.titles)
+    (folder / METADATA_FILENAME).write_text(json.dumps(metadata))
 
 
 def _load_array(path: epath.Path, mmap: bool) -> np.ndarray:

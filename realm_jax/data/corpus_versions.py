@@ -26,8 +26,11 @@ Layout (version 0 is the build itself, `<corpus_dir>/blocks/`, never changed):
 ```
 Publishing follows the index format's discipline: everything is written into a hidden tmp
 folder, VERSION.json last, the folder is renamed into place, and only then is CORPUS_LATEST
-replaced (write-then-rename). A killed update leaves a tmp folder that the next update removes;
-no reader ever sees a partial version. Published versions are never modified, so a reader of
+replaced (write-then-rename). On object storage (no atomic rename) the files go straight into
+`versions/<n>/`, VERSION.json last, and CORPUS_LATEST is one object written whole
+(`storage.publish_folder`). A killed update leaves a tmp folder (object storage: a version
+folder without VERSION.json) that the next update removes; no reader ever sees a partial
+version: readers take only versions with a VERSION.json. Published versions are never modified, so a reader of
 an older version (a trainer on the index built for it) keeps working until it moves on. One
 updater at a time: the corpus folder's `corpus_update` lease (`realm_jax.lease`).
 
@@ -58,6 +61,7 @@ import numpy as np
 from etils import epath
 
 from realm_jax import lease as lease_lib
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import tokenizer as tokenizer_lib
 from realm_jax.data import wiki_corpus
@@ -316,9 +320,7 @@ def _pause(point: str):
 
 
 def _replace_text(path: epath.Path, text: str):
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_text(text)
-  tmp.replace(path)
+  storage.write_text(path, text)  # write-then-rename locally, one whole object on a bucket
 
 
 def update_corpus(corpus_dir: epath.PathLike, *, add: str | None = None,
@@ -348,9 +350,13 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
   start_time = time.time()
   versions_root = corpus_dir / VERSIONS_DIR
   versions_root.mkdir(exist_ok=True)
-  for stale in versions_root.glob(f"{TMP_PREFIX}*"):  # a killed update's (one updater: lease)
-    logging.info("update_corpus: removing the leftover %s", stale)
-    stale.rmtree()
+  stale = list(versions_root.glob(f"{TMP_PREFIX}*"))  # a killed update's (one updater: lease)
+  if storage.is_object_storage(versions_root) and versions_root.exists():
+    stale += [p for p in versions_root.iterdir()
+              if p.name.isdigit() and not (p / MANIFEST).exists()]
+  for path in stale:
+    logging.info("update_corpus: removing the leftover %s", path)
+    path.rmtree()
   parent_version = max(latest_version(corpus_dir), list_versions(corpus_dir)[-1])
   parent = load_version(corpus_dir, parent_version)
   base = _base_metadata(corpus_dir)
@@ -379,9 +385,9 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
     removed_now = np.union1d(removed_now, np.asarray(replaced_ids, np.int64))
 
   version = parent_version + 1
-  tmp = versions_root / f"{TMP_PREFIX}{version:06d}-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir()
-  try:
+  with storage.publish_folder(
+      version_dir(corpus_dir, version), MANIFEST,
+      tmp=versions_root / f"{TMP_PREFIX}{version:06d}-{uuid.uuid4().hex[:8]}") as tmp:
     lines = add_lines + replace_lines
     report = wiki_corpus.BuildReport()
     if lines:
@@ -438,11 +444,7 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
                    span_end=np.concatenate([spans["span_end"], new_spans["span_end"]]))
     with (tmp / wiki_corpus.SPANS_FILE).open("wb") as f:
       np.savez(f, **spans)
-    files = {}
-    for directory, _, names in os.walk(os.fspath(tmp)):
-      for name in sorted(names):
-        path = epath.Path(directory) / name
-        files[os.path.relpath(os.fspath(path), os.fspath(tmp))] = _sha256_file(path)
+    files = {name: _sha256_file(tmp / name) for name in storage.list_files(tmp)}
     manifest = dict(
         format_version=FORMAT_VERSION, version=version, parent=parent_version,
         created=time.time(), num_docs=corpus.num_docs, num_live=int((~removed).sum()),
@@ -454,11 +456,6 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
     held.check()  # another updater took over (--force): publish nothing
     _pause("before_manifest")
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    tmp.rename(version_dir(corpus_dir, version))
-  except BaseException:
-    if tmp.exists():
-      tmp.rmtree()
-    raise
   _replace_text(corpus_dir / LATEST, str(version))
   logging.info("update_corpus: published version %d of %s: +%d blocks (ids %d..%d), %d removed "
                "now (%d in all), %d live; records: %s", version, corpus_dir, num_new, first_new,

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus
 from realm_jax.data import npz_mmap
@@ -165,16 +166,18 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
   """Generates the facts corpus, its tokenizer, blocks and queries into `directory`.
 
   With the run's config, a corpus too small for it (check_sizes) is refused before anything
-  is renamed into place.
+  is published.
   """
   directory = epath.Path(directory)
   start = time.time()
   facts = facts_corpus.generate_facts_corpus(
       data_config.num_entities, data_config.corpus_seed,
       mentions_per_entity=data_config.mentions_per_entity)
-  tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(parents=True)
-  try:
+  # Local: built in a tmp folder renamed into place; object storage: in `directory` itself,
+  # build_config.json (what `prepare_data` requires) last (`storage.publish_folder`).
+  with storage.publish_folder(
+      directory, BUILD_CONFIG, clear_leftover=False,
+      tmp=directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}") as tmp:
     if data_config.vocab_file:
       tokenizer = tokenizer_lib.load_tokenizer(data_config.vocab_file)
       (tmp / "vocab.txt").write_text(
@@ -192,13 +195,10 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
           eval_queries=len(evaluation["query_tokens"])), f"facts corpus for {directory}")
     corpus_lib.save_block_corpus(blocks, tmp / "blocks")
     write_block_texts(facts.docs, tmp / wiki_corpus.TEXTS_FILE)
-    np.savez(tmp / "queries.npz", **{f"train_{k}": v for k, v in train.items()},
-             **{f"eval_{k}": v for k, v in evaluation.items()})
+    with (tmp / "queries.npz").open("wb") as f:  # np.savez of a gs:// path would write locally
+      np.savez(f, **{f"train_{k}": v for k, v in train.items()},
+               **{f"eval_{k}": v for k, v in evaluation.items()})
     (tmp / BUILD_CONFIG).write_text(json.dumps(_build_spec(data_config), indent=1))
-  except BaseException:
-    tmp.rmtree()
-    raise
-  tmp.rename(directory)
   logging.info("data: built %d documents, %d train and %d eval queries, vocab %d in %s (%.1fs)",
                blocks.num_docs, len(train["query_tokens"]), len(evaluation["query_tokens"]),
                blocks.vocab_size, directory, time.time() - start)

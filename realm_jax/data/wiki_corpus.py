@@ -61,6 +61,7 @@ import tokenizers
 from etils import epath
 
 from realm_jax import progress as progress_lib
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import npz_mmap
 from realm_jax.data.sentences import split_sentences
@@ -779,29 +780,31 @@ def build_shard(
   start_time = time.monotonic()
   start, stop = shard_range(params["num_records"], shard_index, num_shards)
   logging.info("%s: records [%d, %d) of %s.", name, start, stop, source.description)
-  tmp = shards_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(parents=True)
-  writer = _ShardWriter(tmp, dict(doc_len=doc_len, body_len=body_len))
-  report = BuildReport()
-  progress = progress_lib.Progress(f"corpus {name}", stop - start, unit="records",
-                                   every_seconds=progress_every_s)
-  records = source.read(start, stop)
-  seen: dict[int, int] = {}  # text fingerprint -> first record (exact duplicates)
-  try:
-    while batch := [record for _, record in zip(range(batch_size), records)]:
-      articles = _parse_batch(batch, max_title_chars, report, seen)
-      _write_batch(articles, tokenizer, writer, doc_len, body_len, span_fn, max_span_wordpieces,
-                   report)
-      progress.update(len(batch))
-  finally:
-    writer.close()
-  progress.close()
-  report.seconds = time.monotonic() - start_time
-  (tmp / SHARD_REPORT).write_text(json.dumps(report.to_dict(), indent=1))
-  metadata = dict(format_version=SHARD_FORMAT_VERSION, params=params, shard_index=shard_index,
-                  record_start=start, record_stop=stop, rows=dict(writer.rows))
-  (tmp / SHARD_METADATA).write_text(json.dumps(metadata, indent=1))
-  tmp.rename(directory)
+  # Local: a tmp folder renamed into place; object storage: `directory` itself, shard.json
+  # (what `_finished_shard` requires) written last.
+  with storage.publish_folder(directory, SHARD_METADATA,
+                              tmp=shards_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}") as tmp:
+    writer = _ShardWriter(tmp, dict(doc_len=doc_len, body_len=body_len))
+    report = BuildReport()
+    progress = progress_lib.Progress(f"corpus {name}", stop - start, unit="records",
+                                     every_seconds=progress_every_s)
+    records = source.read(start, stop)
+    seen: dict[int, int] = {}  # text fingerprint -> first record (exact duplicates)
+    try:
+      while batch := [record for _, record in zip(range(batch_size), records)]:
+        articles = _parse_batch(batch, max_title_chars, report, seen)
+        _write_batch(articles, tokenizer, writer, doc_len, body_len, span_fn,
+                     max_span_wordpieces, report)
+        progress.update(len(batch))
+    finally:
+      writer.close()
+    progress.close()
+    report.seconds = time.monotonic() - start_time
+    (tmp / SHARD_REPORT).write_text(json.dumps(report.to_dict(), indent=1))
+    metadata = dict(format_version=SHARD_FORMAT_VERSION, params=params,
+                    shard_index=shard_index, record_start=start, record_stop=stop,
+                    rows=dict(writer.rows))
+    (tmp / SHARD_METADATA).write_text(json.dumps(metadata, indent=1))
   logging.info("%s: %s (%.0f records/s).", name, report.summary(),
                report.records_read / max(report.seconds, 1e-9))
   return report
@@ -1029,7 +1032,10 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   for stale in [*(out_dir / name for name in (BLOCKS_DIR, SPANS_FILE, TEXTS_FILE)),
                 *out_dir.glob(".merge.tmp-*")]:
     _remove(stale)
-  tmp = out_dir / f".merge.tmp-{uuid.uuid4().hex[:8]}"
+  # Object storage (no atomic rename): the merged files go straight into out_dir; readers
+  # take the merge as done only once build_report.json, written last, is there.
+  in_place = storage.is_object_storage(out_dir)
+  tmp = out_dir if in_place else out_dir / f".merge.tmp-{uuid.uuid4().hex[:8]}"
   blocks_tmp = tmp / BLOCKS_DIR
   blocks_tmp.mkdir(parents=True)
 
@@ -1099,9 +1105,10 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
     _write_spans_npz(f, shard_dirs, views, sentence_starts[:-1].tolist())
   progress.update(1)
 
-  for name in (BLOCKS_DIR, SPANS_FILE, TEXTS_FILE):
-    (tmp / name).rename(out_dir / name)
-  tmp.rmtree()
+  if not in_place:
+    for name in (BLOCKS_DIR, SPANS_FILE, TEXTS_FILE):
+      (tmp / name).rename(out_dir / name)
+    tmp.rmtree()
   report.seconds += time.monotonic() - start_time
   summary = dict(report.to_dict(), params=params)
   (out_dir / REPORT_FILE).write_text(json.dumps(summary, indent=1))

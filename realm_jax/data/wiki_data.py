@@ -31,6 +31,7 @@ import tokenizers
 from etils import epath
 
 from realm_jax import progress as progress_lib
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import pipeline
 from realm_jax.data import salient_spans
@@ -53,7 +54,7 @@ def tokenizer_for(data_config: ml_collections.ConfigDict,
         epath.Path(data_config.vocab_file).read_text())
   else:
     _train_vocab(data_config, tmp)
-  (tmp / tokenizer_lib.VOCAB_FILENAME).rename(vocab)
+  storage.move_file(tmp / tokenizer_lib.VOCAB_FILENAME, vocab)  # vocab.txt appears whole
   tmp.rmtree()
   return tokenizer_lib.load_tokenizer(vocab)
 

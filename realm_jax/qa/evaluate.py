@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from etils import epath
 
+from realm_jax import storage
+
 from realm_jax.qa import answers as answers_lib
 from realm_jax.qa import data as data_lib
 
@@ -123,7 +125,5 @@ def write_predictions(path: str | epath.PathLike, predictions: Sequence[Predicti
   """predictions.jsonl, one `{"question", "prediction", "score", "block_id", "block_title",
   "correct"}` per line; written to a temporary name and renamed, so never half-written."""
   path = epath.Path(path)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text("".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n"
-                         for p in predictions))
-  tmp.replace(path)
+  storage.write_text(path, "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n"
+                                   for p in predictions))

@@ -53,6 +53,7 @@ from flax.training import train_state
 
 from realm_jax import config_lib
 from realm_jax import progress as progress_lib
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import facts_corpus as facts_lib
 from realm_jax.data import prepare
@@ -378,9 +379,8 @@ def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, model,
     index = FrozenIndex(searcher_lib.ExactSearcher(embeddings), embeddings, str(root), 0,
                         "startup")
   if is_main:
-    tmp = record_path.parent / f".{INDEX_RECORD}.tmp"
-    tmp.write_text(json.dumps(dict(root=index.root, step=index.step, source=index.source)))
-    tmp.replace(record_path)
+    storage.write_text(record_path, json.dumps(dict(root=index.root, step=index.step,
+                                                    source=index.source)))
   _LOG.info("index: %s version %d (%s), %d blocks x %d", index.root, index.step, index.source,
             corpus.num_docs, dim)
   return index
@@ -590,9 +590,7 @@ def _write_evaluation(world: QAWorld, step: int, split: str, index: FrozenIndex 
                  init_reader_from=world.config.qa.init_reader_from, **metrics)
   if world.is_main:
     evaluate_lib.write_predictions(world.workdir / PREDICTIONS_FILE, predictions)
-    tmp = world.workdir / f".{RESULTS_FILE}.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(world.workdir / RESULTS_FILE)
+    storage.write_text(world.workdir / RESULTS_FILE, json.dumps(results, indent=1))
     writer.write(step, {f"{split}_{k}": v for k, v in metrics.items()}, phase="qa_eval")
   _LOG.info("eval_qa (%s, step %d): EM %.4f (%d/%d), %s, reader-oracle EM %.4f", split, step,
             metrics["exact_match"], metrics["num_correct"], metrics["num_examples"],

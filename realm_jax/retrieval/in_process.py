@@ -17,6 +17,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from realm_jax import progress as progress_lib
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import device_searcher
@@ -82,7 +83,7 @@ class InProcessIndex:
     self.step = step
     if self._write:
       if (self.root / str(step) / index_format.MANIFEST).exists():
-        (self.root / str(step)).rmtree()  # a re-run of this step after a resume replaces it
+        storage.remove_folder(self.root / str(step), index_format.MANIFEST)  # a re-run of this step after a resume replaces it
       index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
                                  searcher=searcher_lib.published_kind(self._searcher_kind),
                                  extra=dict(source="in_process"),

@@ -70,6 +70,7 @@ from jax.sharding import Mesh
 from realm_jax import config_lib
 from realm_jax import lease as lease_lib
 from realm_jax import progress as progress_lib
+from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import corpus_versions
 from realm_jax.data import prepare
@@ -90,20 +91,24 @@ DEFAULT_SHARD_TIMEOUT = 3600.0
 
 
 def finished_checkpoint_steps(directory: epath.PathLike) -> list[int]:
-  """Steps of complete orbax checkpoints (orbax renames a save's tmp folder to `<step>`)."""
+  """Steps of complete orbax checkpoints: locally orbax renames a save's tmp folder to
+  `<step>`; on GCS it writes `<step>/` in place and its commit file last (`storage`)."""
   directory = epath.Path(directory)
   if not directory.exists():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and storage.checkpoint_finalized(p))
 
 
 def remove_stale_tmp(index_root: epath.PathLike) -> list[str]:
-  """Deletes the hidden tmp folders/files of publishes that never finished (leader, start-up)."""
+  """Deletes the hidden tmp folders/files of publishes that never finished (leader, start-up);
+  on object storage, the version folders without a manifest."""
   root = epath.Path(index_root)
   if not root.exists():
     return []
   stale = [p for p in root.iterdir() if p.name.startswith(index_format.TMP_PREFIX) or
            p.name.startswith(f".{index_format.LATEST}.tmp-")]
+  stale += index_format.incomplete_versions(root)
   for path in stale:
     path.rmtree() if path.is_dir() else path.unlink()
   return [p.name for p in stale]
@@ -292,7 +297,7 @@ class IndexBuilder:
     new = self.corpus_at(key.corpus_version)
     version = self.index_root / str(key)
     if version.exists():  # an invalid leftover of this key (a valid one would be _last)
-      version.rmtree()
+      storage.remove_folder(version, index_format.MANIFEST)
     params = self._params(int(key))
     embed = lambda rows: embed_rows(params, new.corpus, self._embed_docs, self.mesh,
                                     self.config.retrieval.embed_batch_size, rows,
@@ -327,7 +332,7 @@ class IndexBuilder:
       if step == self._last:
         raise ValueError(f"step {step} is the newest valid version already")
       logging.info("index_builder: replacing the existing (unfinished or invalid) %s", version)
-      version.rmtree()
+      storage.remove_folder(version, index_format.MANIFEST)
     build = index_format.start_version(self.index_root, step, self.process_count,
                                        searcher_lib.published_kind(
                                            self.config.retrieval.searcher),

@@ -39,6 +39,13 @@ renamed ones. `publish_index` is the one-process case (all shards from one calle
 is listed with its sha256 and checked by `load_index`. Paths are `etils.epath`, so `gs://`
 works the same as a local folder (ScaNN's assets are staged through a local temp folder).
 
+On object storage (gs://, s3://: `storage.is_object_storage`) there is no atomic rename, so
+the build folder *is* the version folder: `tmp_dir(root, step)` is `<step>/`, the shards are
+written there, and the MANIFEST.json object, written last, publishes the version (readers
+already take only folders with a manifest); LATEST is one object written whole. A `<step>/`
+without a manifest is a build in flight or a dead one's leftover (`read_build`,
+`pending_builds`, `incomplete_versions`), never a version.
+
 A checksum only proves a file is what its writer wrote, so `load_index` also checks the
 *content*: every doc id an integer in [0, num_docs), each id once across
 all shards, counts that agree (shards == manifest == the trainer's corpus), one dim, and every
@@ -69,6 +76,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from etils import epath
 
+from realm_jax import storage
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 
@@ -162,8 +170,15 @@ def shard_name(i: int, n: int) -> str:
 
 
 def tmp_dir(index_root: epath.PathLike, step: int) -> epath.Path:
-  """The one tmp folder of version `step`: deterministic, so every builder process finds it."""
-  return epath.Path(index_root) / f"{TMP_PREFIX}{step}"
+  """The one build folder of version `step`: deterministic, so every builder process finds it.
+
+  `.tmp-<step>` (renamed to `<step>` on publish) locally; `<step>` itself on object storage,
+  where the manifest written last publishes it in place.
+  """
+  root = epath.Path(index_root)
+  if storage.is_object_storage(root):
+    return root / str(step)
+  return root / f"{TMP_PREFIX}{step}"
 
 
 def _pause(point: str):
@@ -213,10 +228,8 @@ def _check_file(path: epath.Path, sha256: str):
 
 
 def _replace_text(path: epath.Path, text: str):
-  """Write-then-rename, so a concurrent reader sees the old file, the new one, or none."""
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_text(text)
-  tmp.replace(path)  # atomic overwrite on local and POSIX-like stores
+  """A concurrent reader sees the old file, the new one, or none (`storage.write_text`)."""
+  storage.write_text(path, text)
 
 
 def _write_json_atomic(path: epath.Path, value: dict[str, Any]):
@@ -274,8 +287,23 @@ def build_key(build: dict[str, Any]) -> VersionKey:
 
 
 def read_build(index_root: epath.PathLike, step: int) -> dict[str, Any] | None:
-  """The announced build of `step` (None if there is none in flight)."""
-  return _read_json(tmp_dir(index_root, step) / BUILD)
+  """The announced build of `step` (None if there is none in flight).
+
+  On object storage a published version keeps its BUILD.json in place: it is not in flight.
+  """
+  folder = tmp_dir(index_root, step)
+  build = _read_json(folder / BUILD)
+  if build is not None and storage.is_object_storage(folder) and (folder / MANIFEST).exists():
+    return None
+  return build
+
+
+def _build_folders(root: epath.Path) -> list[epath.Path]:
+  """Folders that may hold a build in flight: `.tmp-<key>` locally, `<key>` on object storage."""
+  if storage.is_object_storage(root):
+    return [p for p in root.iterdir() if parse_version(p.name) is not None]
+  return [p for p in root.iterdir()
+          if p.name.startswith(TMP_PREFIX) and parse_version(p.name[len(TMP_PREFIX):])]
 
 
 def pending_builds(index_root: epath.PathLike) -> list[dict[str, Any]]:
@@ -284,12 +312,24 @@ def pending_builds(index_root: epath.PathLike) -> list[dict[str, Any]]:
   if not root.exists():
     return []
   builds = []
-  for path in root.iterdir():
-    if path.name.startswith(TMP_PREFIX) and parse_version(path.name[len(TMP_PREFIX):]):
-      build = _read_json(path / BUILD)
-      if build is not None:
-        builds.append(build)
+  for path in _build_folders(root):
+    build = _read_json(path / BUILD)
+    if build is not None and not (storage.is_object_storage(root) and
+                                  (path / MANIFEST).exists()):
+      builds.append(build)
   return sorted(builds, key=build_key, reverse=True)
+
+
+def incomplete_versions(index_root: epath.PathLike) -> list[epath.Path]:
+  """Object storage: version folders without a manifest (builds in flight or dead ones).
+
+  Locally those are the `.tmp-*` folders instead, and this is empty: `<step>/` only ever
+  appears by rename, manifest included.
+  """
+  root = epath.Path(index_root)
+  if not storage.is_object_storage(root) or not root.exists():
+    return []
+  return [p for p in _build_folders(root) if not (p / MANIFEST).exists()]
 
 
 def shard_done(index_root: epath.PathLike, build: dict[str, Any], shard_index: int
@@ -345,6 +385,13 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
     raise IndexVersionError(f"shard {shard_index} of a {build['num_shards']}-shard build")
   name = shard_name(shard_index, build["num_shards"])
   shard = tmp_dir(index_root, build_key(build)) / name
+  if storage.is_object_storage(shard):
+    # The build folder is the version folder there, and no rename moves a published one out
+    # of reach: a writer of a replaced (or published) attempt must not touch it at all.
+    current = read_build(index_root, build_key(build))
+    if current is None or current["attempt"] != build["attempt"]:
+      raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is "
+                            "no longer the announced one")
   if shard.exists():  # an earlier try of this shard (only its own process writes it)
     shard.rmtree()
   shard.mkdir()  # no parents: a tmp folder the leader removed is not brought back
@@ -418,10 +465,11 @@ def finish_version(index_root: epath.PathLike, build: dict[str, Any], timeout: f
   if before_publish is not None:
     before_publish()
   _pause("before_manifest")
-  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-  if final.exists():  # leftover of a crashed publish without a manifest
-    final.rmtree()
-  tmp.rename(final)
+  (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # object storage: the publish
+  if tmp != final:  # local: publish by rename
+    if final.exists():  # leftover of a crashed publish without a manifest
+      final.rmtree()
+    tmp.rename(final)
   move_latest(root, step)
   return final
 
@@ -874,5 +922,5 @@ def prune_versions(index_root: epath.PathLike, keep_last: int) -> list[int]:
   versions = list_versions(root)
   doomed = [s for s in versions[:-keep_last] if s != protected] if keep_last > 0 else []
   for step in doomed:
-    (root / str(step)).rmtree()
+    storage.remove_folder(root / str(step), MANIFEST)
   return doomed

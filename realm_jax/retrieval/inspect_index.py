@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 
 from realm_jax import config_lib
+from realm_jax import storage
 from realm_jax.data import corpus_versions
 from realm_jax.data import prepare
 from realm_jax.data import tokenizer as tokenizer_lib
@@ -370,11 +371,7 @@ def _write_jsonl(path: epath.PathLike, records: Iterable[dict[str, Any]]) -> Non
   """Write-then-rename: a reader never sees half a results file."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  with tmp.open("w") as f:
-    for record in records:
-      f.write(json.dumps(record) + "\n")
-  tmp.replace(path)
+  storage.write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def retrieve_file(workdir: epath.PathLike, queries_path: epath.PathLike,

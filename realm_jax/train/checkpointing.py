@@ -2,8 +2,11 @@
 
 Each checkpoint holds two items: `state` (params, optimizer state, step) and `data` (JSON: the
 batch sources are pure functions of the step, so the step *is* the iterator state; saved
-explicitly so a resumed run can check it). Saves are async and atomic (orbax writes a tmp folder
-then renames), keep-last-N; a crash mid-save leaves the previous checkpoint intact.
+explicitly so a resumed run can check it). Saves are async and atomic, keep-last-N; a crash
+mid-save leaves the previous checkpoint intact. Orbax picks the protocol by path: locally a tmp
+folder renamed into place; on gs:// (no atomic rename) it writes `<step>/` in place and
+`commit_success.txt` last (its default CommitFileTemporaryPath, which no option here overrides),
+and both orbax and `index_builder.finished_checkpoint_steps` skip a step folder without it.
 
 Other jobs read a run's checkpoints with `restore_params` (all parameters, for warm starts) and
 `restore_embedder_params` (the retriever alone, by orbax partial restore, for the index

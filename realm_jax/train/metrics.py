@@ -293,8 +293,9 @@ def _atomic_write_text(path: epath.Path, text: str):
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    else:
-      tmp.write_text(text)
+    else:  # object storage: one object write is atomic, and there is no rename
+      path.write_text(text)
+      return
     tmp.replace(path)
   except BaseException:
     try:
