@@ -111,6 +111,35 @@ def test_save_load_round_trip(blocks, tmp_path):
     corpus_lib.save_block_corpus(blocks, tmp_path / "corpus")
 
 
+def test_titles_are_memory_mapped_utf8_not_in_corpus_json(blocks, tmp_path):
+  """Titles (non-ASCII included) come back equal, decoded from memory-mapped files; corpus.json
+  no longer lists them; a corpus.json of the older format (titles listed) still loads."""
+  import json
+  titles = ["Zoë Baptiste", "東京", ""] + list(blocks.titles[3:])
+  corpus = dataclasses.replace(blocks, titles=titles)
+  corpus_lib.save_block_corpus(corpus, tmp_path / "corpus")
+  metadata = json.loads((tmp_path / "corpus" / "corpus.json").read_text())
+  assert "titles" not in metadata
+  loaded = corpus_lib.load_block_corpus(tmp_path / "corpus")
+  assert isinstance(loaded.titles, corpus_lib.Titles)
+  assert isinstance(loaded.titles.text, np.memmap) and isinstance(loaded.titles.offsets, np.memmap)
+  assert list(loaded.titles) == titles and loaded.titles == titles
+  assert loaded.titles[1] == "東京" and loaded.titles[-1] == titles[-1]
+  assert loaded.titles[0:2] == titles[0:2] and loaded.num_docs == len(titles)
+  with pytest.raises(IndexError):
+    loaded.titles[len(titles)]  # pylint: disable=pointless-statement
+  # The older layout: titles in corpus.json, no title files.
+  for name in (corpus_lib.TITLE_TEXT_FILE, corpus_lib.TITLE_TEXT_OFFSETS_FILE):
+    (tmp_path / "corpus" / name).unlink()
+  metadata["titles"] = titles
+  (tmp_path / "corpus" / "corpus.json").write_text(json.dumps(metadata))
+  assert corpus_lib.load_block_corpus(tmp_path / "corpus").titles == titles
+  metadata["titles"] = titles[:-1]  # disagrees with num_docs: named, not a silent shift
+  (tmp_path / "corpus" / "corpus.json").write_text(json.dumps(metadata))
+  with pytest.raises(ValueError, match="titles, corpus.json says"):
+    corpus_lib.load_block_corpus(tmp_path / "corpus")
+
+
 def test_load_errors_name_the_missing_path(blocks, tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "absent")):
     corpus_lib.load_block_corpus(tmp_path / "absent")

@@ -140,8 +140,8 @@ def test_bad_input_is_a_clear_error(realm_dir, tmp_path):
 
   # An index whose dimension is not the model's.
   index_root = tmp_path / "wrong_index"
-  num_docs = len(json.loads((realm_dir / "corpus" / "blocks" / "corpus.json").read_text())
-                 ["titles"])
+  num_docs = json.loads((realm_dir / "corpus" / "blocks" / "corpus.json").read_text())[
+      "num_docs"]
   index_format.publish_index(index_root, 0, [(np.ones((num_docs, 7), np.float32),
                                               np.arange(num_docs))])
   config = qa_config(realm_dir)

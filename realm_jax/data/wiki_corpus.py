@@ -36,7 +36,7 @@ build_report.json              the summed BuildReport and build params; written 
 Several processes may each run `build_shard(..., shard_index=i, num_shards=S)`; once all S
 shards exist, one process runs `merge_shards(out_dir)`. `build_wiki_corpus` does both in one
 process. Merging streams shard files into the merged .npy files, so it never holds all blocks
-in memory (the titles list of corpus.json excepted; a shard that loses records to cross-shard
+in memory (the titles excepted, written as title_text.npy at the end; a shard that loses records to cross-shard
 duplicates is filtered in memory, one shard at a time).
 """
 
@@ -1098,8 +1098,8 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   progress.update(1)
   corpus_metadata = dict(
       format_version=corpus_lib.FORMAT_VERSION, num_docs=num_docs, doc_len=doc_len,
-      body_len=body_len, vocab_size=params["vocab_size"], special=params["special"],
-      titles=titles)
+      body_len=body_len, vocab_size=params["vocab_size"], special=params["special"])
+  corpus_lib.write_titles(blocks_tmp, titles)
   (blocks_tmp / corpus_lib.METADATA_FILENAME).write_text(json.dumps(corpus_metadata))
   with (tmp / SPANS_FILE).open("wb") as f:
     _write_spans_npz(f, shard_dirs, views, sentence_starts[:-1].tolist())
