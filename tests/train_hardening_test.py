@@ -294,3 +294,45 @@ def test_ctrl_c_during_the_donating_step_call_is_raised_after_it():
   assert signal.getsignal(signal.SIGINT) is previous
   with loop._sigint_deferred():  # pylint: disable=protected-access
     pass  # no interrupt: nothing raised
+
+
+# ---- A diverging run stops at the first non-finite loss, unsaved -------------------------
+
+
+def test_nonfinite_loss_stops_the_run_without_checkpointing_that_state(corpus_dir, tmp_path,
+                                                                       monkeypatch):
+  """Step 5's loss comes back NaN (the real step, its loss replaced): the loop raises naming
+  the step and the last checkpoint (3), saves nothing after it, releases the lease, and the
+  bad step's record is the last line of metrics.jsonl."""
+  from realm_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  config = configured(corpus_dir, {"retrieval.prefetch": False})
+  real_make = steps_lib.make_realm_train_step
+
+  def make_poisoned(*args, **kwargs):
+    step_fn, calls = real_make(*args, **kwargs), []
+
+    def poisoned(state, batch):
+      calls.append(1)
+      state, metrics = step_fn(state, batch)
+      if len(calls) == 5:
+        metrics = dict(metrics, loss=metrics["loss"] * float("nan"))
+      return state, metrics
+    poisoned.lower = getattr(step_fn, "lower", None)  # compile_report uses it
+    return poisoned
+  monkeypatch.setattr(steps_lib, "make_realm_train_step", make_poisoned)
+  with pytest.raises(metrics_lib.NonFiniteMetrics,
+                     match=r"realm: step 5 has non-finite loss=nan; .*last checkpoint is step 3"):
+    loop.train_and_evaluate(config, workdir)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0", "3"]
+  records, _ = train_records(workdir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and np.isnan(records[-1]["loss"])
+  assert all(np.isfinite(r["loss"]) for r in records[:-1])
+  assert not (workdir / ".lease-trainer.json").exists()  # released: the run can resume
+
+
+def test_check_finite_names_the_values_and_passes_finite_ones():
+  metrics_lib.check_finite({"loss": 1.0, "grad_norm": 2.0, "other": float("nan")}, 5, [4], "x")
+  with pytest.raises(metrics_lib.NonFiniteMetrics, match=r"x: step 5 has non-finite "
+                     r"grad_norm=inf; .*no checkpoint was saved"):
+    metrics_lib.check_finite({"loss": 1.0, "grad_norm": float("inf")}, 5, [], "x")

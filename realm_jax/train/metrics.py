@@ -28,7 +28,7 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 
@@ -166,6 +166,31 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, Any]:
       flat[name] = json.dumps(value, default=str) if isinstance(value, (list, tuple)) else str(
           value)
   return flat
+
+
+class NonFiniteMetrics(FloatingPointError):
+  """A train step's loss or gradient norm is NaN or infinite: the run stops, unsaved."""
+
+
+GUARDED_METRICS = ("loss", "grad_norm")
+
+
+def check_finite(scalars: Mapping[str, float], step: int, checkpoints: Sequence[int],
+                 where: str) -> None:
+  """Raises NonFiniteMetrics when a `GUARDED_METRICS` value of step `step` is not finite.
+
+  Every process has the same (global) values, so all stop at the same step. The state after
+  such a step is never checkpointed: the message names the last saved step to resume from.
+  """
+  bad = {k: scalars[k] for k in GUARDED_METRICS if k in scalars and not math.isfinite(scalars[k])}
+  if not bad:
+    return
+  last = max(checkpoints) if checkpoints else None
+  resume = (f"the last checkpoint is step {last}: resume from it (e.g. with a lower learning "
+            "rate or without the bad data)" if last is not None else "no checkpoint was saved")
+  raise NonFiniteMetrics(
+      f"{where}: step {step} has non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
+      f"stopped without saving this state ({resume}). The step's record is in metrics.jsonl.")
 
 
 def tensorboard_tag(name: str) -> str:
