@@ -103,7 +103,7 @@ class InProcessIndex:
       try:
         _, self.searcher = index_format.load_index(
             self.root, expected, expected_num_docs=self.corpus.num_docs,
-            expected_fingerprint=self.corpus.fingerprint)
+            expected_fingerprint=index_format.fingerprint_of(self.corpus))
         if self._searcher_kind == "device":
           self.searcher = device_searcher.from_searcher(self.searcher, self._mesh,
                                                         **self._searcher_options)

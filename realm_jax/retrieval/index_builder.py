@@ -538,7 +538,7 @@ class IndexBuilder:
         index_format.check_version(root, step, expected_dim=self.config.model.embed_dim,
                                    expected_num_docs=corpus.corpus.num_docs,
                                    removed=corpus.removed if corpus.version else None,
-                                   expected_fingerprint=corpus.corpus.fingerprint)
+                                   expected_fingerprint=index_format.fingerprint_of(corpus.corpus))
       except (index_format.IndexVersionError, corpus_versions.CorpusVersionError, OSError) as e:
         logging.warning("index_builder: version %s is invalid (%s); it will be rebuilt or "
                         "pruned", step, e)

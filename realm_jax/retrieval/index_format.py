@@ -757,10 +757,16 @@ def _probe(version: epath.Path, searcher: searcher_lib.Searcher, num_docs: int):
                             f"with scores {scores[0][:5].tolist()} (out of range or not finite)")
 
 
+def fingerprint_of(corpus) -> str | None:
+  """A corpus's `fingerprint` (`data.corpus.BlockCorpus`), None for one saved before
+  fingerprints or a stand-in without the attribute."""
+  return getattr(corpus, "fingerprint", None)
+
+
 def corpus_record(corpus) -> dict[str, str]:
   """The manifest fields a writer adds for the corpus it embedded (a `BlockCorpus`):
   {CORPUS_FINGERPRINT: its fingerprint}, or {} for a corpus saved before fingerprints."""
-  fingerprint = getattr(corpus, "fingerprint", None)
+  fingerprint = fingerprint_of(corpus)
   return {CORPUS_FINGERPRINT: fingerprint} if fingerprint else {}
 
 

@@ -113,7 +113,7 @@ class IndexWatcher:
     expected = dict(self._expected)
     if corpus is not None:
       expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed,
-                      expected_fingerprint=corpus.corpus.fingerprint)
+                      expected_fingerprint=index_format.fingerprint_of(corpus.corpus))
     _, searcher = index_format.load_index(self.root, step, **expected)
     if self._prepare is not None:
       searcher = self._prepare(searcher)
