@@ -49,9 +49,10 @@ def whole_word_span_mask(block_is_continuation, spans: np.ndarray):
   '##' continuation and the piece after its last one is not either.
 
   Without it the reader's argmax can pick "##ember" or "sept" out of "sept ##ember", and the
-  decoded prediction is a word fragment, never an exact match. ORQA/REALM's answer spans are
-  whole words (`qa.answers.find_answer_spans` and `qa.batches.candidate_spans` only produce
-  such spans), so the candidates of the softmax and of the argmax are restricted the same way.
+  decoded prediction is a word fragment, never an exact match. The training answer spans here
+  are whole words already (`qa.answers.find_answer_spans` with the '##' flags and
+  `qa.batches.candidate_spans` only produce such spans), so the candidates of the softmax and
+  of the argmax are restricted the same way.
 
   Args:
     block_is_continuation: [..., Lb] bool per block token (`block [SEP]` right-padded; the
