@@ -237,6 +237,8 @@ def test_null_document_is_last_and_corpus_matches_build_block_corpus(one_shard, 
   expected = corpus_lib.build_block_corpus(docs, tokenizer, DOC_LEN)
   for name in corpus_lib._ARRAY_NAMES:  # pylint: disable=protected-access
     np.testing.assert_array_equal(getattr(corpus, name), getattr(expected, name), err_msg=name)
+  # The fingerprint hashed while streaming the merge is the one of the saved arrays.
+  assert corpus.fingerprint == corpus_lib.fingerprint(corpus) == expected.fingerprint
 
 
 # --- salient spans -----------------------------------------------------------------------------

@@ -124,3 +124,40 @@ def test_open_qa_model_scores_fixed_doc_embeddings():
                              np.einsum("bd,bkd->bk", np.asarray(q_emb), doc_emb),
                              rtol=1e-5, atol=1e-5)
   assert out.span_logits.shape == (2, 2, 8 * W)
+
+
+def test_whole_word_span_mask_matches_a_brute_force_reference():
+  """A span may start only on a word start and end only before a word start (or the end)."""
+  rng = np.random.default_rng(3)
+  cont = rng.random((3, 2, 9)) < 0.4
+  spans = reader.span_table(9, W)
+  got = np.asarray(reader.whole_word_span_mask(cont, spans))
+  assert got.shape == (3, 2, 9 * W)
+  for idx in np.ndindex(3, 2):
+    c = cont[idx]
+    for j, (start, end) in enumerate(spans):
+      ends_word = end + 1 >= len(c) or not c[end + 1]
+      assert got[idx + (j,)] == (not c[start] and ends_word), (idx, start, end)
+
+
+def test_reader_masks_spans_inside_words_and_the_argmax_moves(model_and_params):
+  """The unmasked best span is made to start on a '##' piece (the flags do not change the
+  tokens, so the scores stay the same): with the flags given it is masked, every surviving
+  span is whole-word, and the rest of the scores are unchanged."""
+  model, params = model_and_params
+  questions, blocks = _inputs()
+  plain = model.apply({"params": params}, questions, blocks)
+  spans = reader.span_table(blocks.shape[-1], W)
+  best = int(np.argmax(np.asarray(plain.span_logits[0, 0])))
+  start, end = spans[best]
+  cont = np.zeros(blocks.shape, bool)
+  cont[0, 0, start] = True  # the best span now starts inside a word
+  out = model.apply({"params": params}, questions, blocks, block_is_continuation=cont)
+  mask = np.asarray(out.span_mask)
+  assert np.asarray(plain.span_mask)[0, 0, best] and not mask[0, 0, best]
+  assert int(np.argmax(np.asarray(out.span_logits[0, 0]))) != best
+  expected = np.asarray(plain.span_mask) & np.asarray(reader.whole_word_span_mask(cont, spans))
+  np.testing.assert_array_equal(mask, expected)
+  np.testing.assert_array_equal(np.asarray(out.span_logits)[mask],
+                                np.asarray(plain.span_logits)[mask])
+  assert np.all(np.asarray(out.span_logits)[~mask] == reader.NEG_INF)

@@ -35,6 +35,15 @@ def test_batch_marks_the_answer_in_the_profile_block(world):
   batch = batches.build_qa_batch(np.arange(4), questions, ids, doc_emb, matcher, reader_k=2)
   assert batch["reader_block_tokens"].shape == (4, 2, blocks.body_len)
   assert batch["span_is_correct"].shape == (4, 2, blocks.body_len * 10)
+  # The reader's whole-word mask input: '##' pieces of the vocabulary, nothing else.
+  pieces = np.vectorize(lambda t: tok.id_to_token(int(t)).startswith("##"))(
+      batch["reader_block_tokens"])
+  np.testing.assert_array_equal(batch["reader_block_continuation"], pieces)
+  vocab = tok.get_vocab()
+  hashes = np.array([i for t, i in vocab.items() if t.startswith("##")])
+  assert hashes.size  # the lookup is not vacuous: the vocabulary has '##' pieces
+  np.testing.assert_array_equal(matcher.is_continuation(hashes), True)
+  np.testing.assert_array_equal(matcher.is_continuation([vocab["[SEP]"], 0]), False)
   assert batch["cand_doc_emb"].shape == (4, 3, 8)
   np.testing.assert_allclose(batch["cand_doc_emb"][:, 0], doc_emb[gold])
   assert batch["cand_has_answer"][:, 0].all()  # the profile states every attribute

@@ -63,3 +63,42 @@ def test_recall_at_k_and_oracle():
   correct = np.zeros((4, 2, 3), bool)
   correct[1, 1, 2] = True
   assert evaluate.reader_oracle_em(correct) == 0.25
+
+
+def test_prediction_is_the_whole_word_not_a_wordpiece_fragment(tmp_path):
+  """The reader's best raw span is "##ember" of "sept ##ember" (then "sept"): decoded alone
+  that is a fragment, never an answer. With the whole-word mask the host computes from the
+  vocabulary ('##' pieces), the argmax is the whole word "september"."""
+  from realm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from realm_jax.qa import batches  # pylint: disable=g-import-not-at-top
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "rain", "in",
+                              "sept", "##ember"]) + "\n")
+  tok = tokenizer_lib.load_tokenizer(vocab)
+  body = tok.encode("rain in september", add_special_tokens=False).ids
+  assert [tok.id_to_token(i) for i in body] == ["rain", "in", "sept", "##ember"]
+  block_len, width = 6, 3
+  blocks = np.zeros((1, 1, block_len), np.int32)
+  blocks[0, 0, :5] = [*body, 3]  # `block [SEP]`
+  spans = reader.span_table(block_len, width)
+  index = {tuple(s): j for j, s in enumerate(spans.tolist())}
+  span_logits = np.full((1, 1, len(spans)), 0.0, np.float32)
+  span_logits[0, 0, index[(3, 3)]] = 5.0  # "##ember"
+  span_logits[0, 0, index[(2, 2)]] = 4.0  # "sept"
+  span_logits[0, 0, index[(2, 3)]] = 3.0  # "september"
+  in_block = spans[:, 1] < 4
+  span_logits[0, 0, ~in_block] = reader.NEG_INF
+  example = [data.QAExample("when does it rain", ("September",))]
+  decode = lambda ids: tok.decode(list(ids))
+
+  def predict(logits):
+    rank, span, score = evaluate.best_spans(np.zeros((1, 1), np.float32), logits, spans)
+    return evaluate.make_predictions(example, np.array([[7]]), blocks, rank, span, score,
+                                     decode)[0]
+
+  unmasked = predict(span_logits)
+  assert unmasked.prediction != "september" and not unmasked.correct  # the bug
+  continuation = batches.continuation_table(tok)[blocks]
+  whole = np.asarray(reader.whole_word_span_mask(continuation, spans))
+  fixed = predict(np.where(whole, span_logits, reader.NEG_INF))
+  assert fixed.prediction == "september" and fixed.correct

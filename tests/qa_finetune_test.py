@@ -10,6 +10,7 @@ import pytest
 
 import tiny_configs
 from realm_jax import config_lib
+from realm_jax.data import corpus as corpus_lib
 from realm_jax.qa import fields
 from realm_jax.qa import finetune
 from realm_jax.retrieval import index_format
@@ -156,6 +157,18 @@ def test_bad_input_is_a_clear_error(realm_dir, tmp_path):
   config.qa.index_from = str(other_root)
   with pytest.raises(ValueError, match=f"{num_docs + 3} docs != corpus's {num_docs}"):
     finetune.finetune_qa(config, tmp_path / "docs")
+
+  # An index of another corpus with as many blocks: only the fingerprint tells them apart.
+  ours = corpus_lib.load_block_corpus(realm_dir / "corpus" / "blocks").fingerprint
+  assert ours and ours.startswith("sha256:")
+  same_count = tmp_path / "same_count_corpus"
+  index_format.publish_index(same_count, 0, [(np.ones((num_docs, 128), np.float32),
+                                              np.arange(num_docs))],
+                             extra={index_format.CORPUS_FINGERPRINT: "sha256:corpus-b"})
+  config.qa.index_from = str(same_count)
+  with pytest.raises(ValueError, match=rf"qa.index_from.*another corpus.*sha256:corpus-b.*"
+                                       rf"{ours}"):
+    finetune.finetune_qa(config, tmp_path / "fingerprint")
 
 
 def test_validate_qa_names_the_field(realm_dir):

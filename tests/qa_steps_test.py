@@ -11,6 +11,7 @@ from realm_jax.train import partitioning
 from realm_jax.train import state as state_lib
 
 W, LB, LQ, K, R, D, B = 3, 8, 6, 4, 2, 8, 8
+CONTINUATION = np.arange(30) >= 25  # ids 25..29 play '##' pieces; answers never use them
 
 
 def _model():
@@ -21,21 +22,24 @@ def _model():
 
 
 def _batch(seed=0):
-  """Blocks of random tokens; the answer is the one span whose tokens are the question's."""
+  """Blocks of random tokens; the answer is the one span whose tokens are the question's, a
+  whole word (the token after it is not a '##' piece)."""
   rng = np.random.default_rng(seed)
   questions = np.zeros((B, LQ), np.int32)
   blocks = np.zeros((B, R, LB), np.int32)
   correct = np.zeros((B, R, LB * W), bool)
   for i in range(B):
-    answer = rng.integers(5, 30, size=2)
+    answer = rng.integers(5, 25, size=2)
     questions[i, :4] = [2, *answer, 3]
     for z in range(R):
       body = rng.integers(5, 30, size=LB - 2)
       if z == 0 or i % 2:  # the answer sits in block 0, and in block 1 for odd questions
         at = rng.integers(0, LB - 3)
         body[at:at + 2] = answer
+        if at + 2 < len(body) and CONTINUATION[body[at + 2]]:
+          body[at + 2] = 5
       blocks[i, z, :LB - 1] = [*body, 3]
-      spans = answers.find_answer_spans(body, [tuple(answer)], W)
+      spans = answers.find_answer_spans(body, [tuple(answer)], W, CONTINUATION[body])
       correct[i, z] = answers.spans_to_mask(spans, LB, W)
   has_answer = np.zeros((B, K), bool)
   has_answer[:, :R] = correct.any(-1)
@@ -44,7 +48,8 @@ def _batch(seed=0):
   return dict(question_tokens=questions,
               cand_doc_emb=rng.normal(size=(B, K, D)).astype(np.float32),
               cand_mask=cand_mask, cand_has_answer=has_answer,
-              reader_block_tokens=blocks, span_is_correct=correct)
+              reader_block_tokens=blocks, reader_block_continuation=CONTINUATION[blocks],
+              span_is_correct=correct)
 
 
 def test_train_step_on_the_mesh_reduces_the_loss():
@@ -112,6 +117,11 @@ def test_bm25_mode_is_the_reader_loss_with_block_score_zero():
     log_num = np.log(np.exp(logits[correct] - logits.max()).sum()) + logits.max()
     losses.append(log_z - log_num)
   np.testing.assert_allclose(float(metrics["reader_loss"]), np.mean(losses), rtol=1e-5)
+  # Spans inside words were among the block's spans, and are out of both softmax and argmax.
+  in_block = np.asarray(steps.make_qa_predict_step(model, mesh, "bm25")(
+      state.params, partitioning.shard_batch(
+          {k: bm25_batch[k] for k in ("question_tokens", "reader_block_tokens")}, mesh))[1]) > -1e8
+  assert (in_block & (span_logits <= -1e8)).any()
   assert float(metrics["retriever_loss"]) == 0.0
   assert float(metrics["loss"]) == float(metrics["reader_loss"])
   # The dense loss on the same blocks differs (its block scores are not 0): not vacuous.

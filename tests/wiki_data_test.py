@@ -69,6 +69,9 @@ def test_heldout_sentences_leave_their_blocks(wiki):
     np.testing.assert_array_equal(corpus.reader_tokens[doc_id, :len(reader)], reader)
     assert corpus.reader_lengths[doc_id] == len(reader)
     assert (doc_id in held) == bool(removed)
+  # corpus.json's fingerprint is of the rows as they are now (after the rewrite), which is
+  # what an index built from them records.
+  assert corpus.fingerprint == corpus_lib.fingerprint(corpus)
 
 
 def test_queries_mask_stored_spans_and_keep_heldout_apart(wiki):

@@ -9,11 +9,18 @@ Titles are stored as one UTF-8 byte array plus offsets (`title_text.npy`,
 `title_text_offsets.npy`) and memory-mapped like the token arrays (`Titles`): at 13.35M
 Wikipedia blocks a Python list from corpus.json would hold ~1 GB resident on every host.
 Corpora written before that (titles listed in corpus.json) still load.
+
+`corpus.json` records a `fingerprint` of the blocks (`fingerprint`: sha256 over the block token
+arrays), computed once when the corpus is built or saved. Index versions record the fingerprint
+of the corpus they embed (`retrieval.index_format`), so an index of another corpus with the
+same number of blocks is refused instead of silently retrieving the wrong blocks. Corpora
+saved before fingerprints existed load with `fingerprint=None` (nothing to compare).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import uuid
@@ -35,6 +42,11 @@ _ARRAY_NAMES = (
     "sentence_token_ids", "sentence_offsets", "doc_sentence_offsets", "title_token_ids",
     "title_offsets",
 )
+# What the fingerprint covers: the rows that are embedded, retrieved and read. Titles and
+# sentence arrays only feed these rows (and masking), so equal rows are the same corpus here.
+FINGERPRINT_ARRAYS = ("retriever_tokens", "retriever_segments", "reader_tokens",
+                      "reader_lengths")
+_HASH_ROWS = 1 << 16  # rows per chunk: bounded memory on memory-mapped Wikipedia-size arrays
 
 
 TITLE_TEXT_FILE = "title_text.npy"  # [total bytes] uint8: every title's UTF-8, concatenated
@@ -121,6 +133,7 @@ class BlockCorpus:
   titles: Sequence[str]  # [N]: a list, or `Titles` (memory-mapped) once loaded
   vocab_size: int
   special: SpecialIds
+  fingerprint: str | None = None  # `fingerprint(self)`, from corpus.json; None: older corpus
 
   @property
   def num_docs(self) -> int:
@@ -151,6 +164,60 @@ class BlockCorpus:
     first, last = self.doc_sentence_offsets[doc_id], self.doc_sentence_offsets[doc_id + 1]
     bounds = self.sentence_offsets[first:last + 1]
     return [self.sentence_token_ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ArrayDigest:
+  """sha256 of one array's rows, fed in chunks (little-endian, C order), with its dtype and
+  shape: what `fingerprint` combines. The wiki build feeds it while streaming the merge, so the
+  result equals hashing the saved array."""
+
+  def __init__(self, dtype, shape: Sequence[int]):
+    self.dtype = np.dtype(dtype).newbyteorder("<")
+    self.shape = tuple(int(d) for d in shape)
+    self._sha = hashlib.sha256()
+
+  def update(self, rows) -> None:
+    self._sha.update(np.ascontiguousarray(rows, self.dtype).tobytes())
+
+  def record(self) -> list:
+    return [self.dtype.str, list(self.shape), self._sha.hexdigest()]
+
+
+def array_digest(array: np.ndarray) -> ArrayDigest:
+  """`ArrayDigest` of a whole (possibly memory-mapped) array, chunk by chunk."""
+  digest = ArrayDigest(array.dtype, array.shape)
+  for start in range(0, max(len(array), 1), _HASH_ROWS):
+    digest.update(array[start:start + _HASH_ROWS])
+  return digest
+
+
+def combine_digests(digests: dict[str, ArrayDigest]) -> str:
+  """The corpus fingerprint from the `FINGERPRINT_ARRAYS` digests: "sha256:<hex>"."""
+  text = json.dumps([[name, *digests[name].record()] for name in FINGERPRINT_ARRAYS])
+  return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint(corpus: BlockCorpus) -> str:
+  """A content hash of the corpus's blocks (`FINGERPRINT_ARRAYS`: dtype, shape and bytes).
+
+  Two corpora with the same number of blocks but different text get different fingerprints,
+  which `num_docs` alone cannot tell apart. O(corpus bytes) (sha256, ~1 GB/s per core): run
+  once at build/save time and read from corpus.json afterwards, never per load.
+  """
+  return combine_digests({name: array_digest(np.asarray(getattr(corpus, name)))
+                          for name in FINGERPRINT_ARRAYS})
+
+
+def refresh_fingerprint(directory: epath.PathLike) -> str:
+  """Recomputes the fingerprint of a saved corpus whose rows were rewritten in place (the wiki
+  build's held-out sentences) and stores it in its corpus.json; returns it."""
+  directory = epath.Path(directory)
+  metadata = json.loads((directory / METADATA_FILENAME).read_text())
+  value = fingerprint(load_block_corpus(directory))
+  if metadata.get("fingerprint") != value:
+    metadata["fingerprint"] = value
+    storage.write_text(directory / METADATA_FILENAME, json.dumps(metadata))
+  return value
 
 
 def pack_block(
@@ -225,13 +292,15 @@ def build_block_corpus(
     reader_lengths[row] = len(reader_body)
     progress.update(1)
 
-  return BlockCorpus(
+  corpus = BlockCorpus(
       retriever_tokens=retriever_tokens, retriever_segments=retriever_segments,
       reader_tokens=reader_tokens, reader_lengths=reader_lengths,
       sentence_token_ids=sentence_token_ids, sentence_offsets=sentence_offsets,
       doc_sentence_offsets=doc_sentence_offsets, title_token_ids=title_token_ids,
       title_offsets=title_offsets, titles=titles, vocab_size=tokenizer.get_vocab_size(),
       special=special)
+  corpus.fingerprint = fingerprint(corpus)
+  return corpus
 
 
 def save_block_corpus(corpus: BlockCorpus, directory: epath.PathLike) -> None:
@@ -239,6 +308,9 @@ def save_block_corpus(corpus: BlockCorpus, directory: epath.PathLike) -> None:
 
   On object storage the arrays go straight into `directory` and corpus.json, the marker
   `load_block_corpus` requires, is written last (`storage.publish_folder`).
+
+  The fingerprint is recomputed from the arrays being saved (a caller may have changed rows
+  since it was built, as corpus versions do) and stored in corpus.json.
   """
   directory = epath.Path(directory)
   if directory.exists() and not storage.is_object_storage(directory):
@@ -252,7 +324,7 @@ def save_block_corpus(corpus: BlockCorpus, directory: epath.PathLike) -> None:
     metadata = dict(
         format_version=FORMAT_VERSION, num_docs=corpus.num_docs, doc_len=corpus.doc_len,
         body_len=corpus.body_len, vocab_size=corpus.vocab_size,
-        special=dataclasses.asdict(corpus.special))
+        special=dataclasses.asdict(corpus.special), fingerprint=fingerprint(corpus))
     (folder / METADATA_FILENAME).write_text(json.dumps(metadata))
 
 
@@ -285,7 +357,8 @@ def load_block_corpus(directory: epath.PathLike, mmap: bool = True) -> BlockCorp
     raise ValueError(f"{os.fspath(directory)}: {len(titles)} titles, corpus.json says "
                      f"{metadata['num_docs']} documents.")
   corpus = BlockCorpus(**arrays, titles=titles, vocab_size=metadata["vocab_size"],
-                       special=SpecialIds(**metadata["special"]))
+                       special=SpecialIds(**metadata["special"]),
+                       fingerprint=metadata.get("fingerprint"))
   num_rows = metadata["num_docs"] + 1
   expected_shapes = dict(retriever_tokens=(num_rows, metadata["doc_len"]),
                          retriever_segments=(num_rows, metadata["doc_len"]),

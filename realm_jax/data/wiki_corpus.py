@@ -1055,16 +1055,23 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   # Files written: the arrays, block_texts.jsonl and salient_spans.npz.
   progress = progress_lib.Progress(f"corpus merge ({num_docs} blocks)", len(array_names) + 2,
                                    unit="files", every_seconds=10.0)
+  digests = {}  # the corpus fingerprint's arrays, hashed as they stream (no second read)
   for name, null_row in null_rows.items():
     dtype, width = _STREAMS[name]
     shape = (total(name) + (null_row is not None),) + ((widths[width],) if width else ())
+    digest = digests[name] = (corpus_lib.ArrayDigest(dtype, shape)
+                              if name in corpus_lib.FINGERPRINT_ARRAYS else None)
     with (blocks_tmp / f"{name}.npy").open("wb") as f:
       stream = _NpyStream(f, dtype, shape)
       for view in views:
         for chunk in view.chunks(name, widths):
           stream.write(chunk)
+          if digest is not None:
+            digest.update(np.asarray(chunk).reshape((-1, *shape[1:])))
       if null_row is not None:
         stream.write(null_row)
+        if digest is not None:
+          digest.update(np.asarray(null_row).reshape((-1, *shape[1:])))
       stream.check(name)
     progress.update(1)
   for name, lengths_name in lengths.items():
@@ -1098,7 +1105,8 @@ def merge_shards(out_dir: epath.PathLike, num_shards: int | None = None,
   progress.update(1)
   corpus_metadata = dict(
       format_version=corpus_lib.FORMAT_VERSION, num_docs=num_docs, doc_len=doc_len,
-      body_len=body_len, vocab_size=params["vocab_size"], special=params["special"])
+      body_len=body_len, vocab_size=params["vocab_size"], special=params["special"],
+      fingerprint=corpus_lib.combine_digests(digests))
   corpus_lib.write_titles(blocks_tmp, titles)
   (blocks_tmp / corpus_lib.METADATA_FILENAME).write_text(json.dumps(corpus_metadata))
   with (tmp / SPANS_FILE).open("wb") as f:

@@ -283,6 +283,7 @@ def build_wiki_data(data_config: ml_collections.ConfigDict, directory: epath.Pat
   with (directory / HELDOUT_FILE).open("wb") as f:
     np.savez(f, doc_ids=docs, sentences=sentences)
   remove_heldout_sentences(directory / "blocks", corpus, docs, sentences)
+  corpus_lib.refresh_fingerprint(directory / "blocks")  # the rows changed
   corpus = corpus_lib.load_block_corpus(directory / "blocks")
   queries = build_queries(corpus, spans, docs, sentences, data_config, seed)
   logging.info("wiki data: %d blocks, %d held out; %d train, %d eval span queries",

@@ -12,7 +12,9 @@ Spans are indexed *block-locally* in a fixed start-major table (`span_table`): s
 answer spans of a (question, block) pair can be computed once on the host
 (`realm_jax.qa.answers.spans_to_mask`) and never depend on the question's length. HF instead
 enumerates spans over the whole `[CLS] q [SEP] block [SEP]` sequence and masks those outside
-the block; the scores of the real spans are the same.
+the block; the scores of the real spans are the same. Given the blocks' '##' flags
+(`block_is_continuation`), spans that start or end inside a word are masked as well
+(`whole_word_span_mask`), so neither the loss nor the prediction ever considers a fragment.
 """
 
 from __future__ import annotations
@@ -42,6 +44,32 @@ def span_table(block_len: int, max_span_width: int) -> np.ndarray:
   return np.stack([starts, ends], axis=-1).astype(np.int32)
 
 
+def whole_word_span_mask(block_is_continuation, spans: np.ndarray):
+  """[..., S] bool: span [start, end] covers whole words, i.e. its first wordpiece is not a
+  '##' continuation and the piece after its last one is not either.
+
+  Without it the reader's argmax can pick "##ember" or "sept" out of "sept ##ember", and the
+  decoded prediction is a word fragment, never an exact match. The training answer spans here
+  are whole words already (`qa.answers.find_answer_spans` with the '##' flags and
+  `qa.batches.candidate_spans` only produce such spans), so the candidates of the softmax and
+  of the argmax are restricted the same way.
+
+  Args:
+    block_is_continuation: [..., Lb] bool per block token (`block [SEP]` right-padded; the
+      host looks the tokens up in `qa.batches.continuation_table`, [SEP]/padding are False).
+    spans: [S, 2] the reader's `span_table` (ends past Lb count as ending at a word end;
+      the reader masks them as outside the block anyway).
+  """
+  cont = jnp.asarray(block_is_continuation, bool)
+  block_len = cont.shape[-1]
+  starts = np.asarray(spans)[:, 0]
+  after_end = np.asarray(spans)[:, 1] + 1
+  # The piece after each end; a span reaching the last position is followed by nothing.
+  next_cont = jnp.concatenate([cont, jnp.zeros_like(cont[..., :1])], axis=-1)
+  return ~cont[..., np.minimum(starts, block_len - 1)] & ~next_cont[
+      ..., np.minimum(after_end, block_len)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ReaderConfig:
   """The reader's BERT plus its span head (HF RealmConfig defaults)."""
@@ -56,6 +84,7 @@ class ReaderConfig:
 class ReaderOutput(NamedTuple):
   span_logits: jax.Array  # [B, R, S] float32, NEG_INF where span_mask is False
   span_mask: jax.Array  # [B, R, S] bool: the span lies inside the block (before its [SEP])
+  #   and, when the block's continuation flags are given, covers whole words
   spans: np.ndarray  # [S, 2] int32 block-local (start, end) inclusive (`span_table`)
 
 
@@ -108,7 +137,10 @@ class SpanReader(nn.Module):
     block_lengths = jnp.maximum(jnp.sum(block_tokens != pad, axis=-1) - 1, 0)
     return hidden.reshape(batch, r, total, -1), question_lengths, block_lengths
 
-  def __call__(self, question_tokens, block_tokens, deterministic: bool = True) -> ReaderOutput:
+  def __call__(self, question_tokens, block_tokens, deterministic: bool = True,
+               block_is_continuation=None) -> ReaderOutput:
+    """block_is_continuation: optional [B, R, Lb] bool ('##' pieces of block_tokens); when
+    given, spans that start or end inside a word are masked (`whole_word_span_mask`)."""
     c = self.config
     batch, r, block_len = block_tokens.shape
     hidden, question_lengths, block_lengths = self.encode(question_tokens, block_tokens,
@@ -123,6 +155,8 @@ class SpanReader(nn.Module):
                              start_pos.reshape(batch * r, -1),
                              end_pos.reshape(batch * r, -1)).reshape(batch, r, -1)
     span_mask = ends[None, None, :] < block_lengths[..., None]  # [B, R, S]
+    if block_is_continuation is not None:
+      span_mask &= whole_word_span_mask(block_is_continuation, spans)
     return ReaderOutput(jnp.where(span_mask, logits, NEG_INF), span_mask, spans)
 
 
@@ -162,19 +196,22 @@ class OpenQAModel(nn.Module):
     return self.query_embedder(question_tokens, jnp.zeros_like(question_tokens), deterministic)
 
   def __call__(self, question_tokens, cand_doc_emb, reader_block_tokens,
-               deterministic: bool = True) -> OpenQAOutput:
+               deterministic: bool = True, reader_block_continuation=None) -> OpenQAOutput:
     """question_tokens [B, Lq]; cand_doc_emb [B, K, D] (index embeddings of the top K);
-    reader_block_tokens [B, R, Lb] the first R of those K, as `block [SEP]`."""
+    reader_block_tokens [B, R, Lb] the first R of those K, as `block [SEP]`;
+    reader_block_continuation [B, R, Lb] bool, optional: restricts spans to whole words."""
     question_emb = self.embed_questions(question_tokens, deterministic)  # [B, D]
     retrieval_logits = jnp.einsum("bd,bkd->bk", question_emb,
                                   cand_doc_emb.astype(jnp.float32))
-    read = self.reader(question_tokens, reader_block_tokens, deterministic)
+    read = self.reader(question_tokens, reader_block_tokens, deterministic,
+                       reader_block_continuation)
     return OpenQAOutput(retrieval_logits, read.span_logits, read.span_mask, read.spans)
 
-  def read(self, question_tokens, reader_block_tokens, deterministic: bool = True
-           ) -> OpenQAOutput:
+  def read(self, question_tokens, reader_block_tokens, deterministic: bool = True,
+           reader_block_continuation=None) -> OpenQAOutput:
     """The reader alone over given blocks (a BM25 retriever): retrieval_logits are 0 [B, R],
     so the joint softmax ranks spans by the reader's score only; the query tower is not run."""
-    read = self.reader(question_tokens, reader_block_tokens, deterministic)
+    read = self.reader(question_tokens, reader_block_tokens, deterministic,
+                       reader_block_continuation)
     zeros = jnp.zeros(reader_block_tokens.shape[:2], jnp.float32)
     return OpenQAOutput(zeros, read.span_logits, read.span_mask, read.spans)

@@ -105,11 +105,18 @@ class AnswerMatcher:
     self._span_texts: collections.OrderedDict[int, tuple] = collections.OrderedDict()
     self._max_block_text_entries = max_block_text_entries
 
+  def is_continuation(self, tokens: np.ndarray) -> np.ndarray:
+    """Same-shape bool: True for '##' wordpieces (the vocabulary's continuations), False for
+    word starts, special tokens and padding. The reader masks spans that start or end inside
+    a word with it (`models.reader.whole_word_span_mask`)."""
+    table = self._continuation
+    return table[np.clip(np.asarray(tokens), 0, len(table) - 1)]
+
   def _block(self, block_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [L], is_continuation [L]) of a block's body (its final [SEP] dropped)."""
     length = max(int(self.corpus.reader_lengths[block_id]) - 1, 0)
     tokens = np.asarray(self.corpus.reader_tokens[block_id, :length])
-    return tokens, self._continuation[np.clip(tokens, 0, len(self._continuation) - 1)]
+    return tokens, self.is_continuation(tokens)
 
   def body_text(self, block_id: int) -> str:
     """The detokenized body of a block (the regex weak label searches it)."""
@@ -196,6 +203,7 @@ def build_qa_batch(example_indices: np.ndarray, question_tokens: np.ndarray,
   width = matcher.max_span_width
   has_answer = np.zeros((batch, k), bool)
   span_is_correct = np.zeros((batch, reader_k, body_len * width), bool)
+  reader_tokens = np.asarray(corpus.reader_tokens[ids[:, :reader_k]], np.int32)
   for b, example in enumerate(np.asarray(example_indices)):
     for j in range(k):
       if not cand_mask[b, j]:
@@ -207,7 +215,8 @@ def build_qa_batch(example_indices: np.ndarray, question_tokens: np.ndarray,
       question_tokens=np.asarray(question_tokens[np.asarray(example_indices)], np.int32),
       cand_mask=cand_mask,
       cand_has_answer=has_answer,
-      reader_block_tokens=np.asarray(corpus.reader_tokens[ids[:, :reader_k]], np.int32),
+      reader_block_tokens=reader_tokens,
+      reader_block_continuation=matcher.is_continuation(reader_tokens),
       span_is_correct=span_is_correct,
   )
   if doc_embeddings is not None:

@@ -311,14 +311,17 @@ class FrozenIndex:
 
 def load_frozen_index(root: epath.PathLike, step: int, embed_dim: int,
                       corpus: corpus_lib.BlockCorpus, source: str, field: str) -> FrozenIndex:
-  """Loads and checks one version against the model's dim and the corpus's doc count; a
-  mismatch is a ValueError naming the config field that chose the index."""
+  """Loads and checks one version against the model's dim, the corpus's doc count and its
+  fingerprint (an index of another corpus with as many blocks is refused); a mismatch is a
+  ValueError naming the config field that chose the index."""
   try:
     manifest, searcher = index_format.load_index(root, step, expected_dim=embed_dim,
-                                                 expected_num_docs=corpus.num_docs)
+                                                 expected_num_docs=corpus.num_docs,
+                                                 expected_fingerprint=corpus.fingerprint)
   except index_format.IndexVersionError as e:
     raise ValueError(f"{field}: the index {epath.Path(root) / str(step)} does not fit this "
-                     f"run (model.embed_dim={embed_dim}, corpus of {corpus.num_docs} blocks): "
+                     f"run (model.embed_dim={embed_dim}, corpus of {corpus.num_docs} blocks, "
+                     f"fingerprint {corpus.fingerprint or 'none (an older corpus)'}): "
                      f"{e}") from e
   return FrozenIndex(searcher, version_embeddings(root, step, manifest, corpus.num_docs),
                      str(root), step, source)
@@ -374,7 +377,8 @@ def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, model,
       if (root / "0" / index_format.MANIFEST).exists():
         (root / "0").rmtree()  # an interrupted earlier start-up: embed again
       index_format.publish_index(root, 0, [(embeddings, np.arange(len(embeddings)))],
-                                 extra=dict(source="qa_startup"))
+                                 extra=dict(source="qa_startup",
+                                            **index_format.corpus_record(corpus)))
     _LOG.info("index: embedded %d blocks in %.1fs", len(embeddings), time.time() - start)
     index = FrozenIndex(searcher_lib.ExactSearcher(embeddings), embeddings, str(root), 0,
                         "startup")

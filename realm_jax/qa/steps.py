@@ -14,6 +14,9 @@ reader blocks = the first R of the K, S = Lb * max_span_width spans):
   cand_mask           [B, K]     bool   False for padding candidates
   cand_has_answer     [B, K]     bool   the block contains an answer (retriever supervision)
   reader_block_tokens [B, R, Lb] int32  `block [SEP]` of the first R candidates
+  reader_block_continuation [B, R, Lb] bool  True for '##' pieces: spans must cover whole
+                                    words, in the loss's softmax and in prediction
+                                    (`models.reader.whole_word_span_mask`)
   span_is_correct     [B, R, S]  bool   `answers.spans_to_mask` of each (question, block)
 
 With `retriever="bm25"` (`qa.retriever`) there is no `cand_doc_emb` and K = R: the blocks are
@@ -34,14 +37,16 @@ from realm_jax.models import reader as reader_lib
 from realm_jax.train import partitioning
 
 QA_KEYS = ("question_tokens", "cand_doc_emb", "cand_mask", "cand_has_answer",
-           "reader_block_tokens", "span_is_correct")
-PREDICT_KEYS = ("question_tokens", "cand_doc_emb", "reader_block_tokens")
+           "reader_block_tokens", "reader_block_continuation", "span_is_correct")
+PREDICT_KEYS = ("question_tokens", "cand_doc_emb", "reader_block_tokens",
+                "reader_block_continuation")
 RETRIEVERS = ("dense", "bm25")
 
 
 def predict_keys(retriever: str = "dense") -> tuple[str, ...]:
   """The batch keys `make_qa_predict_step` reads."""
-  return PREDICT_KEYS if retriever == "dense" else ("question_tokens", "reader_block_tokens")
+  return PREDICT_KEYS if retriever == "dense" else tuple(k for k in PREDICT_KEYS
+                                                          if k != "cand_doc_emb")
 
 
 def _check_retriever(retriever: str) -> None:
@@ -52,14 +57,18 @@ def _check_retriever(retriever: str) -> None:
 def _apply(model: reader_lib.OpenQAModel, params, batch, retriever: str, deterministic: bool,
            rng=None) -> reader_lib.OpenQAOutput:
   """The model on a batch: dense retrieval logits over the K candidates, or (BM25) 0 for
-  each of the R reader blocks without running the query tower."""
+  each of the R reader blocks without running the query tower. With
+  `reader_block_continuation` in the batch (`batches.build_qa_batch` always adds it) only
+  whole-word spans are candidates; without it every span inside the block is."""
   rngs = None if deterministic else {"dropout": rng}
+  continuation = batch.get("reader_block_continuation")
   if retriever == "bm25":
     return model.apply({"params": params}, batch["question_tokens"],
                        batch["reader_block_tokens"], deterministic=deterministic, rngs=rngs,
-                       method=model.read)
+                       reader_block_continuation=continuation, method=model.read)
   return model.apply({"params": params}, batch["question_tokens"], batch["cand_doc_emb"],
-                     batch["reader_block_tokens"], deterministic=deterministic, rngs=rngs)
+                     batch["reader_block_tokens"], deterministic=deterministic, rngs=rngs,
+                     reader_block_continuation=continuation)
 
 
 def qa_forward(model: reader_lib.OpenQAModel, params, batch, rng, deterministic: bool,

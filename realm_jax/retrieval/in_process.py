@@ -86,7 +86,8 @@ class InProcessIndex:
         storage.remove_folder(self.root / str(step), index_format.MANIFEST)  # a re-run of this step after a resume replaces it
       index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
                                  searcher=searcher_lib.published_kind(self._searcher_kind),
-                                 extra=dict(source="in_process"),
+                                 extra=dict(source="in_process",
+                                            **index_format.corpus_record(self.corpus)),
                                  searcher_options=None if device else self._searcher_options,
                                  searchers=None if device else [self.searcher])
       index_format.prune_versions(self.root, self._keep)
@@ -102,7 +103,8 @@ class InProcessIndex:
     if expected in index_format.list_versions(self.root):
       try:
         _, self.searcher = index_format.load_index(
-            self.root, expected, expected_num_docs=self.corpus.num_docs)
+            self.root, expected, expected_num_docs=self.corpus.num_docs,
+            expected_fingerprint=index_format.fingerprint_of(self.corpus))
         if self._searcher_kind == "device":
           self.searcher = device_searcher.from_searcher(self.searcher, self._mesh,
                                                         **self._searcher_options)

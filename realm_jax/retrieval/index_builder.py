@@ -347,7 +347,8 @@ class IndexBuilder:
           extra=dict(source="index_builder", num_processes=self.process_count,
                      embed_seconds=round(shard_seconds, 3), param_step=int(step),
                      corpus_version=corpus.version, corpus_num_docs=corpus.corpus.num_docs,
-                     corpus_dir=None if self.corpus_dir is None else str(self.corpus_dir)),
+                     corpus_dir=None if self.corpus_dir is None else str(self.corpus_dir),
+                     **index_format.corpus_record(corpus.corpus)),
           before_publish=self._check_lease)
     except Exception:
       # Withdraw the announcement, so followers stop working on a build that will not finish.
@@ -545,7 +546,8 @@ class IndexBuilder:
         corpus = self.corpus_at(getattr(step, "corpus_version", 0))
         index_format.check_version(root, step, expected_dim=self.config.model.embed_dim,
                                    expected_num_docs=corpus.corpus.num_docs,
-                                   removed=corpus.removed if corpus.version else None)
+                                   removed=corpus.removed if corpus.version else None,
+                                   expected_fingerprint=index_format.fingerprint_of(corpus.corpus))
       except (index_format.IndexVersionError, corpus_versions.CorpusVersionError, OSError) as e:
         logging.warning("index_builder: version %s is invalid (%s); it will be rebuilt or "
                         "pruned", step, e)

@@ -22,6 +22,11 @@ checkpoint's; `VersionKey` is an `int` (the step) for all arithmetic and plain i
 corpus version 0, so step-based callers keep working. The manifest of a version over a
 corpus version records `corpus_version`, `corpus_num_docs` (the doc-id space: tombstoned ids
 are absent from the index, so `num_docs`, the vectors, can be smaller) and `param_step`.
+Every writer also records `corpus_fingerprint`, the `data.corpus.fingerprint` of the corpus
+(version) it embedded: a doc count alone cannot tell two corpora of equally many blocks apart,
+so loaders given the expected fingerprint refuse a version of another corpus
+(`check_corpus_fingerprint`). Versions written before the field existed, or a corpus saved
+before fingerprints, still load, with one warning each (nothing to compare).
 Publishing is one protocol for one writer or many (the builder's processes):
 
 1. `start_version` (the leader, process 0): (re)creates the tmp folder `.tmp-<step>` (its name
@@ -86,6 +91,8 @@ BUILD = "BUILD.json"
 SHARD_DONE = "SHARD_DONE.json"
 TMP_PREFIX = ".tmp-"
 SCANN_DIR = "scann"  # in a shard: `ScannSearcher.save`'s folder
+CORPUS_FINGERPRINT = "corpus_fingerprint"  # manifest field: the embedded corpus's fingerprint
+_WARNED: set[tuple[str, str]] = set()  # (root, what): unverifiable fingerprints, said once
 # 2: optional serialized ScaNN searchers per shard, BUILD.json and SHARD_DONE.json. Version-1
 # folders (no ScaNN files) still load: their "scann" shards are built from the embeddings.
 FORMAT_VERSION = 2
@@ -798,8 +805,57 @@ def _probe(version: epath.Path, searcher: searcher_lib.Searcher, num_docs: int):
                             f"with scores {scores[0][:5].tolist()} (out of range or not finite)")
 
 
+def fingerprint_of(corpus) -> str | None:
+  """A corpus's `fingerprint` (`data.corpus.BlockCorpus`), None for one saved before
+  fingerprints or a stand-in without the attribute."""
+  return getattr(corpus, "fingerprint", None)
+
+
+def corpus_record(corpus) -> dict[str, str]:
+  """The manifest fields a writer adds for the corpus it embedded (a `BlockCorpus`):
+  {CORPUS_FINGERPRINT: its fingerprint}, or {} for a corpus saved before fingerprints."""
+  fingerprint = fingerprint_of(corpus)
+  return {CORPUS_FINGERPRINT: fingerprint} if fingerprint else {}
+
+
+def _warn_once(root: epath.PathLike, what: str, message: str) -> None:
+  key = (os.fspath(root), what)
+  if key not in _WARNED:
+    _WARNED.add(key)
+    logging.warning("%s", message)
+
+
+def check_corpus_fingerprint(index_root: epath.PathLike, step: int, manifest: dict[str, Any],
+                             expected: str | None) -> None:
+  """Raises IndexVersionError when the version was built for another corpus than `expected`
+  (the loader's `BlockCorpus.fingerprint`): same doc count, different blocks, so every
+  retrieved id would name the wrong text. When either side has no fingerprint (a version or
+  a corpus from before fingerprints) nothing can be compared: a warning, once per index root.
+  """
+  version = epath.Path(index_root) / str(step)
+  recorded = manifest.get(CORPUS_FINGERPRINT)
+  if recorded and expected:
+    if recorded != expected:
+      where = manifest.get("corpus_dir")
+      raise IndexVersionError(
+          f"{version}: built for another corpus: the index's corpus fingerprint is {recorded}"
+          f"{f' (corpus {where})' if where else ''}, the expected corpus's is {expected} "
+          f"(both have {manifest.get('corpus_num_docs', manifest.get('num_docs'))} blocks); "
+          "rebuild the index for this corpus or point data.corpus_dir at the one it indexes")
+  elif expected:
+    _warn_once(index_root, "no index fingerprint",
+               f"index {index_root}: version {step} (and maybe others) records no corpus "
+               "fingerprint (written before fingerprints): cannot check that it was built for "
+               "this corpus, only its doc count")
+  elif recorded:
+    _warn_once(index_root, "no corpus fingerprint",
+               f"index {index_root}: the corpus has no fingerprint (saved before fingerprints; "
+               f"rebuild it to get one), so version {step}'s {recorded} cannot be compared")
+
+
 def _load(index_root: epath.PathLike, step: int, expected_dim: int | None,
-          expected_num_docs: int | None, build: bool, removed: np.ndarray | None = None
+          expected_num_docs: int | None, build: bool, removed: np.ndarray | None = None,
+          expected_fingerprint: str | None = None
           ) -> tuple[dict, searcher_lib.ShardedSearcher | None]:
   version = epath.Path(index_root) / str(step)
   manifest = read_manifest(index_root, step)
@@ -812,6 +868,8 @@ def _load(index_root: epath.PathLike, step: int, expected_dim: int | None,
                             "vectors")
   if expected_num_docs is not None and total != expected_num_docs:
     raise IndexVersionError(f"{version}: {total} docs != corpus's {expected_num_docs}")
+  if expected_num_docs is not None or expected_fingerprint is not None:
+    check_corpus_fingerprint(index_root, step, manifest, expected_fingerprint)
   if removed is not None and removed.shape != (total,):
     raise IndexVersionError(f"{version}: tombstones for {removed.shape} docs, the index has "
                             f"{total}")
@@ -846,12 +904,13 @@ def _load(index_root: epath.PathLike, step: int, expected_dim: int | None,
 
 
 def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
-               expected_num_docs: int | None = None, removed: np.ndarray | None = None
+               expected_num_docs: int | None = None, removed: np.ndarray | None = None,
+               expected_fingerprint: str | None = None
                ) -> tuple[dict, searcher_lib.ShardedSearcher]:
   """Loads and validates one version into the manifest's searcher.
 
-  Checked: the manifest's structure, every file's checksum, dim and doc count against the
-  caller's model and corpus, and the content (see the module docstring:
+  Checked: the manifest's structure, every file's checksum, dim, doc count and corpus
+  fingerprint (`check_corpus_fingerprint`) against the caller's model and corpus, and the content (see the module docstring:
   ids in range and unique, embeddings finite, a probe search). Any defect raises
   IndexVersionError with one line naming it; FileNotFoundError/OSError mean the version
   vanished (was pruned) while loading. A "scann" shard loads its stored searcher; one without
@@ -859,16 +918,16 @@ def load_index(index_root: epath.PathLike, step: int, expected_dim: int | None =
   (the trainer's IndexWatcher: off the training thread).
   """
   return _load(index_root, step, expected_dim, expected_num_docs, build=True,
-               removed=removed)
+               removed=removed, expected_fingerprint=expected_fingerprint)
 
 
 def check_version(index_root: epath.PathLike, step: int, expected_dim: int | None = None,
-                  expected_num_docs: int | None = None, removed: np.ndarray | None = None
-                  ) -> dict[str, Any]:
+                  expected_num_docs: int | None = None, removed: np.ndarray | None = None,
+                  expected_fingerprint: str | None = None) -> dict[str, Any]:
   """`load_index`'s checks without building or loading searchers (ScaNN files only checksummed,
   no probe search): what the index builder runs on existing versions. -> the manifest."""
   return _load(index_root, step, expected_dim, expected_num_docs, build=False,
-               removed=removed)[0]
+               removed=removed, expected_fingerprint=expected_fingerprint)[0]
 
 
 def shard_vectors(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:

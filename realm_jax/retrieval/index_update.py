@@ -89,6 +89,7 @@ def update_index(index_root: epath.PathLike, parent_key: int,
     info = dict(
         source="index_update", corpus_version=new.version,
         corpus_num_docs=new.corpus.num_docs, param_step=int(parent_key),
+        **index_format.corpus_record(new.corpus),
         incremental=dict(parent=str(parent_key), parent_corpus_version=old.version,
                          added=int(len(added)), removed=int(len(removed)),
                          embedded=int(len(added)), rebalanced=bool(rebalance),

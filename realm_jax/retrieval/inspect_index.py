@@ -179,7 +179,8 @@ class Inspector:
     root = self.workdir / "index"
     versions = index_format.list_versions(root)
     expected = dict(expected_dim=int(self.config.model.embed_dim),
-                    expected_num_docs=self.corpus.num_docs)
+                    expected_num_docs=self.corpus.num_docs,
+                    expected_fingerprint=self.corpus.fingerprint)
     if index_step is not None:
       if index_step not in versions:
         raise RetrieveError(f"index version {index_step} is not published in {root} "
@@ -224,7 +225,8 @@ class Inspector:
     version = corpus_versions.load_version(self.corpus_dir, number)
     loaded = index_format.load_index(root, step, expected_dim=expected["expected_dim"],
                                      expected_num_docs=version.corpus.num_docs,
-                                     removed=version.removed)
+                                     removed=version.removed,
+                                     expected_fingerprint=version.corpus.fingerprint)
     self.corpus = version.corpus
     self.texts_path = version.directory / TEXTS_FILE
     return loaded

@@ -40,7 +40,10 @@ class IndexWatcher:
 
   def __init__(self, index_root: epath.PathLike, expected_dim: int, expected_num_docs: int,
                poll_seconds: float = 1.0, corpus_dir: epath.PathLike | None = None,
-               prepare: Callable[[searcher_lib.Searcher], searcher_lib.Searcher] | None = None):
+               prepare: Callable[[searcher_lib.Searcher], searcher_lib.Searcher] | None = None,
+               expected_fingerprint: str | None = None):
+    # `expected_fingerprint`: the trainer's corpus (version 0) fingerprint; a version over a
+    # corpus version is checked against that version's own (`index_format.corpus_record`).
     # `prepare` runs on this thread after validation, e.g. placing a device searcher's table
     # on the accelerators (`device_searcher.prepare_for_swap`); a failure rejects the version.
     self._prepare = prepare
@@ -49,7 +52,8 @@ class IndexWatcher:
     self.corpus_dir = None if corpus_dir is None else epath.Path(corpus_dir)
     self._corpora: dict[int, corpus_versions.CorpusVersion] = {}
     self.corpus_of: dict[int, corpus_versions.CorpusVersion | None] = {}  # by loaded version
-    self._expected = dict(expected_dim=expected_dim, expected_num_docs=expected_num_docs)
+    self._expected = dict(expected_dim=expected_dim, expected_num_docs=expected_num_docs,
+                          expected_fingerprint=expected_fingerprint)
     self._poll = poll_seconds
     self._lock = threading.Lock()
     self._pending: tuple[int, searcher_lib.Searcher, float] | None = None
@@ -108,7 +112,8 @@ class IndexWatcher:
     corpus = self._corpus_for(step)
     expected = dict(self._expected)
     if corpus is not None:
-      expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed)
+      expected.update(expected_num_docs=corpus.corpus.num_docs, removed=corpus.removed,
+                      expected_fingerprint=index_format.fingerprint_of(corpus.corpus))
     _, searcher = index_format.load_index(self.root, step, **expected)
     if self._prepare is not None:
       searcher = self._prepare(searcher)

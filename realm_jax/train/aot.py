@@ -255,6 +255,7 @@ def qa_batch_shapes(config, batch_size: int, embed_dim: int) -> dict[str, tuple[
           "cand_mask": ((b, qa.retriever_k), np.bool_),
           "cand_has_answer": ((b, qa.retriever_k), np.bool_),
           "reader_block_tokens": ((b, qa.reader_k, body_len), np.int32),
+          "reader_block_continuation": ((b, qa.reader_k, body_len), np.bool_),
           "span_is_correct": ((b, qa.reader_k, spans), np.bool_)}
 
 

@@ -451,7 +451,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         config.retrieval.watch_poll_seconds, corpus_dir=data.directory,
         prepare=(functools.partial(device_searcher.prepare_for_swap, mesh=mesh,
                                    **device_searcher.options_from_config(config.retrieval))
-                 if config.retrieval.searcher == "device" else None)).start(), corpus.null_id)
+                 if config.retrieval.searcher == "device" else None),
+        expected_fingerprint=corpus.fingerprint).start(), corpus.null_id)
     teardown.add("index watcher stop", index.watcher.stop, WATCHER_STOP_SECONDS)
   elif retrieval_on or is_ict:
     index = in_process.InProcessIndex(corpus, embed_docs, mesh, workdir / "index",
