@@ -26,6 +26,7 @@ from realm_jax.retrieval import index_update
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.retrieval import watcher as watcher_lib
+import lexical_embedder  # pylint: disable=g-bad-import-order
 from data_wiki_corpus_test import write_jsonl  # pylint: disable=g-bad-import-order
 from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
 
@@ -210,14 +211,8 @@ class _BagOfWordpiecesBuilder(index_builder.IndexBuilder):
     self._corpora[0] = cv.CorpusVersion(0, data.corpus, np.zeros(data.corpus.num_docs, bool),
                                         dict(version=0), data.directory)
     self._refresh_corpus_version()
-    table = jnp.asarray(np.random.default_rng(0).normal(
-        size=(data.corpus.vocab_size, self.config.model.embed_dim)), jnp.float32)
-    table = table.at[data.corpus.special.pad].set(0.0)
-    def embed(params, tokens, segments):
-      del params, segments
-      emb = table[tokens].sum(axis=1)
-      return emb / jnp.linalg.norm(emb, axis=1, keepdims=True)
-    self._embed_docs = embed
+    self._embed_docs = lexical_embedder.bag_of_wordpieces(
+        data.corpus.vocab_size, self.config.model.embed_dim, data.corpus.special.pad)
 
   def _params(self, step):
     self.param_steps = getattr(self, "param_steps", []) + [int(step)]
