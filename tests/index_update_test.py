@@ -106,6 +106,31 @@ def test_incremental_version_matches_a_full_rebuild(kind, tmp_path):
     np.testing.assert_array_equal(ids, exact_ids)
 
 
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_apply_update_changes_an_in_memory_searcher_like_the_published_update(kind):
+  """The trainer-side path (`apply_update`, then `shards_to_publish`): a 2-shard searcher
+  after an update holds exactly the live ids, added ones dealt round-robin, and searches like
+  the exact searcher over the live rows (ScaNN brute force below BRUTE_FORCE_BELOW: exact)."""
+  rng = np.random.default_rng(3)
+  table = clustered(rng, 700, rng.normal(size=(10, DIM)) * 2)
+  shards = [scann_searcher.make_searcher(kind, table[i:i + 300], np.arange(i, i + 300))
+            for i in (0, 300)]
+  removed = np.array([1, 2, 299, 300, 450])
+  added = np.arange(600, 700)
+  updated = index_update.apply_update(searcher_lib.ShardedSearcher(shards), table[added],
+                                      added, removed)
+  published, searchers = index_update.shards_to_publish(updated)
+  held = np.concatenate([ids for _, ids in published])
+  live = np.setdiff1d(np.arange(700), removed)
+  np.testing.assert_array_equal(np.sort(held), live)
+  assert [len(ids) for _, ids in published] == [297 + 50, 298 + 50] and len(searchers) == 2
+  assert all((rows is None) == (kind == "scann") for rows, _ in published)
+  queries = table[[0, 5, 299, 300, 600, 650, 699]]
+  ids, _ = updated.search(queries, 5)
+  exact_ids, _ = searcher_lib.ExactSearcher(table[live], live).search(queries, 5)
+  np.testing.assert_array_equal(ids, exact_ids)
+
+
 def test_scann_upsert_delete_and_rebalance_keep_recall(tmp_path):
   rng = np.random.default_rng(1)
   centers = rng.normal(size=(30, DIM)) * 2
