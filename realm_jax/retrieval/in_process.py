@@ -212,7 +212,11 @@ class InProcessIndex:
 
   def load_or_refresh(self, params, step: int, refresh_every: int) -> None:
     """On resume: reuse the version the interrupted run was using (the newest one of the
-    refresh step before `step`, incremental corpus versions included), else re-embed now."""
+    refresh step before `step`, incremental corpus versions included), else re-embed now.
+
+    A corpus version the interrupted run followed after its last checkpoint is taken too (the
+    corpus has moved on; replaying those steps on the older version would retrieve removed
+    documents), so such a replay is not bit-identical to the interrupted run."""
     expected = step // refresh_every * refresh_every
     candidates = [v for v in index_format.list_versions(self.root) if int(v) == expected]
     if candidates:
