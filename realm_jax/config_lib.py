@@ -199,6 +199,9 @@ FIELDS: dict[str, Field] = {
     "retrieval.embed_batch_size": _int("documents per embedding call during a refresh",
                                        1, 10**6),
     "retrieval.keep_index_versions": _int("index versions kept in <workdir>/index", 1, 1000),
+    "retrieval.corpus_check_every": _int(
+        "index_source=trainer: look for a new corpus version (data/corpus_versions.py) every "
+        "this many steps, and apply it to the index at once", 1, _STEPS_MAX),
     "retrieval.index_source": _choice(
         '"trainer": re-embed in-process every refresh_every steps; "builder": a separate '
         "--mode=index_builder job publishes versions", ("trainer", "builder")),
@@ -352,6 +355,9 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       refresh_every=s["refresh_every"],  # re-embed the corpus every this many steps
       embed_batch_size=256,  # documents per embedding call during a refresh
       keep_index_versions=3,
+      # index_source=trainer: steps between two looks for a newer corpus version
+      # (--mode=update_corpus); one is applied at once (retrieval/in_process.py).
+      corpus_check_every=10,
       # "trainer": re-embed in-process every refresh_every steps (synchronous, small corpora);
       # "builder": a separate `--mode=index_builder` job publishes versions, the trainer swaps.
       index_source="trainer",

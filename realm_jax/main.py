@@ -17,7 +17,7 @@ Modes:
          experiments/openqa*.py configs, from a pretraining run (`qa.init_from`)
   eval_qa        exact match, recall@k and predictions.jsonl of the fine-tuned run
   retrieve       look inside a run's index: --query="..." (or --queries=file.jsonl) [--k=5]
-         [--index_step=N] [--output=results.jsonl]: top-k blocks with scores and titles,
+         [--index_step=N or N+C] [--output=results.jsonl]: top-k blocks with scores and titles,
          embedded with the checkpoint the index was built from; --config optional
   print_config   print the resolved config (after overrides), one `field = value  # help`
          line per field; needs no --workdir
@@ -82,8 +82,9 @@ _REPLACE = flags.DEFINE_string(
 _QUERY = flags.DEFINE_string("query", None, "retrieve: one query text.")
 _QUERIES = flags.DEFINE_string("queries", None, 'retrieve: a JSONL file of {"query": ...} lines.')
 _K = flags.DEFINE_integer("k", 5, "retrieve: documents per query.")
-_INDEX_STEP = flags.DEFINE_integer("index_step", None,
-                                   "retrieve: the index version to search (default: LATEST).")
+_INDEX_STEP = flags.DEFINE_string(
+    "index_step", None, "retrieve: the index version to search, a step (200) or a step and "
+    "corpus version (200+3, data/corpus_versions.py) (default: LATEST).")
 _OUTPUT = flags.DEFINE_string("output", None, "retrieve: also write the results as JSONL here; "
                               "compile: write the report as JSON here.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "compile: TPU topology, e.g. v5e:8x8, v4:2x2x4.")
@@ -147,6 +148,24 @@ def _update_corpus(config, workdir: str) -> None:
       vocab_file=data.get("vocab_file") or None, force_lease=_FORCE.value)
   print(json.dumps({k: v for k, v in manifest.items() if k not in ("files", "removed")},
                    indent=1))
+
+
+def parse_index_version(text: str | None):
+  """--index_step's text as an index VersionKey (`"200"`, `"200+3"`); None when not given.
+
+  A bad key is a ValueError naming the flag and the accepted forms.
+  """
+  from realm_jax.retrieval import index_format  # pylint: disable=g-import-not-at-top
+  if text is None or not text.strip():
+    return None
+  key = index_format.parse_version(text.strip())
+  if key is None:
+    hint = (" (corpus version 0 is written without '+0')"
+            if text.strip().endswith("+0") else "")
+    raise ValueError(f"--index_step={text!r} is not an index version: give a step (200) or a "
+                     f"step and a corpus version >= 1 (200+3), as the folders in "
+                     f"<workdir>/index/ are named{hint}")
+  return key
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -231,9 +250,13 @@ def _run_mode(mode: str, config, workdir: str) -> None:
     print(json.dumps(evaluation.evaluate_retrieval(config, workdir), indent=1))
   elif mode == "retrieve":
     from realm_jax.retrieval import inspect_index  # pylint: disable=g-import-not-at-top
+    try:
+      index_step = parse_index_version(_INDEX_STEP.value)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
     print(inspect_index.run_retrieve_mode(
         workdir, query=_QUERY.value, queries_file=_QUERIES.value, k=_K.value,
-        index_step=_INDEX_STEP.value, output=_OUTPUT.value, config=config))
+        index_step=index_step, output=_OUTPUT.value, config=config))
   elif mode in ("finetune_qa", "eval_qa"):
     from realm_jax.qa import finetune  # pylint: disable=g-import-not-at-top
     run = finetune.finetune_qa if mode == "finetune_qa" else finetune.evaluate_qa

@@ -26,6 +26,7 @@ from realm_jax.retrieval import index_update
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.retrieval import watcher as watcher_lib
+import lexical_embedder  # pylint: disable=g-bad-import-order
 from data_wiki_corpus_test import write_jsonl  # pylint: disable=g-bad-import-order
 from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
 
@@ -107,6 +108,31 @@ def test_incremental_version_matches_a_full_rebuild(kind, tmp_path):
   assert recall >= 0.99 * recall_full
   if kind == "exact":
     np.testing.assert_array_equal(ids, exact_ids)
+
+
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_apply_update_changes_an_in_memory_searcher_like_the_published_update(kind):
+  """The trainer-side path (`apply_update`, then `shards_to_publish`): a 2-shard searcher
+  after an update holds exactly the live ids, added ones dealt round-robin, and searches like
+  the exact searcher over the live rows (ScaNN brute force below BRUTE_FORCE_BELOW: exact)."""
+  rng = np.random.default_rng(3)
+  table = clustered(rng, 700, rng.normal(size=(10, DIM)) * 2)
+  shards = [scann_searcher.make_searcher(kind, table[i:i + 300], np.arange(i, i + 300))
+            for i in (0, 300)]
+  removed = np.array([1, 2, 299, 300, 450])
+  added = np.arange(600, 700)
+  updated = index_update.apply_update(searcher_lib.ShardedSearcher(shards), table[added],
+                                      added, removed)
+  published, searchers = index_update.shards_to_publish(updated)
+  held = np.concatenate([ids for _, ids in published])
+  live = np.setdiff1d(np.arange(700), removed)
+  np.testing.assert_array_equal(np.sort(held), live)
+  assert [len(ids) for _, ids in published] == [297 + 50, 298 + 50] and len(searchers) == 2
+  assert all((rows is None) == (kind == "scann") for rows, _ in published)
+  queries = table[[0, 5, 299, 300, 600, 650, 699]]
+  ids, _ = updated.search(queries, 5)
+  exact_ids, _ = searcher_lib.ExactSearcher(table[live], live).search(queries, 5)
+  np.testing.assert_array_equal(ids, exact_ids)
 
 
 def test_scann_upsert_delete_and_rebalance_keep_recall(tmp_path):
@@ -214,14 +240,8 @@ class _BagOfWordpiecesBuilder(index_builder.IndexBuilder):
     self._corpora[0] = cv.CorpusVersion(0, data.corpus, np.zeros(data.corpus.num_docs, bool),
                                         dict(version=0), data.directory)
     self._refresh_corpus_version()
-    table = jnp.asarray(np.random.default_rng(0).normal(
-        size=(data.corpus.vocab_size, self.config.model.embed_dim)), jnp.float32)
-    table = table.at[data.corpus.special.pad].set(0.0)
-    def embed(params, tokens, segments):
-      del params, segments
-      emb = table[tokens].sum(axis=1)
-      return emb / jnp.linalg.norm(emb, axis=1, keepdims=True)
-    self._embed_docs = embed
+    self._embed_docs = lexical_embedder.bag_of_wordpieces(
+        data.corpus.vocab_size, self.config.model.embed_dim, data.corpus.special.pad)
 
   def _params(self, step):
     self.param_steps = getattr(self, "param_steps", []) + [int(step)]

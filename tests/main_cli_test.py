@@ -215,3 +215,14 @@ inspect_index.run_retrieve_mode = fake
                     "--k=3", "--index_step=200", "--output=/tmp/out.jsonl")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "retrieve /tmp/run 'who plays the oboe' None 3 200 /tmp/out.jsonl True" in result.stdout
+  # A version over a corpus version (`<step>+<c>`) reaches it as that key; a bad form is an
+  # error naming the accepted ones, before anything is loaded.
+  result = _wrapped(patch, "--mode=retrieve", "--workdir=/tmp/run", "--query=q",
+                    "--index_step=200+3")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "retrieve /tmp/run 'q' None 5 200+3 None True" in result.stdout
+  result = _wrapped(patch, "--mode=retrieve", "--workdir=/tmp/run", "--query=q",
+                    "--index_step=200+0")
+  assert result.returncode != 0 and "retrieve /tmp" not in result.stdout
+  assert "--index_step='200+0' is not an index version" in _last_line(result)
+  assert "without '+0'" in _last_line(result)

@@ -9,11 +9,14 @@ One 2-process launch (tests/multiprocess.py) runs every multi-process scenario i
 - only process 0 writes metrics, config, corpus and index versions; the workdir holds the
   same files as a 1-process run's;
 - process 0's start-up decisions are every process's (a held lease, a resume refusal), and a
-  lease lost mid-run stops both processes at the same step.
+  lease lost mid-run stops both processes at the same step;
+- a corpus version published mid-run is followed by both processes' trainer-side index at the
+  same step (process 0 reads CORPUS_LATEST and broadcasts it).
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +62,12 @@ def runs(tmp_path_factory):
   other = _config(corpus)
   other.model.hidden_size = 64
   config_lib.save_run_config(other, root / "refused")
+  # A private copy of the corpus that gains a version mid-run (2 blocks removed, 1 added).
+  living_corpus = root / "living_corpus"
+  shutil.copytree(corpus, living_corpus)
+  (root / "remove.txt").write_text("0\n7\n")
+  (root / "add.jsonl").write_text(json.dumps(dict(title="Quor Vantel", text=(
+      "Quor Vantel works as a pilot. Quor Vantel plays the harp."))) + "\n")
   scenarios = [
       dict(workdir=str(root / "two_then_one"), overrides=SEQUENTIAL, max_steps_this_run=HALF),
       dict(workdir=str(root / "one_then_two"), overrides=SEQUENTIAL, corpus_dir=corpus),
@@ -68,6 +77,10 @@ def runs(tmp_path_factory):
            overrides=dict(SEQUENTIAL, **{"train.checkpoint_every": 1})),
       dict(workdir=str(root / "builder"), corpus_dir=corpus, max_steps_this_run=HALF,
            overrides=dict(SEQUENTIAL, **{"retrieval.index_source": "builder"})),
+      dict(workdir=str(root / "living"), corpus_dir=str(living_corpus), max_steps_this_run=HALF,
+           update_corpus_at_step=1, update_corpus=dict(add=str(root / "add.jsonl"),
+                                                       remove=str(root / "remove.txt")),
+           overrides=dict(SEQUENTIAL, **{"retrieval.corpus_check_every": 1})),
   ]
   builder_log = root / "builder.log"
   with builder_log.open("w") as log:  # the index-builder job: 1 process, 1 device
@@ -83,7 +96,7 @@ def runs(tmp_path_factory):
     held.release()
     builder.kill()
     builder.wait()
-  names = ("two_then_one", "one_then_two", "leased", "refused", "stolen", "builder")
+  names = ("two_then_one", "one_then_two", "leased", "refused", "stolen", "builder", "living")
   by_name = {name: [results[p][i] for p in range(2)] for i, name in enumerate(names)}
   # The 2-process checkpoint of step 3 resumed by 1 process.
   second_half = loop.train_and_evaluate(_config(), root / "two_then_one")
@@ -202,6 +215,20 @@ def test_two_processes_with_the_index_builder(runs):
                              rtol=RTOL)
   assert "index_builder" in (runs["root"] / "builder" / "index" / "0" /
                              "MANIFEST.json").read_text()
+
+
+def test_two_processes_follow_a_corpus_version_at_the_same_step(runs):
+  """Process 0 publishes corpus version 1 after step 1 (update_corpus_at_step): at the check
+  after step 1 both processes' indexes move to it (each process's own index.step is in its
+  history), without a hang in the collective embedding of the added block; only process 0
+  publishes the index version 0+1."""
+  results = runs["living"]
+  finals = _ok(results)
+  for final in finals:
+    assert [(h["index_step"], h["index_corpus_version"]) for h in final["history"]] == [
+        (0, 0), (0, 1), (0, 1)]
+  assert (runs["root"] / "living" / "index" / "0+1" / "MANIFEST.json").exists()
+  assert not [p for p in results[1]["written"] if p.startswith("index")]
 
 
 # ---- The broadcast outcome encoding (no processes needed) --------------------------------

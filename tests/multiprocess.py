@@ -51,7 +51,8 @@ def run(scenarios: list[dict], tmp_path: pathlib.Path, num_processes: int = 2,
 
   A scenario is a dict: `workdir`, `overrides` ({dotted config field: value}, applied to
   `tiny_config(corpus_dir)`), optional `corpus_dir`, `max_steps_this_run`, `force_lease`,
-  `steal_lease_at_step` (see `_record_steps`). A result holds `final` (the run's return
+  `steal_lease_at_step`, `update_corpus_at_step` (see `_record_steps`). A result holds `final`
+  (the run's return
   value) or `error` and `message`, plus `written` (paths under the workdir, processes > 0
   only meaningful) and `steps_seen` (the steps whose records the loop wrote).
   Raises MultiprocessError (with both processes' output) if any process exits non-zero, runs
@@ -162,12 +163,16 @@ def _record_steps(scenario: dict, seen: list[int]) -> None:
   """Wraps MetricWriter.write to note each step it is called with (on every process: the
   writer of processes > 0 is a no-op, but it is still called); with `steal_lease_at_step`,
   process 0 then overwrites the trainer lease with a foreign owner's record at that step (a
-  second trainer taking the workdir over with --force)."""
+  second trainer taking the workdir over with --force); with `update_corpus_at_step`, process
+  0 publishes a corpus version of the scenario's corpus_dir at that step
+  (`corpus_versions.update_corpus(**scenario["update_corpus"])`: a --mode=update_corpus run
+  between two steps)."""
   import jax  # pylint: disable=g-import-not-at-top
   from realm_jax import lease  # pylint: disable=g-import-not-at-top
   from realm_jax.train import metrics  # pylint: disable=g-import-not-at-top
   original = metrics.MetricWriter.write
   steal_at = scenario.get("steal_lease_at_step")
+  update_at = scenario.get("update_corpus_at_step")
 
   def write(self, step, scalars, phase=None):
     if phase is None:
@@ -176,6 +181,9 @@ def _record_steps(scenario: dict, seen: list[int]) -> None:
         path = lease.lease_path(scenario["workdir"], "trainer")
         record = dict(json.loads(path.read_text()), owner="another-trainer", pid=1)
         path.write_text(json.dumps(record))
+      if step == update_at and jax.process_index() == 0:
+        from realm_jax.data import corpus_versions  # pylint: disable=g-import-not-at-top
+        corpus_versions.update_corpus(scenario["corpus_dir"], **scenario["update_corpus"])
     return original(self, step, scalars, phase)
   metrics.MetricWriter.write = write
 

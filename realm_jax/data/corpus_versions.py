@@ -186,6 +186,36 @@ def changes(old: CorpusVersion, new: CorpusVersion) -> tuple[np.ndarray, np.ndar
   return added, removed
 
 
+def live_queries(queries: dict[str, np.ndarray], removed: np.ndarray | None
+                 ) -> dict[str, np.ndarray]:
+  """Training queries as they stand in a corpus version with tombstones `removed` [num_docs].
+
+  The queries were made from the build's (version 0's) text. A query whose source document
+  (`source_ids`) is removed is made inert, as eval padding is: zero `masked_weights` (no loss,
+  no gradient) and unknown gold (-1): removed text is no longer trained on, and the batch keeps
+  its shape and every other row (resumes stay deterministic). A query whose gold document is
+  removed keeps training (its fact may still be stated elsewhere) but its gold becomes unknown,
+  so gold recall only counts documents that can still be retrieved. Unchanged (the same dict)
+  when nothing it holds is removed.
+  """
+  if removed is None or not removed.any():
+    return queries
+  def gone(ids):
+    ids = np.asarray(ids)
+    inside = (ids >= 0) & (ids < len(removed))
+    return inside & removed[np.where(inside, ids, 0)]
+  dead_source = gone(queries["source_ids"])
+  dead_gold = gone(queries["gold_ids"]) | dead_source
+  if not dead_gold.any():
+    return queries
+  out = dict(queries)
+  out["gold_ids"] = np.where(dead_gold, -1, queries["gold_ids"]).astype(
+      np.asarray(queries["gold_ids"]).dtype)
+  out["masked_weights"] = np.where(dead_source[:, None], 0, queries["masked_weights"]).astype(
+      np.asarray(queries["masked_weights"]).dtype)
+  return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Updating.
 

@@ -4,6 +4,22 @@ For small corpora (and the demo) the trainer refreshes its own index synchronous
 does. Every refresh is published in the shared index format under `<workdir>/index/<step>/`,
 so a resumed run reloads the very index it was using; `retrieval.index_source=builder` swaps
 this class for versions from the separate index-builder job (`watcher.WatchedIndex`).
+
+Corpus versions (`data/corpus_versions.py`, `--mode=update_corpus`): every refresh embeds the
+live blocks of the newest published corpus version and names the index version
+`VersionKey(step, corpus version)` (`<step>+<c>`, as the index builder does). Between refreshes
+the loop calls `follow_corpus`, which every `retrieval.corpus_check_every` steps looks at
+CORPUS_LATEST and applies a newer version at once (`index_update.apply_update`): removed blocks
+leave the searcher, added ones are embedded and added, and the candidates' tokens and the null
+id come from that version (`self.corpus`). Added blocks are embedded with the *current*
+parameters (those of the index's own step are not kept), so until the next refresh re-embeds
+everything they are up to refresh_every steps newer than the rest. The result is published as
+`<index step>+<c>`, so a resumed run reloads it (`load_or_refresh`). Every process follows the
+same version at the same step: process 0 reads CORPUS_LATEST and broadcasts it, since the
+embedding of the added blocks is collective.
+
+The loop makes training queries whose source document is removed in the indexed version
+inert (`corpus_versions.live_queries` with `removed`).
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ import logging
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 from etils import epath
 from jax.sharding import Mesh
@@ -19,103 +36,212 @@ from jax.sharding import Mesh
 from realm_jax import progress as progress_lib
 from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_versions
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import device_searcher
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import index_update
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
+from realm_jax.train import multihost
 from realm_jax.train import partitioning
+
 
 
 def embed_corpus(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
                  batch_size: int, progress_name: str = "embed corpus",
-                 progress_seconds: float = 30.0) -> np.ndarray:
-  """Embeds every real document (not the null row): -> [num_docs, D] float32 on the host.
+                 progress_seconds: float = 30.0, rows: np.ndarray | None = None) -> np.ndarray:
+  """Embeds the corpus rows `rows` [n] (default: every real document, not the null row):
+  -> [n, D] float32 on the host.
 
   Logs progress (blocks, rate, ETA; `realm_jax.progress`) every `progress_seconds` and once
   at the end.
   """
   shards = partitioning.data_parallel_size(mesh)
   batch_size = max(shards, batch_size // shards * shards)
+  rows = np.arange(corpus.num_docs) if rows is None else np.asarray(rows, np.int64)
   outputs = []
-  progress = progress_lib.Progress(progress_name, corpus.num_docs, unit="blocks",
+  progress = progress_lib.Progress(progress_name, len(rows), unit="blocks",
                                    every_seconds=progress_seconds)
-  for start in range(0, corpus.num_docs, batch_size):
-    stop = min(start + batch_size, corpus.num_docs)
-    rows = np.arange(start, start + batch_size)
-    rows = np.where(rows < stop, rows, corpus.null_id)  # pad the last batch with the null row
-    tokens = np.asarray(corpus.retriever_tokens[rows])
-    segments = np.asarray(corpus.retriever_segments[rows])
+  for start in range(0, len(rows), batch_size):
+    stop = min(start + batch_size, len(rows))
+    batch_rows = np.full(batch_size, corpus.null_id, np.int64)  # pad the last batch: null row
+    batch_rows[:stop - start] = rows[start:stop]
+    tokens = np.asarray(corpus.retriever_tokens[batch_rows])
+    segments = np.asarray(corpus.retriever_segments[batch_rows])
     # Every process embeds the same rows here; the builder job will slice by process.
     device = partitioning.shard_batch_global({"t": tokens, "s": segments}, mesh)
     emb = partitioning.to_host(embed_docs(params, device["t"], device["s"]))
     outputs.append(emb[:stop - start])
     progress.update(stop - start)
   progress.close()
+  if not outputs:
+    raise ValueError("embed_corpus: no rows to embed")
   return np.concatenate(outputs, axis=0)
 
 
 class InProcessIndex:
-  """Holds the current searcher and which train step its embeddings come from."""
+  """Holds the current searcher, which train step its embeddings come from, and the corpus
+  version it indexes (`self.corpus`: where candidates' tokens come from)."""
 
   def __init__(self, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, mesh: Mesh,
                index_root: epath.PathLike, embed_batch_size: int, keep_versions: int,
                write: bool, searcher_kind: str = "exact",
-               searcher_options: dict | None = None):
+               searcher_options: dict | None = None,
+               corpus_dir: epath.PathLike | None = None,
+               corpus_check_every: int = 10):
     self.corpus, self._embed_docs, self._mesh = corpus, embed_docs, mesh
     self.root = epath.Path(index_root)
     self._embed_batch_size, self._keep, self._write = embed_batch_size, keep_versions, write
     self._searcher_kind = searcher_kind
     self._searcher_options = dict(searcher_options or {})  # ScaNN overrides
     self.searcher: searcher_lib.Searcher | None = None
-    self.step: int | None = None  # train step whose parameters embedded the corpus
+    self._host: searcher_lib.Searcher | None = None  # what is updated and published
+    self.step: int | None = None  # the version key: train step whose parameters embedded it
     self.last_refresh_seconds = 0.0
+    self.corpus_dir = None if corpus_dir is None else epath.Path(corpus_dir)
+    self._corpus_check_every = max(1, int(corpus_check_every))
+    # The corpus version indexed now; `corpus` (the run's, loaded from the build) is version 0.
+    self.corpus_version = corpus_versions.CorpusVersion(
+        0, corpus, np.zeros(corpus.num_docs, bool), dict(version=0), self.corpus_dir)
+    self._bad_latest: str | None = None  # the last CORPUS_LATEST problem logged
+
+  # ---- corpus versions --------------------------------------------------------------------
+
+  @property
+  def removed(self) -> np.ndarray:
+    """[num_docs] bool: the tombstones of the corpus version indexed now."""
+    return self.corpus_version.removed
+
+  def _agreed_corpus_version(self) -> int:
+    """Process 0's newest published corpus version, on every process (the embedding of added
+    blocks is collective). A CORPUS_LATEST that cannot be read keeps the current version
+    (logged once per problem), on every process alike."""
+    latest = self.corpus_version.version
+    if self.corpus_dir is not None and jax.process_index() == 0:
+      try:
+        latest = corpus_versions.latest_version(self.corpus_dir)
+      except (corpus_versions.CorpusVersionError, OSError) as e:
+        if str(e) != self._bad_latest:
+          self._bad_latest = str(e)
+          logging.warning("index: keeping corpus version %d: %s", latest, e)
+    return multihost.broadcast_int(latest)
+
+  def _corpus_at(self, version: int) -> corpus_versions.CorpusVersion:
+    if version == self.corpus_version.version:
+      return self.corpus_version
+    return corpus_versions.load_version(self.corpus_dir, version)
+
+  def _use_corpus(self, version: corpus_versions.CorpusVersion):
+    self.corpus_version, self.corpus = version, version.corpus
+
+  def _set_searcher(self, host: searcher_lib.Searcher):
+    """`host` (exact or ScaNN, on the host) becomes the searcher (device: a table copy)."""
+    self._host = host
+    self.searcher = (device_searcher.from_searcher(host, self._mesh, **self._searcher_options)
+                     if self._searcher_kind == "device" else host)
+
+  def _publish(self, key: index_format.VersionKey, extra: dict):
+    if (self.root / str(key) / index_format.MANIFEST).exists():
+      # a re-run of this step after a resume replaces it (marker first on object storage)
+      storage.remove_folder(self.root / str(key), index_format.MANIFEST)
+    shards, searchers = index_update.shards_to_publish(self._host)
+    device = self._searcher_kind == "device"  # table on the mesh; published as exact
+    info = dict(source="in_process", corpus_version=self.corpus_version.version,
+                corpus_num_docs=self.corpus.num_docs, param_step=int(key),
+                **index_format.corpus_record(self.corpus), **extra)
+    index_format.publish_index(self.root, key, shards,
+                               searcher=searcher_lib.published_kind(self._searcher_kind),
+                               extra=info,
+                               searcher_options=None if device else self._searcher_options,
+                               searchers=searchers)
+    index_format.prune_versions(self.root, self._keep)
+
+  def follow_corpus(self, params, step: int) -> bool:
+    """At every `corpus_check_every`-th step: a newer published corpus version is applied to
+    the index now (removed blocks dropped, added ones embedded with `params` and added) and
+    published as `<index step>+<corpus version>`. True when the index changed."""
+    if self.corpus_dir is None or self.searcher is None or step % self._corpus_check_every:
+      return False
+    latest = self._agreed_corpus_version()
+    if latest <= self.corpus_version.version:
+      return False
+    start = time.time()
+    old, new = self.corpus_version, self._corpus_at(latest)
+    added, removed = corpus_versions.changes(old, new)
+    added_emb = (embed_corpus(params, new.corpus, self._embed_docs, self._mesh,
+                              self._embed_batch_size, progress_name=f"corpus update {latest}",
+                              rows=added) if len(added) else
+                 np.zeros((0, self._host.dim), np.float32))
+    self._use_corpus(new)
+    self._set_searcher(index_update.apply_update(self._host, added_emb, added, removed))
+    self.step = index_format.VersionKey(int(self.step), new.version)
+    if self._write:
+      self._publish(self.step, dict(incremental=dict(
+          parent_corpus_version=old.version, added=int(len(added)),
+          removed=int(len(removed)), embedded=int(len(added)), added_param_step=int(step),
+          seconds=round(time.time() - start, 3))))
+    self.last_refresh_seconds = time.time() - start
+    logging.info("index: corpus version %d at step %d: +%d blocks embedded, -%d removed, %d "
+                 "live, in %.1fs (index version %s%s)", new.version, step, len(added),
+                 len(removed), len(new.live_ids), self.last_refresh_seconds, self.step,
+                 ", published" if self._write else "")
+    return True
+
+  # ---- refreshes --------------------------------------------------------------------------
 
   def refresh(self, params, step: int) -> None:
+    """Re-embeds the live blocks of the newest corpus version with `params` (of `step`)."""
     start = time.time()
+    latest = self._agreed_corpus_version()
+    if latest != self.corpus_version.version:
+      self._use_corpus(self._corpus_at(latest))
+    live = self.corpus_version.live_ids  # [L] every block but the tombstoned ones
     embeddings = embed_corpus(params, self.corpus, self._embed_docs, self._mesh,
-                              self._embed_batch_size, progress_name=f"index refresh @{step}")
-    device = self._searcher_kind == "device"  # table on the mesh; published as exact
-    self.searcher = (device_searcher.DeviceSearcher(embeddings, mesh=self._mesh,
-                                                    **self._searcher_options) if device else
-                     scann_searcher.make_searcher(self._searcher_kind, embeddings,
-                                                  **self._searcher_options))
-    self.step = step
+                              self._embed_batch_size, progress_name=f"index refresh @{step}",
+                              rows=live)
+    kind = "exact" if self._searcher_kind == "device" else self._searcher_kind
+    self._set_searcher(scann_searcher.make_searcher(
+        kind, embeddings, live, **({} if kind == "exact" else self._searcher_options)))
+    self.step = index_format.VersionKey(step, self.corpus_version.version)
     if self._write:
-      if (self.root / str(step) / index_format.MANIFEST).exists():
-        storage.remove_folder(self.root / str(step), index_format.MANIFEST)  # a re-run of this step after a resume replaces it
-      index_format.publish_index(self.root, step, [(embeddings, np.arange(len(embeddings)))],
-                                 searcher=searcher_lib.published_kind(self._searcher_kind),
-                                 extra=dict(source="in_process",
-                                            **index_format.corpus_record(self.corpus)),
-                                 searcher_options=None if device else self._searcher_options,
-                                 searchers=None if device else [self.searcher])
-      index_format.prune_versions(self.root, self._keep)
+      self._publish(self.step, {})
     self.last_refresh_seconds = time.time() - start
     logging.info("index: re-embedded %d documents at step %d in %.1fs (%.0f docs/s, %s "
-                 "searcher%s)", len(embeddings), step, self.last_refresh_seconds,
+                 "searcher, corpus version %d%s)", len(embeddings), step,
+                 self.last_refresh_seconds,
                  len(embeddings) / max(self.last_refresh_seconds, 1e-9), self._searcher_kind,
-                 ", published" if self._write else "")
+                 self.corpus_version.version, ", published" if self._write else "")
 
   def load_or_refresh(self, params, step: int, refresh_every: int) -> None:
-    """On resume: reuse the version the interrupted run was using, else re-embed now."""
+    """On resume: reuse the version the interrupted run was using (the newest one of the
+    refresh step before `step`, incremental corpus versions included), else re-embed now.
+
+    A corpus version the interrupted run followed after its last checkpoint is taken too (the
+    corpus has moved on; replaying those steps on the older version would retrieve removed
+    documents), so such a replay is not bit-identical to the interrupted run."""
     expected = step // refresh_every * refresh_every
-    if expected in index_format.list_versions(self.root):
+    candidates = [v for v in index_format.list_versions(self.root) if int(v) == expected]
+    if candidates:
+      key = candidates[-1]
       try:
-        _, self.searcher = index_format.load_index(
-            self.root, expected, expected_num_docs=self.corpus.num_docs,
-            expected_fingerprint=index_format.fingerprint_of(self.corpus))
-        if self._searcher_kind == "device":
-          self.searcher = device_searcher.from_searcher(self.searcher, self._mesh,
-                                                        **self._searcher_options)
-        self.step = expected
-        logging.info("index: resumed with version %d", expected)
+        manifest = index_format.read_manifest(self.root, key)
+        version = self._corpus_at(int(manifest.get("corpus_version", 0)))
+        _, host = index_format.load_index(
+            self.root, key, expected_num_docs=version.corpus.num_docs,
+            removed=version.removed if version.version else None,
+            expected_fingerprint=index_format.fingerprint_of(version.corpus))
+        self._use_corpus(version)
+        self._set_searcher(host.shards[0] if len(host.shards) == 1 else host)
+        self.step = key
+        logging.info("index: resumed with version %s", self.step)
         return
-      except index_format.IndexVersionError as e:
-        logging.warning("index: version %d unusable (%s); re-embedding", expected, e)
+      except (index_format.IndexVersionError, corpus_versions.CorpusVersionError) as e:
+        logging.warning("index: version %s unusable (%s); re-embedding", key, e)
     self.refresh(params, step)
 
   def retrieve(self, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Top k - 1 real documents (source dropped) behind the null slot: ids, mask [B, k]."""
-    return candidates_lib.retrieve(self.searcher, query_emb, source_ids, k, margin, self.corpus.null_id)
+    return candidates_lib.retrieve(self.searcher, query_emb, source_ids, k, margin,
+                                   self.corpus.null_id)

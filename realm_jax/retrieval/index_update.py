@@ -120,3 +120,34 @@ def make_full_shards(new: corpus_versions.CorpusVersion, embeddings: np.ndarray,
                             np.array_split(embeddings, num_shards)):
     out.append((part, part_ids, scann_searcher.make_searcher(kind, part, part_ids, **options)))
   return out
+
+
+def apply_update(searcher, added_embeddings: np.ndarray, added_ids: np.ndarray,
+                 removed_ids: np.ndarray):
+  """An in-memory searcher changed by a corpus update: removed_ids [R] dropped, added rows
+  [A, D] / ids [A] added (dealt round-robin over a ShardedSearcher's shards). -> the searcher
+  to use from now on (ScaNN shards change in place; exact ones are replaced)."""
+  removed_ids = np.asarray(removed_ids, np.int64)
+  added_ids = np.asarray(added_ids, np.int64)
+  if isinstance(searcher, searcher_lib.ShardedSearcher):
+    n = len(searcher.shards)
+    return searcher_lib.ShardedSearcher([
+        apply_update(shard, added_embeddings[i::n], added_ids[i::n],
+                     removed_ids[np.isin(removed_ids, shard.doc_ids)])
+        for i, shard in enumerate(searcher.shards)])
+  if isinstance(searcher, scann_searcher.ScannSearcher):
+    searcher.delete(removed_ids[np.isin(removed_ids, searcher.doc_ids)])
+    searcher.upsert(added_embeddings, added_ids)
+    return searcher
+  if isinstance(searcher, searcher_lib.ExactSearcher):
+    return searcher.updated(added_embeddings, added_ids, removed_ids)
+  raise TypeError(f"cannot update a {type(searcher).__name__} in place (rebuild it from an "
+                  "exact searcher)")
+
+
+def shards_to_publish(searcher) -> tuple[list[tuple[np.ndarray | None, np.ndarray]], list]:
+  """([(embeddings [n, D] or None for ScaNN, doc ids [n]), ...], [searcher per shard]) of an
+  in-memory searcher, as `index_format.publish_index` takes them."""
+  shards = getattr(searcher, "shards", [searcher])
+  return ([(getattr(s, "embeddings", None), np.asarray(s.doc_ids)) for s in shards],
+          list(shards))

@@ -8,13 +8,16 @@ and returns the top-k blocks with their titles and first words (from the corpus 
 `block_texts.jsonl`):
 
 ```
-[{"query": "...", "index_step": 30, "checkpoint_step": 30, "checkpoint_source": "index",
+[{"query": "...", "index_step": 30, "index_version": "30+2", "checkpoint_step": 30,
+  "checkpoint_source": "index",
   "searcher": "exact", "num_query_tokens": 12, "truncated": false,
   "results": [{"rank": 1, "doc_id": 7, "score": 41.2, "title": "...", "text": "..."}, ...]}]
 ```
 Which version: LATEST by default (a LATEST that is garbage, names a missing version or one that
 fails `load_index`'s checks is skipped for the newest version that loads, with a note in
-"warnings"), or exactly `index_step` (an unpublished or invalid step is an error). Which
+"warnings"), or exactly `index_step` (a VersionKey: `--index_step=30` or `30+2` for the
+version over corpus version 2; an unpublished or invalid one is an error). `index_step` in the
+records is the version's parameter step, `index_version` its full name. Which
 parameters: the checkpoint of the version's parameter step (`checkpoint_step` or
 `params_step` in its manifest when present, else the version's step; the index builder and
 the in-process refresh both publish version <step> from the parameters of step <step>),
@@ -232,7 +235,8 @@ class Inspector:
     return loaded
 
   def _load_embedder(self, devices):
-    self.index_step = int(self.manifest["step"])
+    self.index_step = index_format.VersionKey(  # (step, corpus version): the version's name
+        int(self.manifest["step"]), int(self.manifest.get("corpus_version", 0) or 0))
     wanted = _params_step(self.manifest)
     steps = _checkpoint_steps(self.workdir)
     if not steps:
@@ -308,7 +312,8 @@ class Inspector:
     out = []
     for text, enc, row_ids, row_scores in zip(queries, encoded, ids, scores):
       out.append(dict(
-          query=text, index_step=self.index_step, checkpoint_step=int(self.checkpoint_step),
+          query=text, index_step=int(self.index_step), index_version=str(self.index_step),
+          checkpoint_step=int(self.checkpoint_step),
           checkpoint_source=self.checkpoint_source, searcher=self.manifest["searcher"],
           num_query_tokens=enc.num_wordpieces, truncated=enc.truncated,
           unknown_tokens=enc.num_unknown,
@@ -402,7 +407,8 @@ def retrieve_file(workdir: epath.PathLike, queries_path: epath.PathLike,
   if output_path is not None:
     _write_jsonl(output_path, results)
   return dict(results=results, num_queries=len(good), num_bad_lines=len(bad),
-              bad_lines=bad[:_MAX_BAD_SHOWN], index_step=inspector.index_step,
+              bad_lines=bad[:_MAX_BAD_SHOWN], index_step=int(inspector.index_step),
+              index_version=str(inspector.index_step),
               checkpoint_step=int(inspector.checkpoint_step),
               checkpoint_source=inspector.checkpoint_source,
               warnings=list(inspector.warnings),
@@ -430,7 +436,8 @@ def format_results(results: Sequence[dict[str, Any]], warnings: Sequence[str] = 
       notes.append("truncated to data.query_len")
     if record.get("unknown_tokens"):
       notes.append(f"{record['unknown_tokens']} unknown")
-    lines.append(f"  index version {record['index_step']} ({record['searcher']}), query "
+    lines.append(f"  index version {record.get('index_version', record['index_step'])} "
+                 f"({record['searcher']}), query "
                  f"embedder of checkpoint {record['checkpoint_step']} ({source}); "
                  f"{', '.join(notes)}")
     for hit in record["results"]:

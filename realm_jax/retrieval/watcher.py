@@ -229,6 +229,12 @@ class WatchedIndex:
     self.last_refresh_seconds = 0.0  # here: the last version's load time (off-thread)
     self.swaps = 0
 
+  @property
+  def removed(self) -> np.ndarray | None:
+    """[num_docs] bool tombstones of the current version's corpus (None: the build itself)."""
+    version = self.watcher.corpus_of.get(self.step)
+    return None if version is None else version.removed
+
   def _take_corpus(self):
     version = self.watcher.corpus_of.get(self.step)
     self.corpus = None if version is None else version.corpus

@@ -25,6 +25,7 @@ from realm_jax import config_lib
 from realm_jax import lease as lease_lib
 from realm_jax import progress as progress_lib
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_versions
 from realm_jax.data import pipeline
 from realm_jax.data import prepare
 from realm_jax.models import hf_weights
@@ -109,7 +110,7 @@ class Retriever:
                                                  self.corpus.null_id)
     if isinstance(query_emb, device_searcher.PendingSearch):
       return device_searcher.finish_retrieval(query_emb, queries["source_ids"], self.k,
-                                              self.corpus.null_id)
+                                              self.candidate_corpus(self.corpus).null_id)
     return self.index.retrieve(partitioning.local_rows(query_emb), queries["source_ids"],
                                self.k, self.margin)
 
@@ -460,7 +461,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
                                       config.retrieval.keep_index_versions, write=is_main,
                                       searcher_kind=config.retrieval.searcher,
                                       searcher_options=searcher_lib.options_for(
-                                          config.retrieval.searcher, config.retrieval))
+                                          config.retrieval.searcher, config.retrieval),
+                                      corpus_dir=data.directory,
+                                      corpus_check_every=config.retrieval.corpus_check_every)
   # REALM retrieves for its batches; ICT only for judging its embedder on held-out queries;
   # the no-retrieval baseline (no index) gets the null document alone.
   retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries, mesh)
@@ -479,7 +482,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     if not writer.has_record("index", step):
       writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
                    phase="index")
-    logging.info("index: version %d, held-out %s = %.3f", index.step, gold_recall, recall)
+    logging.info("index: version %s, held-out %s = %.3f", index.step, gold_recall, recall)
 
   if from_builder:
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)
@@ -495,16 +498,23 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     ids, mask = retriever.finish(batch, query_emb)
     scalars = {"retrieval_seconds": time.time() - retrieval_start}
     if retrieval_on:
-      scalars["index_step"] = index.step
+      scalars["index_step"] = int(index.step)
+      scalars["index_corpus_version"] = getattr(index.step, "corpus_version", 0)
       scalars["staleness"] = step - index.step  # updates since the index was embedded
       hits, known = multihost.sum_over_processes(_gold_hits(ids, mask, batch["gold_ids"]))
       if known:  # over the global batch (each process retrieved its own rows)
         scalars[f"train_{gold_recall}"] = hits / known
     return _realm_device_batch(batch, retriever.candidate_corpus(corpus), ids, mask), scalars
 
+  def train_batch(step: int) -> dict[str, np.ndarray]:
+    """Batch `step` of the source; REALM: queries from documents removed in the indexed
+    corpus version made inert (`corpus_versions.live_queries`)."""
+    batch = source.batch_at(step)
+    return corpus_versions.live_queries(batch, index.removed) if retrieval_on else batch
+
   def inputs_at(step: int) -> tuple[dict[str, np.ndarray], dict]:
     """Batch `step` retrieved now, with the current parameters and index."""
-    batch = source.batch_at(step)
+    batch = train_batch(step)
     if is_ict:
       return {k: batch[k] for k in steps_lib.ICT_KEYS}, {}
     return realm_inputs(batch, retriever.start(state.params, batch), step)
@@ -578,7 +588,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       scalars.update(retrieval_scalars)
       pending = None
       if prefetch and step + 1 < stop:
-        next_batch = source.batch_at(step + 1)
+        next_batch = train_batch(step + 1)
         next_emb = retriever.start(state.params, next_batch)  # queued ahead of step t
       device_inputs = partitioning.shard_batch(inputs, mesh)
       # A Ctrl-C from here until the step is recorded waits for it: the old state is donated
@@ -608,6 +618,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         index.refresh(state.params, done)
         log_index_recall(done)
         pending = None  # retrieved from the old index: redo it from the new one
+      elif (retrieval_on and not from_builder and done < num_steps and
+            index.follow_corpus(state.params, done)):  # a new corpus version, same params
+        pending = None  # may hold a removed document: redo it from the updated index
       if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
         save_checkpoint(done)
       if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
