@@ -85,15 +85,26 @@ def check_available(path: epath.PathLike) -> None:
 def write_bytes(path: epath.PathLike, data: bytes) -> None:
   """Replaces the file/object at `path` whole: readers see the old content, the new, or none.
 
-  Local: write-then-rename. Object storage: one object write, which is atomic there.
+  Local: a temporary file, fsynced (complete even after a machine crash), renamed into place;
+  removed again if the write fails. Object storage: one object write, which is atomic there.
   """
   path = epath.Path(path)
   if is_object_storage(path):
     path.write_bytes(data)
     return
   tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.write_bytes(data)
-  tmp.replace(path)
+  try:
+    with open(os.fspath(tmp), "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    tmp.replace(path)
+  except BaseException:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass
+    raise
 
 
 def write_text(path: epath.PathLike, text: str) -> None:

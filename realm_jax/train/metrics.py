@@ -32,6 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from etils import epath
 
+from realm_jax import storage
+
 METRICS_FILE = "metrics.jsonl"
 HPARAMS_FILE = "hparams.json"
 
@@ -175,20 +177,22 @@ class NonFiniteMetrics(FloatingPointError):
 GUARDED_METRICS = ("loss", "grad_norm")
 
 
-def check_finite(scalars: Mapping[str, float], step: int, checkpoints: Sequence[int],
-                 where: str) -> None:
-  """Raises NonFiniteMetrics when a `GUARDED_METRICS` value of step `step` is not finite.
+def nonfinite(scalars: Mapping[str, float]) -> dict[str, float]:
+  """The `GUARDED_METRICS` of a step's scalars that are NaN or infinite ({} when all finite)."""
+  return {k: scalars[k] for k in GUARDED_METRICS if k in scalars and not math.isfinite(scalars[k])}
+
+
+def nonfinite_error(bad: Mapping[str, float], step: int, checkpoints: Sequence[int],
+                    where: str) -> NonFiniteMetrics:
+  """The error for step `step`'s non-finite values `bad`, naming the checkpoint to resume from.
 
   Every process has the same (global) values, so all stop at the same step. The state after
-  such a step is never checkpointed: the message names the last saved step to resume from.
+  such a step is never checkpointed.
   """
-  bad = {k: scalars[k] for k in GUARDED_METRICS if k in scalars and not math.isfinite(scalars[k])}
-  if not bad:
-    return
   last = max(checkpoints) if checkpoints else None
   resume = (f"the last checkpoint is step {last}: resume from it (e.g. with a lower learning "
             "rate or without the bad data)" if last is not None else "no checkpoint was saved")
-  raise NonFiniteMetrics(
+  return NonFiniteMetrics(
       f"{where}: step {step} has non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; "
       f"stopped without saving this state ({resume}). The step's record is in metrics.jsonl.")
 
@@ -274,7 +278,7 @@ class MetricWriter:
     if not self.enabled:
       return flat
     try:
-      _atomic_write_text(self.directory / HPARAMS_FILE, json.dumps(flat, indent=1,
+      storage.write_text(self.directory / HPARAMS_FILE, json.dumps(flat, indent=1,
                                                                    sort_keys=True))
     except OSError as e:
       raise _write_error(self.directory / HPARAMS_FILE, e) from e
@@ -307,27 +311,6 @@ class MetricWriter:
         jsonl.close()
       finally:
         tb.close()
-
-
-def _atomic_write_text(path: epath.Path, text: str):
-  """Writes `path` complete or not at all (a temporary file, fsynced, renamed into place)."""
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-  try:
-    if _is_local(path):
-      with open(os.fspath(tmp), "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    else:  # object storage: one object write is atomic, and there is no rename
-      path.write_text(text)
-      return
-    tmp.replace(path)
-  except BaseException:
-    try:
-      tmp.unlink(missing_ok=True)
-    except OSError:
-      pass
-    raise
 
 
 def read_metrics_counted(path: epath.PathLike) -> tuple[list[dict], int]:
@@ -376,7 +359,7 @@ def truncate_after(path: epath.PathLike, step: int) -> tuple[list[dict], int]:
   kept = [r for r in records if isinstance(r.get("step"), (int, float)) and r["step"] <= step]
   dropped = len(records) - len(kept)
   if dropped or torn:
-    _atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    storage.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     logging.info("metrics: resuming at step %d: dropped %d record(s) of later steps%s from %s",
                  step, dropped, f" and {torn} torn line(s)" if torn else "", path)
   return kept, dropped
