@@ -331,8 +331,10 @@ def test_nonfinite_loss_stops_the_run_without_checkpointing_that_state(corpus_di
   assert not (workdir / ".lease-trainer.json").exists()  # released: the run can resume
 
 
-def test_check_finite_names_the_values_and_passes_finite_ones():
-  metrics_lib.check_finite({"loss": 1.0, "grad_norm": 2.0, "other": float("nan")}, 5, [4], "x")
+def test_nonfinite_names_the_values_and_passes_finite_ones():
+  assert metrics_lib.nonfinite({"loss": 1.0, "grad_norm": 2.0, "other": float("nan")}) == {}
+  bad = metrics_lib.nonfinite({"loss": 1.0, "grad_norm": float("inf")})
+  assert bad == {"grad_norm": float("inf")}
   with pytest.raises(metrics_lib.NonFiniteMetrics, match=r"x: step 5 has non-finite "
                      r"grad_norm=inf; .*no checkpoint was saved"):
-    metrics_lib.check_finite({"loss": 1.0, "grad_norm": float("inf")}, 5, [], "x")
+    raise metrics_lib.nonfinite_error(bad, 5, [], "x")

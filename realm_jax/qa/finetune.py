@@ -755,10 +755,11 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                    answer_cache_misses=float(matcher.cache.misses))
     writer.write(step + 1, scalars)
     history.append(dict(step=step + 1, **scalars))
-    if not all(map(np.isfinite, [scalars.get(k, 0.0) for k in metrics_lib.GUARDED_METRICS])):
+    bad = metrics_lib.nonfinite(scalars)
+    if bad:  # NaN/inf loss or gradient norm: stop here, this state unsaved
       writer.flush()
       ckpt.wait()  # a periodic save in flight is a good state
-      metrics_lib.check_finite(scalars, step + 1, ckpt.all_steps(), "finetune_qa")
+      raise metrics_lib.nonfinite_error(bad, step + 1, ckpt.all_steps(), "finetune_qa")
     progress.update(1, {k: scalars[k] for k in ("loss", "reader_loss", "retriever_loss",
                                                 "span_accuracy")})
     done = step + 1

@@ -605,10 +605,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         check_lease(LEASE_CHECK_SECONDS)  # no records into a workdir another trainer now owns
         writer.write(step + 1, scalars)
         history.append(dict(step=step + 1, **scalars))
-        if not all(map(np.isfinite, [scalars.get(k, 0.0) for k in metrics_lib.GUARDED_METRICS])):
+        bad = metrics_lib.nonfinite(scalars)
+        if bad:  # NaN/inf loss or gradient norm: stop here, this state unsaved
           writer.flush()
           ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a periodic save in flight is a good state
-          metrics_lib.check_finite(scalars, step + 1, ckpt.all_steps(), config.objective)
+          raise metrics_lib.nonfinite_error(bad, step + 1, ckpt.all_steps(), config.objective)
         progress.set(step + 1, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
                                                         "retrieval_utility") if k in scalars})
 

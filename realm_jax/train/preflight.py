@@ -43,6 +43,12 @@ def resident_bytes(arrays) -> int:
   return int(sum(a.nbytes for a in arrays if not isinstance(a, np.memmap)))
 
 
+def resident_corpus_bytes(corpus) -> int:
+  """`resident_bytes` of a corpus dataclass's array fields (memory-mapped ones count 0)."""
+  return resident_bytes(getattr(corpus, f.name) for f in dataclasses.fields(corpus)
+                        if isinstance(getattr(corpus, f.name), np.ndarray))
+
+
 def state_bytes_per_device(num_params: int, *, param_bytes: int = 4,
                            optimizer_copies: int = 2, fsdp: int = 1) -> int:
   """Parameters plus optimizer moments (Adam: 2 copies), split over the fsdp axis."""
@@ -120,12 +126,10 @@ def check_trainer(config, corpus, state) -> str:
                     for s in leaf.addressable_shards if s.device == device)
   dim = config.model.embed_dim
   scann = config.retrieval.get("searcher", "exact") == "scann"
-  arrays = [getattr(corpus, f.name) for f in dataclasses.fields(corpus)
-            if isinstance(getattr(corpus, f.name), np.ndarray)]
   estimate = Estimate(
       index_bytes=index_bytes(corpus.num_docs + 1, dim,
                               searcher_bytes_per_vector=4 * dim if scann else 0),
-      corpus_bytes=resident_bytes(arrays), state_bytes_per_device=int(state_bytes))
+      corpus_bytes=resident_corpus_bytes(corpus), state_bytes_per_device=int(state_bytes))
   return check(estimate, host_available_bytes(), device_available_bytes(device),
                fail=env_fail(), where="trainer")
 
@@ -144,11 +148,9 @@ def check_builder(config, corpus, model, num_rows: int) -> str:
                     for leaf in jax.tree_util.tree_leaves(tower))
   dim = config.model.embed_dim
   scann = config.retrieval.get("searcher", "exact") == "scann"
-  arrays = [getattr(corpus, f.name) for f in dataclasses.fields(corpus)
-            if isinstance(getattr(corpus, f.name), np.ndarray)]
   estimate = Estimate(
       index_bytes=index_bytes(num_rows, dim, copies=1,
                               searcher_bytes_per_vector=4 * dim if scann else 0),
-      corpus_bytes=resident_bytes(arrays), state_bytes_per_device=int(param_bytes))
+      corpus_bytes=resident_corpus_bytes(corpus), state_bytes_per_device=int(param_bytes))
   return check(estimate, host_available_bytes(), device_available_bytes(jax.local_devices()[0]),
                fail=env_fail(), where="index_builder")
