@@ -151,6 +151,36 @@ def test_bad_updates_are_clear_errors_and_publish_nothing(corpus_dir, tmp_path):
     cv.load_version(corpus_dir, 1)
 
 
+def test_an_added_title_that_is_live_is_refused_unless_replaced_or_removed(corpus_dir,
+                                                                            tmp_path):
+  """Two live documents with one title would keep the stale text retrievable beside the new."""
+  corpus = cv.load_version(corpus_dir, 0).corpus
+  title = corpus.titles[0]
+  changed = dict(title=title, text=f"{title} works as a baker. {title} plays the harp.")
+  add = write_jsonl(tmp_path / "add.jsonl", [NEW_PEOPLE[0], changed])
+  with pytest.raises(cv.CorpusVersionError,
+                     match=f"already live in corpus version 0.*--replace.*{title}"):
+    cv.update_corpus(corpus_dir, add=str(add))
+  both = write_jsonl(tmp_path / "both.jsonl", [changed])
+  with pytest.raises(cv.CorpusVersionError, match=f"both --add and --replace.*{title}"):
+    cv.update_corpus(corpus_dir, add=str(both), replace=str(both))
+  twice = write_jsonl(tmp_path / "twice.jsonl", [changed, dict(changed, text="Other text.")])
+  with pytest.raises(cv.CorpusVersionError, match=f"more than once.*{title}"):
+    cv.update_corpus(corpus_dir, replace=str(twice))
+  assert cv.list_versions(corpus_dir) == [0]
+  assert not list((corpus_dir / cv.VERSIONS_DIR).iterdir())
+
+  # Removing the title in the same update makes the add legal (a replace written in two files).
+  remove = tmp_path / "remove.txt"
+  remove.write_text(title + "\n")
+  manifest = cv.update_corpus(corpus_dir, add=str(add), remove=str(remove))
+  version = cv.load_version(corpus_dir, manifest["version"])
+  live = [t for t, gone in zip(version.corpus.titles, version.removed) if not gone]
+  assert live.count(title) >= 1 and manifest["num_removed"] >= 1
+  old_ids = [i for i, t in enumerate(corpus.titles) if t == title]
+  assert all(version.removed[i] for i in old_ids)
+
+
 def test_a_corpus_being_built_cannot_be_updated(corpus_dir, tmp_path):
   (corpus_dir / prepare.BUILD_CONFIG).unlink()
   add = write_jsonl(tmp_path / "add.jsonl", NEW_PEOPLE)

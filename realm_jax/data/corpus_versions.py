@@ -36,8 +36,9 @@ updater at a time: the corpus folder's `corpus_update` lease (`realm_jax.lease`)
 
 Bad input is a `CorpusVersionError` naming the cause, before anything is published: a corpus
 still being built (no build_config.json), a removed id or title that does not exist or is
-already removed, a replaced title that is not in the corpus, an update with nothing to do, an
-add file without one usable record, a config whose doc_len or vocabulary differs from the
+already removed, a replaced title that is not in the corpus, an added title that is already
+live (that is a --replace) or one named twice, an update with nothing to do, an add file
+without one usable record, a config whose doc_len or vocabulary differs from the
 corpus's, and (when loading) a version whose vocabulary or block length differs from the base.
 
 Each version copies the corpus arrays (O(corpus) bytes per update); delta storage is future work.
@@ -274,6 +275,36 @@ def _titles_of(lines: Sequence[bytes]) -> list[str | None]:
   return titles
 
 
+def _check_added_titles(added: Sequence[str | None], replaced: Sequence[str],
+                        parent: CorpusVersion, removed_now: np.ndarray, add, replace):
+  """Refuses an update that would leave two live documents with one title.
+
+  An --add title that is live in the parent (and not removed by this update) is a change of an
+  existing document: --replace says so and tombstones the old blocks; adding it would keep both
+  and retrieval would return the stale text beside the new one. A title twice in --replace, or
+  in both --add and --replace, is ambiguous the same way.
+  """
+  leaving = np.zeros(parent.corpus.num_docs, bool)
+  leaving[removed_now] = True
+  live = {t for t, gone, now in zip(parent.corpus.titles, parent.removed, leaving)
+          if not gone and not now}
+  problems = []
+  clash = sorted({t for t in added if t is not None and t in live})
+  if clash:
+    problems.append(f"--add={add} has titles already live in corpus version {parent.version} "
+                    f"(use --replace to change a document): {clash[:10]}")
+  both = sorted(set(t for t in added if t is not None) & set(replaced))
+  if both:
+    problems.append(f"titles in both --add and --replace: {both[:10]}")
+  seen, twice = set(), set()
+  for title in replaced:
+    (twice if title in seen else seen).add(title)
+  if twice:
+    problems.append(f"--replace={replace} names a title more than once: {sorted(twice)[:10]}")
+  if problems:
+    raise CorpusVersionError("; ".join(problems) + "; nothing was published")
+
+
 def _read_all(shard_dir: epath.Path, name: str, widths: dict[str, int]) -> np.ndarray:
   dtype, width = wiki_corpus._STREAMS[name]  # pylint: disable=protected-access
   chunks = list(wiki_corpus._read_stream(shard_dir, name, widths))  # pylint: disable=protected-access
@@ -415,6 +446,7 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
     replaced_ids = [i for i, (t, gone) in enumerate(zip(parent.corpus.titles, parent.removed))
                     if t in wanted and not gone]
     removed_now = np.union1d(removed_now, np.asarray(replaced_ids, np.int64))
+  _check_added_titles(_titles_of(add_lines), replaced_titles, parent, removed_now, add, replace)
 
   version = parent_version + 1
   with storage.publish_folder(
