@@ -25,7 +25,7 @@ demo: venv
 	  --config=experiments/realm_facts.py:size=$(SIZE) --workdir=$(WORKDIR)
 
 test: venv
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --durations=25 tests
 
 bench: venv
 	$(BIN)/python benchmarks/train_step.py --config=experiments/realm_facts.py:size=$(SIZE)

@@ -193,6 +193,9 @@ def test_realm_training_with_the_device_searcher_matches_exact(tmp_path):
   assert len(exact) == len(device) == 3
   recall = f"train_{loop.recall_key(4)}"
   for a, b in zip(exact, device):
-    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-6)
+    # The same candidates, but the device search's scores come from an XLA matmul whose f32
+    # accumulation order differs from numpy's: the loss agrees to ~1e-6 relative (CI saw
+    # 1.3e-6), hence 1e-5; the equal recall below checks the candidates themselves.
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     assert a[recall] == b[recall]  # the same candidates: the same gold recall
     assert a["index_step"] == b["index_step"]
