@@ -256,6 +256,10 @@ FIELDS: dict[str, Field] = {
     "train.weight_decay": _float("AdamW weight decay (REALM and ICT)", 0.0, 1.0),
     "train.grad_clip_norm": _float("global gradient-norm clip (REALM and ICT)", 0.0, 1e6,
                                    lo_open=True),
+    "train.metrics_lag": Field(
+        "fetch step t's metrics after step t+1 is dispatched (the host's record writing and "
+        "batch copy overlap the devices; NaN still stops at the step that had it); False: "
+        "each step's metrics are fetched before the next step starts"),
     "train.log_every": _int("log a progress line every this many steps", 1, _STEPS_MAX),
     "train.checkpoint_every": _int("save a checkpoint every this many steps (REALM and ICT)",
                                    1, _STEPS_MAX),
@@ -396,6 +400,7 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       weight_decay=0.01,
       grad_clip_norm=1.0,
       log_every=10,
+      metrics_lag=True,  # step t's metrics fetched after step t+1 is dispatched
       checkpoint_every=250 if size == "tiny" else 1000,
       keep_checkpoints=3,
       init_from="",  # a workdir (or its checkpoints/) whose embedder(s) warm-start this run

@@ -254,7 +254,8 @@ def test_second_trainer_is_refused_and_a_lost_lease_stops_before_saving(corpus_d
 
   # --force takes it over; then someone takes it from *it* mid-run: it stops at its next
   # lease check (every LEASE_CHECK_SECONDS, before each record; here every step) without
-  # saving or writing another record.
+  # saving or writing another record. The takeover comes while step 5's batch is prepared;
+  # step 4's record, fetched one step late (train.metrics_lag), is refused too.
   monkeypatch.setattr(loop, "LEASE_CHECK_SECONDS", 0.0)
   takers = []
 
@@ -274,7 +275,7 @@ def test_second_trainer_is_refused_and_a_lost_lease_stops_before_saving(corpus_d
     first.check()
   assert checkpointing.Checkpointer(workdir / "checkpoints").latest_step() == 3
   records, _ = train_records(workdir)
-  assert [r["step"] for r in records] == [1, 2, 3, 4], "no record after the takeover"
+  assert [r["step"] for r in records] == [1, 2, 3], "no record after the takeover"
   assert lease_lib.lease_path(workdir, "trainer").exists(), "the new holder's lease stays"
   for held in [first] + takers:
     held.release()
@@ -299,34 +300,44 @@ def test_ctrl_c_during_the_donating_step_call_is_raised_after_it():
 # ---- A diverging run stops at the first non-finite loss, unsaved -------------------------
 
 
-def test_nonfinite_loss_stops_the_run_without_checkpointing_that_state(corpus_dir, tmp_path,
-                                                                       monkeypatch):
-  """Step 5's loss comes back NaN (the real step, its loss replaced): the loop raises naming
-  the step and the last checkpoint (3), saves nothing after it, releases the lease, and the
-  bad step's record is the last line of metrics.jsonl."""
+# (5, 3, 6): step 6 was dispatched before step 5's lagged check; (3, 0, 3): step 3 is a
+# checkpoint step, checked before its save and before step 4 starts.
+@pytest.mark.parametrize("bad_step,last_checkpoint,steps_run", [(5, 3, 6), (3, 0, 3)])
+def test_nonfinite_loss_stops_the_run_without_checkpointing_that_state(
+    corpus_dir, tmp_path, monkeypatch, bad_step, last_checkpoint, steps_run):
+  """Step `bad_step`'s loss comes back NaN (the real step, its loss replaced) while metrics are
+  fetched one step late (train.metrics_lag): the loop raises naming that step, not the next
+  one already dispatched, and the last good checkpoint; it saves nothing after it (step 3 is a
+  checkpoint and refresh step: the lagged check runs before the save), releases the lease, and
+  the bad step's record is the last line of metrics.jsonl."""
   from realm_jax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
-  config = configured(corpus_dir, {"retrieval.prefetch": False})
+  config = configured(corpus_dir, {"retrieval.prefetch": False, "train.metrics_lag": True})
   real_make = steps_lib.make_realm_train_step
+  calls = []
 
   def make_poisoned(*args, **kwargs):
-    step_fn, calls = real_make(*args, **kwargs), []
+    step_fn = real_make(*args, **kwargs)
 
     def poisoned(state, batch):
       calls.append(1)
       state, metrics = step_fn(state, batch)
-      if len(calls) == 5:
+      if len(calls) == bad_step:
         metrics = dict(metrics, loss=metrics["loss"] * float("nan"))
       return state, metrics
     poisoned.lower = getattr(step_fn, "lower", None)  # compile_report uses it
     return poisoned
   monkeypatch.setattr(steps_lib, "make_realm_train_step", make_poisoned)
   with pytest.raises(metrics_lib.NonFiniteMetrics,
-                     match=r"realm: step 5 has non-finite loss=nan; .*last checkpoint is step 3"):
+                     match=rf"realm: step {bad_step} has non-finite loss=nan; "
+                           rf".*last checkpoint is step {last_checkpoint}"):
     loop.train_and_evaluate(config, workdir)
-  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0", "3"]
+  assert len(calls) == steps_run
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == sorted(
+      {0, last_checkpoint})
   records, _ = train_records(workdir)
-  assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and np.isnan(records[-1]["loss"])
+  assert [r["step"] for r in records] == list(range(1, bad_step + 1))
+  assert np.isnan(records[-1]["loss"])
   assert all(np.isfinite(r["loss"]) for r in records[:-1])
   assert not (workdir / ".lease-trainer.json").exists()  # released: the run can resume
 

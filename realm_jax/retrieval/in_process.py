@@ -157,11 +157,16 @@ class InProcessIndex:
                                searchers=searchers)
     index_format.prune_versions(self.root, self._keep)
 
+  def corpus_check_due(self, step: int) -> bool:
+    """Whether `follow_corpus(params, step)` would look for a newer corpus version."""
+    return (self.corpus_dir is not None and self.searcher is not None and
+            step % self._corpus_check_every == 0)
+
   def follow_corpus(self, params, step: int) -> bool:
     """At every `corpus_check_every`-th step: a newer published corpus version is applied to
     the index now (removed blocks dropped, added ones embedded with `params` and added) and
     published as `<index step>+<corpus version>`. True when the index changed."""
-    if self.corpus_dir is None or self.searcher is None or step % self._corpus_check_every:
+    if not self.corpus_check_due(step):
       return False
     latest = self._agreed_corpus_version()
     if latest <= self.corpus_version.version:

@@ -36,6 +36,7 @@ from realm_jax.retrieval import index_format
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
+from realm_jax.train import lagged_metrics
 from realm_jax.train import metrics as metrics_lib
 from realm_jax.train import multihost
 from realm_jax.train import partitioning
@@ -532,7 +533,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
                  ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
 
   def checkpoint_last_step() -> int:
-    """The state of the last finished step to storage (waited for): its step number."""
+    """The state of the last finished step to storage (waited for): its step number. Its
+    lagged record is checked first (a non-finite step raises instead of being saved)."""
+    records.flush()
     done = int(jax.device_get(state.step))
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a save in flight when the stop came
     if done not in ckpt.all_steps():
@@ -555,6 +558,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   def checkpoint_on_preemption():
     """SIGTERM: the last finished step's checkpoint, then Preempted (a failed save raises its
     own error instead: exit 1, not 0)."""
+    records.flush()  # the last step's record before the progress bar closes
     if start_step < stop:
       progress.close()
     done = checkpoint_last_step()
@@ -573,6 +577,27 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   progress = progress_lib.Progress(config.objective, num_steps, unit="steps", start=start_step,
                                    every_count=config.train.log_every)
   history = []
+
+  def record_step(done: int, scalars: dict[str, float]):
+    """Step `done`'s record (metrics.jsonl, TensorBoard, progress); NonFiniteMetrics first if
+    its loss or gradient norm is NaN/inf (the state after it is never saved)."""
+    scalars.update(examples_per_second=batch_size / scalars["step_seconds"],
+                   learning_rate=learning_rate(done - 1), wall_seconds=wall_seconds(),
+                   timestamp=time.time())
+    check_lease(LEASE_CHECK_SECONDS)  # no records into a workdir another trainer now owns
+    writer.write(done, scalars)
+    history.append(dict(step=done, **scalars))
+    bad = metrics_lib.nonfinite(scalars)
+    if bad:  # NaN/inf loss or gradient norm: stop here, this state unsaved
+      writer.flush()
+      ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a periodic save in flight is a good state
+      raise metrics_lib.nonfinite_error(bad, done, ckpt.all_steps(), config.objective)
+    progress.set(done, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
+                                                "retrieval_utility") if k in scalars})
+
+  # Step t's metrics are fetched after step t+1 is dispatched (train.metrics_lag), and every
+  # pending step is checked before a checkpoint, refresh, evaluation, stop or the end.
+  records = lagged_metrics.LaggedMetrics(record_step, lag=config.train.metrics_lag)
   preempted = False
   try:
     for step in range(start_step, stop):
@@ -597,42 +622,40 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         state, step_metrics = train_step(state, device_inputs)
         if prefetch and step + 1 < stop:
           pending = realm_inputs(next_batch, next_emb, step + 1)  # host search overlaps step t
-        scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
-        step_seconds = time.time() - step_start
-        scalars.update(step_seconds=step_seconds, examples_per_second=batch_size / step_seconds,
-                       learning_rate=learning_rate(step), wall_seconds=wall_seconds(),
-                       timestamp=time.time())
-        check_lease(LEASE_CHECK_SECONDS)  # no records into a workdir another trainer now owns
-        writer.write(step + 1, scalars)
-        history.append(dict(step=step + 1, **scalars))
-        bad = metrics_lib.nonfinite(scalars)
-        if bad:  # NaN/inf loss or gradient norm: stop here, this state unsaved
-          writer.flush()
-          ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # a periodic save in flight is a good state
-          raise metrics_lib.nonfinite_error(bad, step + 1, ckpt.all_steps(), config.objective)
-        progress.set(step + 1, {k: scalars[k] for k in ("loss", "span_accuracy", "accuracy",
-                                                        "retrieval_utility") if k in scalars})
+        records.push(step + 1, step_metrics, scalars, step_start)  # finishes step t-1 (lag)
 
       done = step + 1
-      if (retrieval_on and not from_builder and done % config.retrieval.refresh_every == 0 and
-          done < num_steps):
+      refresh = (retrieval_on and not from_builder and done % config.retrieval.refresh_every == 0
+                 and done < num_steps)
+      save = done % config.train.checkpoint_every == 0 or done == num_steps or done == stop
+      evaluate = (not is_ict and config.eval.every and done % config.eval.every == 0 and
+                  done < num_steps)
+      if (refresh or save or evaluate or
+          (retrieval_on and not from_builder and index.corpus_check_due(done))):
+        with _sigint_deferred():
+          records.flush()  # every step checked before its state is saved or used
+      if refresh:
         index.refresh(state.params, done)
         log_index_recall(done)
         pending = None  # retrieved from the old index: redo it from the new one
       elif (retrieval_on and not from_builder and done < num_steps and
             index.follow_corpus(state.params, done)):  # a new corpus version, same params
         pending = None  # may hold a removed document: redo it from the updated index
-      if done % config.train.checkpoint_every == 0 or done == num_steps or done == stop:
+      if save:
         save_checkpoint(done)
-      if not is_ict and config.eval.every and done % config.eval.every == 0 and done < num_steps:
+      if evaluate:
         writer.write(done, evaluate_realm(state.params, data.eval_queries, corpus,
                                           retriever, eval_step, mesh,
                                           config.eval.batch_size), phase="eval")
   except KeyboardInterrupt:
     checkpoint_on_interrupt()
     raise
+  except Exception:
+    records.settle()  # the last finished step's record, unless the error was a record's
+    raise
   if preempted or stop_request.agreed():  # a SIGTERM in the last step: no final evaluation
     checkpoint_on_preemption()
+  records.flush()  # (already flushed by the last step's checkpoint)
   if start_step < stop:
     progress.close()
   writer.flush()
