@@ -12,7 +12,9 @@ Each pair runs the loop twice on the same corpus (built once), with `--option` F
 (the order alternates between pairs, so a drift of the machine hits both arms alike), each in a
 fresh workdir with checkpoints, index refreshes and evaluations pushed past the end. Reported
 per arm: the median `step_seconds` of each run (metrics.jsonl's, steps after `--skip` dropped as
-warm-up), the median over runs, and the median retrieval seconds; and the relative change.
+warm-up), the median over runs, the median host search (`retrieval_seconds`) and wait for the
+query embedding (`query_wait_seconds`: the devices finishing what was queued before it); and
+the relative change.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def _run(config, option: str, value: bool, workdir: str) -> dict:
   return dict(value=value, median_step_seconds=statistics.median(seconds),
               median_retrieval_seconds=statistics.median(
                   h.get("retrieval_seconds", 0.0) for h in history),
+              median_query_wait_seconds=statistics.median(
+                  h.get("query_wait_seconds", 0.0) for h in history),
               steps=len(seconds))
 
 
@@ -88,14 +92,20 @@ def main(argv):
       shutil.rmtree(workdir, ignore_errors=True)
       print(f"pair {pair} {_OPTION.value}={value}: median step "
             f"{result['median_step_seconds'] * 1e3:.1f} ms, retrieval "
-            f"{result['median_retrieval_seconds'] * 1e3:.1f} ms", flush=True)
+            f"{result['median_retrieval_seconds'] * 1e3:.1f} ms, waiting for the query "
+            f"embedding {result['median_query_wait_seconds'] * 1e3:.1f} ms", flush=True)
       runs.append(result)
 
   arms = {}
   for value in (False, True):
     medians = [r["median_step_seconds"] for r in runs if r["value"] == value]
-    arms[str(value)] = dict(run_medians_ms=[round(m * 1e3, 2) for m in medians],
-                            median_ms=round(statistics.median(medians) * 1e3, 2))
+    arms[str(value)] = dict(
+        run_medians_ms=[round(m * 1e3, 2) for m in medians],
+        median_ms=round(statistics.median(medians) * 1e3, 2),
+        search_ms=[round(r["median_retrieval_seconds"] * 1e3, 2) for r in runs
+                   if r["value"] == value],
+        query_wait_ms=[round(r["median_query_wait_seconds"] * 1e3, 2) for r in runs
+                       if r["value"] == value])
   change = arms["True"]["median_ms"] / arms["False"]["median_ms"] - 1.0
   result = dict(
       benchmark="loop_step_time", option=_OPTION.value, arms=arms,

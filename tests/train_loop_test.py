@@ -132,7 +132,8 @@ def test_prefetch_trains_like_sequential_retrieval(run_a, corpus_dir, tmp_path):
   np.testing.assert_allclose(_losses(prefetched["history"]), _losses(a["history"]), rtol=1e-3)
   for name in ("index_step", "staleness"):
     assert [h[name] for h in prefetched["history"]] == [h[name] for h in a["history"]], name
-  assert all(h["retrieval_seconds"] >= 0 for h in prefetched["history"])
+  assert all(h["retrieval_seconds"] >= 0 and h["query_wait_seconds"] >= 0
+             for h in prefetched["history"])
 
 
 def test_workdir_layout(run_a):

@@ -495,9 +495,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
 
   def realm_inputs(batch, query_emb, step: int) -> tuple[dict[str, np.ndarray], dict]:
     """Finishes the retrieval of batch `step`: the device batch (host arrays) and metrics."""
+    wait_start = time.time()
+    if isinstance(query_emb, jax.Array):  # the devices finish what is queued before it first
+      query_emb.block_until_ready()
     retrieval_start = time.time()
     ids, mask = retriever.finish(batch, query_emb)
-    scalars = {"retrieval_seconds": time.time() - retrieval_start}
+    scalars = {"query_wait_seconds": retrieval_start - wait_start,  # device time, not search
+               "retrieval_seconds": time.time() - retrieval_start}
     if retrieval_on:
       scalars["index_step"] = int(index.step)
       scalars["index_corpus_version"] = getattr(index.step, "corpus_version", 0)
