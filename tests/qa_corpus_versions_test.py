@@ -117,7 +117,7 @@ def test_removed_blocks_are_never_returned_by_evaluation(before_after):
   assert not np.isin(removed, [p.block_id for p in new["predictions"]]).any()
   # The index was brought up (not re-embedded), published in the QA workdir and recorded.
   assert new["index"].step == VersionKey(0, 1) and new["index"].source == "init_from"
-  assert before_after["record"]["step"] == "0+1"
+  assert before_after["record"]["version"] == "0+1"
   assert before_after["record"]["corpus_version"] == 1
   manifest = index_format.read_manifest(before_after["workdir"] / "index", VersionKey(0, 1))
   assert manifest["incremental"]["added"] == NUM_PEOPLE
@@ -177,8 +177,8 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   # Batches: steps 0, 1 (version 0), the prefetched step 2 (version 0, dropped), then the
   # step-2 batch again and step 3 on version 1, then the final evaluation's.
   num_docs = [n for n, _ in batches]
-  n0 = num_docs[0]
-  assert num_docs[:3] == [n0] * 3 and set(num_docs[3:]) == {n0 + NUM_PEOPLE}
+  n0, eval_batches = num_docs[0], 2  # 32 dev questions / qa.eval_batch_size 16
+  assert num_docs == [n0] * 3 + [n0 + NUM_PEOPLE] * (2 + eval_batches)
   prefetched, redone = batches[2][1], batches[3][1]
   assert np.isin(prefetched[:, :config.qa.reader_k], removed).any()  # would have been read
   for _, ids in batches[3:]:
@@ -188,7 +188,7 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   assert redone.shape == prefetched.shape
   # evaluate_qa reads the recorded, brought-up version (no second update).
   record = json.loads((workdir / finetune.INDEX_RECORD).read_text())
-  assert record["step"] == "0+1" and record["corpus_version"] == 1
+  assert record["version"] == "0+1" and record["corpus_version"] == 1
   monkeypatch.undo()
   result = finetune.evaluate_qa(config, workdir)
   assert result["corpus_version"] == 1 and result["index"]["corpus_version"] == 1

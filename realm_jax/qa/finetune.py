@@ -376,10 +376,12 @@ def make_doc_embed_fn(model: reader_lib.OpenQAModel, mesh):
 
 
 def _write_index_record(world: "QAWorld", index: FrozenIndex) -> None:
-  """qa_index.json: the version a resume and `evaluate_qa` must load (process 0 writes)."""
+  """qa_index.json: the version a resume and `evaluate_qa` must load (process 0 writes):
+  `version` is its folder name (`<step>` or `<step>+<corpus version>`), `step` the parameter
+  step alone (what records written before corpus versions hold)."""
   if world.is_main:
     storage.write_text(world.workdir / INDEX_RECORD, json.dumps(dict(
-        root=index.root, step=str(index.step), source=index.source,
+        root=index.root, step=int(index.step), version=str(index.step), source=index.source,
         corpus_version=index.corpus_version)))
 
 
@@ -492,11 +494,12 @@ def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, world:
   index = None
   if record_path.exists():  # a resumed run, or evaluate_qa: the very same version
     record = json.loads(record_path.read_text())
-    _LOG.info("index: %s version %s (recorded in %s)", record["root"], record["step"],
-              record_path)
-    step = index_format.parse_version(str(record["step"]))
+    _LOG.info("index: %s version %s (recorded in %s)", record["root"],
+              record.get("version", record["step"]), record_path)
+    name = str(record.get("version", record["step"]))
+    step = index_format.parse_version(name)
     if step is None:
-      raise ValueError(f"{record_path}: step {record['step']!r} is not an index version name")
+      raise ValueError(f"{record_path}: version {name!r} is not an index version name")
     index = load(record["root"], step, record["source"], f"{record_path}")
   elif qa.index_from:
     root = _index_root(qa.index_from)
