@@ -98,10 +98,13 @@ def before_after(ict_dir, tmp_path_factory):
       out["removed"] = removed
     world = finetune.setup(config, workdir)
     params, doc_params = finetune._initial_params(world, rng)  # pylint: disable=protected-access
-    index = finetune.resolve_index(config, workdir, world, lambda: doc_params)  # pylint: disable=cell-var-from-loop
+    # A start-up tower that is not the index's: the added blocks must not be embedded with it
+    # (the index is init_from's, so its own checkpoint's tower is used).
+    wrong_tower = jax.tree_util.tree_map(np.zeros_like, doc_params)
+    index = finetune.resolve_index(config, workdir, world, lambda: wrong_tower)  # pylint: disable=cell-var-from-loop
     metrics, predictions = finetune.evaluate_examples(world, params, index, world.dev)
     out[version] = dict(world=world, index=index, metrics=metrics, predictions=predictions,
-                        ranked=_ranked(world, params, index, world.dev))
+                        ranked=_ranked(world, params, index, world.dev), doc_params=doc_params)
   out["record"] = json.loads((workdir / finetune.INDEX_RECORD).read_text())
   out["workdir"] = workdir
   return out
@@ -122,6 +125,11 @@ def test_removed_blocks_are_never_returned_by_evaluation(before_after):
   manifest = index_format.read_manifest(before_after["workdir"] / "index", VersionKey(0, 1))
   assert manifest["incremental"]["added"] == NUM_PEOPLE
   assert manifest["incremental"]["removed"] == len(removed)
+  # Added blocks: embedded with the frozen index's document tower (init_from's step-0 one).
+  added = np.arange(old["world"].corpus.num_docs, new["world"].corpus.num_docs)
+  expected = finetune._embed_rows_fn(  # pylint: disable=protected-access
+      new["world"], lambda: new["doc_params"], new["world"].corpus, "check")(added)
+  np.testing.assert_allclose(new["index"].embeddings[added], expected, atol=1e-5)
   # Blocks kept from version 0 keep their frozen embeddings exactly.
   kept = np.setdiff1d(np.arange(old["world"].corpus.num_docs), removed)
   np.testing.assert_array_equal(new["index"].embeddings[kept], old["index"].embeddings[kept])

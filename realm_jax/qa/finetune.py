@@ -394,10 +394,37 @@ def _embed_rows_fn(world: "QAWorld", doc_params_fn, corpus: corpus_lib.BlockCorp
                                               progress_name=what, rows=rows)
 
 
+def frozen_doc_params(world: "QAWorld", index: FrozenIndex, doc_params_fn):
+  """The document tower the frozen index was embedded with, for the blocks a corpus version
+  adds: for an index of the `qa.init_from` run (source "init_from"), that run's checkpoint of
+  the index's parameter step (only the embedder subtrees are read, once per process); else,
+  or when that checkpoint is gone, `doc_params_fn()`: the tower a start-up index is embedded
+  with (`qa.init_from`'s newest checkpoint, or the initial one). A `qa.index_from` index of
+  another run gets that tower too (its own parameters are not known here): logged."""
+  init, step = world.config.qa.init_from, int(index.step)
+  if index.source == "init_from" and init:
+    directory = checkpointing.resolve_checkpoint_dir(init)
+    key = ("doc_params", str(directory), step)
+    if key not in _JITTED and (directory / str(step)).exists():
+      params, _ = checkpointing.restore_embedder_params(init, step,
+                                                        keys=("doc_embedder", "embedder"))
+      _JITTED[key] = doc_tower_source(params)
+    if _JITTED.get(key) is not None:
+      return _JITTED[key]
+    _LOG.warning("index: no checkpoint %d in %s for the frozen index's document tower; the "
+                 "added blocks are embedded with the run's start-up tower", step, directory)
+  elif index.source == "index_from":
+    _LOG.warning("index: qa.index_from=%r: blocks added by a corpus version are embedded with "
+                 "the run's start-up document tower (the index's own parameters are unknown)",
+                 world.config.qa.index_from)
+  return doc_params_fn()
+
+
 def bring_index_to(world: "QAWorld", index: FrozenIndex,
                    target: corpus_versions.CorpusVersion, doc_params_fn, field: str) -> bool:
   """Brings the frozen `index` (changed in place) from its corpus version to `target`: removed
-  blocks leave the searcher, added ones are embedded with the frozen document tower and join
+  blocks leave the searcher, added ones are embedded with the frozen document tower
+  (`frozen_doc_params`) and join
   it (`index_update.follow_version`, as the trainer's own index does), the embedding table
   [num_docs, D] grows to the target's id space. Published as `<workdir>/index/<step>+<c>` and
   recorded, so a resume or `evaluate_qa` reloads it. False when already there.
@@ -417,7 +444,8 @@ def bring_index_to(world: "QAWorld", index: FrozenIndex,
   try:
     searcher, added, removed, added_emb = index_update.follow_version(
         index.searcher, old, target,
-        _embed_rows_fn(world, doc_params_fn, target.corpus, f"qa corpus version {target.version}"))
+        _embed_rows_fn(world, lambda: frozen_doc_params(world, index, doc_params_fn),
+                       target.corpus, f"qa corpus version {target.version}"))
   except corpus_versions.CorpusVersionError as e:
     raise ValueError(f"{where} (corpus version {old.version}) cannot follow corpus version "
                      f"{target.version}: {e}") from e
