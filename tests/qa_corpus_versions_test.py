@@ -9,7 +9,8 @@ its corpus; versions are published with `corpus_versions.update_corpus`.
 2. A version published mid-fine-tuning is picked up at the next check: the per-step metric
    `corpus_version` moves, the prefetched batch is redone, removed blocks are gone from every
    later batch and the final evaluation, and the brought-up index is recorded for evaluate_qa.
-3. A frozen index of another corpus version is a clear error naming the cause.
+3. BM25 indexes the live blocks of the newest version.
+4. A frozen index of another corpus version is a clear error naming the cause.
 """
 
 import json
@@ -106,7 +107,7 @@ def before_after(ict_dir, tmp_path_factory):
     out[version] = dict(world=world, index=index, metrics=metrics, predictions=predictions,
                         ranked=_ranked(world, params, index, world.dev), doc_params=doc_params)
   out["record"] = json.loads((workdir / finetune.INDEX_RECORD).read_text())
-  out["workdir"] = workdir
+  out["workdir"], out["config"] = workdir, config
   return out
 
 
@@ -146,6 +147,20 @@ def test_questions_about_added_people_are_answerable_only_after_the_update(befor
   titles = np.array(before_after[1]["world"].corpus.titles, dtype=object)
   ranked_titles = titles[before_after[1]["ranked"]]
   assert all(f"Quor Vantel{i}" in ranked_titles[i] for i in range(NUM_PEOPLE))
+
+
+def test_bm25_indexes_the_live_blocks_of_the_latest_version(before_after, tmp_path):
+  """qa.retriever=bm25 on the updated corpus: removed blocks are not even ranked last (BM25
+  indexes the live ones only) and each new person's question finds the added profile."""
+  config = before_after["config"].copy_and_resolve_references()
+  config.qa.retriever = "bm25"
+  world = finetune.setup(config, tmp_path / "bm25")
+  assert world.corpus_version.version == 1
+  ids = world.bm25().top_ids(world.dev, world.corpus.num_docs)  # as deep as there are blocks
+  assert ids.shape == (NUM_PEOPLE, world.num_live)
+  assert not np.isin(before_after["removed"], ids).any()
+  titles = np.array(world.corpus.titles, dtype=object)
+  assert list(titles[ids[:, 0]]) == [f"Quor Vantel{i}" for i in range(NUM_PEOPLE)]
 
 
 def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monkeypatch):
