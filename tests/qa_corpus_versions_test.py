@@ -102,7 +102,8 @@ def before_after(ict_dir, tmp_path_factory):
     # A start-up tower that is not the index's: the added blocks must not be embedded with it
     # (the index is init_from's, so its own checkpoint's tower is used).
     wrong_tower = jax.tree_util.tree_map(np.zeros_like, doc_params)
-    index = finetune.resolve_index(config, workdir, world, lambda: wrong_tower)  # pylint: disable=cell-var-from-loop
+    index = finetune.resolve_index(config, workdir, world,
+                                   lambda: wrong_tower)  # pylint: disable=cell-var-from-loop
     metrics, predictions = finetune.evaluate_examples(world, params, index, world.dev)
     out[version] = dict(world=world, index=index, metrics=metrics, predictions=predictions,
                         ranked=_ranked(world, params, index, world.dev), doc_params=doc_params)

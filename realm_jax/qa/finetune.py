@@ -338,8 +338,7 @@ def load_frozen_index(root: epath.PathLike, step: int, embed_dim: int,
     number = int(index_format.read_manifest(root, step).get("corpus_version", 0) or 0)
   except (index_format.IndexVersionError, OSError) as e:
     raise ValueError(f"{field}: the index {path} cannot be read: {e}") from e
-  version = corpus_versions.CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool),
-                                          dict(version=0), epath.Path(root))
+  version = corpus_versions.build_version(corpus, None)
   if number:
     try:
       if corpus_at is None:
@@ -424,10 +423,10 @@ def bring_index_to(world: "QAWorld", index: FrozenIndex,
                    target: corpus_versions.CorpusVersion, doc_params_fn, field: str) -> bool:
   """Brings the frozen `index` (changed in place) from its corpus version to `target`: removed
   blocks leave the searcher, added ones are embedded with the frozen document tower
-  (`frozen_doc_params`) and join
-  it (`index_update.follow_version`, as the trainer's own index does), the embedding table
-  [num_docs, D] grows to the target's id space. Published as `<workdir>/index/<step>+<c>` and
-  recorded, so a resume or `evaluate_qa` reloads it. False when already there.
+  (`frozen_doc_params`) and join it (`index_update.follow_version`, as the trainer's own index
+  does), and the embedding table [num_docs, D] grows to the target's id space. Published as
+  `<workdir>/index/<step>+<c>` and recorded, so a resume or `evaluate_qa` reloads it. False
+  when already there.
 
   An index of a newer version than `target` (the corpus went back?) is a ValueError naming
   `field`: its ids would name blocks this corpus version does not have."""
@@ -538,11 +537,13 @@ def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, world:
   elif qa.init_from and _newest_step(_index_root(qa.init_from)) is not None:
     root = _index_root(qa.init_from)
     index = load(root, _newest_step(root), "init_from", "qa.init_from")
-  fresh = not record_path.exists()
+  recorded = record_path.exists()
   if index is None:
     index = _startup_index(world, doc_params_fn)
-  field = "qa_index.json" if not fresh else f"qa.{index.source}"
-  if not bring_index_to(world, index, world.corpus_version, doc_params_fn, field) and fresh:
+  field = str(record_path) if recorded else f"qa.{index.source}"
+  # bring_index_to records the index when it changes it; a first use is recorded as it is.
+  changed = bring_index_to(world, index, world.corpus_version, doc_params_fn, field)
+  if not changed and not recorded:
     _write_index_record(world, index)
   _LOG.info("index: %s version %s (%s), corpus version %d: %d live blocks x %d", index.root,
             index.step, index.source, index.corpus_version, len(world.corpus_version.live_ids),
@@ -598,9 +599,7 @@ class QAWorld:
     """Corpus version `number` of the run's corpus (loaded once; 0 is the build)."""
     if number not in self._corpora:
       self._corpora[number] = (
-          corpus_versions.CorpusVersion(0, self.base_corpus,
-                                        np.zeros(self.base_corpus.num_docs, bool),
-                                        dict(version=0), epath.Path(self.corpus_directory))
+          corpus_versions.build_version(self.base_corpus, self.corpus_directory)
           if number == 0 else corpus_versions.load_version(self.corpus_directory, number))
     return self._corpora[number]
 
@@ -631,7 +630,8 @@ class QAWorld:
       live = self.corpus_version.live_ids  # [L]
       texts = bm25_lib.block_texts(self.corpus, self.tokenizer)
       _JITTED[key] = bm25_lib.QuestionBM25([texts[i] for i in live], doc_ids=live)
-      _LOG.info("bm25: indexed %d blocks in %.1fs", self.corpus.num_docs, time.time() - start)
+      _LOG.info("bm25: indexed the %d live blocks of corpus version %d in %.1fs", len(live),
+                self.corpus_version.version, time.time() - start)
     return _JITTED[key]
 
   def dummy_batch(self) -> dict[str, np.ndarray]:
@@ -662,9 +662,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.PathLike, devices=No
   # The newest published corpus version (process 0's CORPUS_LATEST, on every process).
   latest = in_process.agreed_corpus_version(data.directory, 0, set())
   version = (corpus_versions.load_version(data.directory, latest) if latest else
-             corpus_versions.CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool),
-                                           dict(version=0), epath.Path(data.directory)))
-  num_live = int((~version.removed).sum())
+             corpus_versions.build_version(corpus, data.directory))
+  num_live = len(version.live_ids)
   if config.qa.retriever_k > num_live:
     raise config_lib.ConfigError(f"qa.retriever_k={config.qa.retriever_k} exceeds the "
                                  f"{num_live} live blocks of corpus version {latest}")
@@ -683,7 +682,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.PathLike, devices=No
   embed_questions = _cached("embed_questions", _make_embed_questions, model, mesh)
   world = QAWorld(config, workdir, mesh, corpus, tokenizer, model, train, dev, test,
                   embed_questions, is_main, str(data.directory))
-  world._corpora[version.version] = version  # pylint: disable=protected-access
+  world._corpora[version.version] = version  # pylint: disable=protected-access  # loaded once
   world.use_corpus(version)
   return world
 

@@ -121,8 +121,7 @@ class InProcessIndex:
     self.corpus_dir = None if corpus_dir is None else epath.Path(corpus_dir)
     self._corpus_check_every = max(1, int(corpus_check_every))
     # The corpus version indexed now; `corpus` (the run's, loaded from the build) is version 0.
-    self.corpus_version = corpus_versions.CorpusVersion(
-        0, corpus, np.zeros(corpus.num_docs, bool), dict(version=0), self.corpus_dir)
+    self.corpus_version = corpus_versions.build_version(corpus, self.corpus_dir)
     self._bad_latest: set[str] = set()  # CORPUS_LATEST problems already logged
 
   # ---- corpus versions --------------------------------------------------------------------
