@@ -196,6 +196,7 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   workdir = tmp_path / "qa"
   out = finetune.finetune_qa(config, workdir)
   removed = calls[2]
+  assert calls[:2] == [1, 3]  # looked at steps 0 and 2 only (after 1 and 3 batches were built)
   assert [h["corpus_version"] for h in out["history"]] == [0.0, 0.0, 1.0, 1.0]
   assert out["corpus_version"] == 1 and out["index"]["corpus_version"] == 1
   # Batches: steps 0, 1 (version 0), the prefetched step 2 (version 0, dropped), then the
