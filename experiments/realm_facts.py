@@ -79,6 +79,9 @@ def qa_section(s: dict, question_len: int) -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       log_every=10,
       prefetch=True,  # retrieve batch t+1 while step t runs
+      # steps between two looks for a newer corpus version (--mode=update_corpus); one is
+      # applied at once: the frozen index follows it (realm_jax/qa/finetune.py)
+      corpus_check_every=10,
       eval_batch_size=s["eval_batch_size"],
       eval_retrieve_k=100,  # recall@1/5/20/100 depth (capped at the corpus size)
       eval_at_end=True,

@@ -100,6 +100,14 @@ class CorpusVersion:
     return np.flatnonzero(~self.removed).astype(np.int64)
 
 
+def build_version(corpus: corpus_lib.BlockCorpus, directory: epath.PathLike | None
+                  ) -> CorpusVersion:
+  """Version 0 (the build itself, no tombstones) of an already loaded corpus: what a reader
+  holds before any update, without loading the blocks again."""
+  return CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool), dict(version=0),
+                       None if directory is None else epath.Path(directory))
+
+
 def version_dir(corpus_dir: epath.PathLike, version: int) -> epath.Path:
   corpus_dir = epath.Path(corpus_dir)
   return corpus_dir if version == 0 else corpus_dir / VERSIONS_DIR / f"{version:06d}"

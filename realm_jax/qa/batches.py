@@ -105,6 +105,12 @@ class AnswerMatcher:
     self._span_texts: collections.OrderedDict[int, tuple] = collections.OrderedDict()
     self._max_block_text_entries = max_block_text_entries
 
+  def use_corpus(self, corpus: corpus_lib.BlockCorpus) -> None:
+    """Matches against `corpus` (a newer corpus version) from now on. The caches stay valid: a
+    version never changes a row it keeps (ids only grow; removed rows are blanked but never
+    retrieved again), so a cached (question, block) answer is still that block's."""
+    self.corpus = corpus
+
   def is_continuation(self, tokens: np.ndarray) -> np.ndarray:
     """Same-shape bool: True for '##' wordpieces (the vocabulary's continuations), False for
     word starts, special tokens and padding. The reader masks spans that start or end inside

@@ -36,8 +36,14 @@ class QuestionBM25:
   shallower request is a slice of it (BM25's order does not depend on k).
   """
 
-  def __init__(self, texts: Sequence[str]):
+  def __init__(self, texts: Sequence[str], doc_ids: np.ndarray | None = None):
+    """texts [n]: the blocks to index; doc_ids [n]: their block ids (default 0..n-1), what
+    `top_ids` returns (a corpus version's live blocks: removed ones are not indexed)."""
     self.index = evaluation.BM25Index(texts)
+    self.doc_ids = (np.arange(len(texts), dtype=np.int64) if doc_ids is None else
+                    np.asarray(doc_ids, np.int64))
+    if self.doc_ids.shape != (len(texts),):
+      raise ValueError(f"{self.doc_ids.shape} doc ids for {len(texts)} texts")
     self._cache: dict[str, np.ndarray] = {}
     self.searched = 0  # questions sent to bm25s (misses)
     self.hits = 0
@@ -55,4 +61,4 @@ class QuestionBM25:
     self.hits += sum(e.question not in missing_set for e in examples)
     if not examples:
       return np.zeros((0, k), np.int64)
-    return np.stack([self._cache[e.question][:k] for e in examples])
+    return self.doc_ids[np.stack([self._cache[e.question][:k] for e in examples])]

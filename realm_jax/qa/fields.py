@@ -63,6 +63,10 @@ QA_FIELDS: dict[str, config_lib.Field] = {
     "qa.keep_checkpoints": _int("checkpoints kept (the newest ones)", 1, 10**6),
     "qa.log_every": _int("log a progress line every this many steps", 1, _STEPS_MAX),
     "qa.prefetch": Field("retrieve batch t+1 while the devices run step t"),
+    "qa.corpus_check_every": _int(
+        "look for a newer corpus version (--mode=update_corpus) every this many fine-tuning "
+        "steps; one is applied at once (frozen index brought up to it, removed blocks gone, "
+        "added ones embedded with the frozen document tower)", 1, _STEPS_MAX),
     "qa.eval_batch_size": _int("evaluation global batch of questions", 1, 10**6),
     "qa.eval_retrieve_k": _int("blocks retrieved per question in evaluation, for recall@k "
                                "(k = 1, 5, 20, 100 up to this; at least qa.retriever_k)",

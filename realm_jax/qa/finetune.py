@@ -9,6 +9,16 @@ functions). The recipe is ORQA/REALM's (DESIGN.md §1):
   `<workdir>/index/0`. Which version a run uses is recorded in `<workdir>/qa_index.json`, so a
   resumed run (and `evaluate_qa`) reads the very same embeddings. Documents are never
   re-embedded.
+- **Corpus versions** (`data/corpus_versions.py`, `--mode=update_corpus`): both entry points
+  use the newest published corpus version (candidate tokens, titles and answer matching from
+  it). A frozen index built for an older version is checked against *that* version, then
+  brought up to the newest (`index_update.follow_version`: removed blocks dropped, added ones
+  embedded with the frozen document tower, the one a start-up index is embedded with), published
+  as `<workdir>/index/<step>+<corpus version>` and recorded in qa_index.json, so a resume or
+  `evaluate_qa` reloads it instead of embedding again. Fine-tuning looks for a newer version
+  every `qa.corpus_check_every` steps, applies it at once (a prefetched retrieval is redone)
+  and logs `corpus_version` with every step's metrics. Removed blocks are never retrieved nor
+  read (BM25 too: it indexes the live blocks only).
 - **Trained:** the query tower (`query_embedder`, from pretraining's `embedder` or
   `query_embedder`) and the reader (`reader/bert` from pretraining's `encoder/bert`; its span
   head is new). An ICT workdir gives the query tower only (its encoder never trained); the
@@ -55,6 +65,7 @@ from realm_jax import config_lib
 from realm_jax import progress as progress_lib
 from realm_jax import storage
 from realm_jax.data import corpus as corpus_lib
+from realm_jax.data import corpus_versions
 from realm_jax.data import facts_corpus as facts_lib
 from realm_jax.data import prepare
 from realm_jax.data import tokenizer as tokenizer_lib
@@ -69,6 +80,7 @@ from realm_jax.qa import fields as fields_lib
 from realm_jax.qa import steps as qa_steps
 from realm_jax.retrieval import in_process
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import index_update
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import checkpointing
 from realm_jax.train import metrics as metrics_lib
@@ -305,26 +317,51 @@ class FrozenIndex:
   searcher: searcher_lib.Searcher
   embeddings: np.ndarray  # [num_docs, D] float32, row = doc id
   root: str
-  step: int
+  step: int  # index_format.VersionKey: `<step>` or `<step>+<corpus version>`
   source: str  # "index_from", "init_from" or "startup"
+  corpus_version: int = 0  # the corpus version whose live blocks the searcher holds
+  searcher_kind: str = "exact"  # as published ("exact" or "scann"), for re-publishing
+  searcher_options: dict = dataclasses.field(default_factory=dict)
 
 
 def load_frozen_index(root: epath.PathLike, step: int, embed_dim: int,
-                      corpus: corpus_lib.BlockCorpus, source: str, field: str) -> FrozenIndex:
-  """Loads and checks one version against the model's dim, the corpus's doc count and its
-  fingerprint (an index of another corpus with as many blocks is refused); a mismatch is a
-  ValueError naming the config field that chose the index."""
+                      corpus: corpus_lib.BlockCorpus, source: str, field: str,
+                      corpus_at=None) -> FrozenIndex:
+  """Loads and checks one version against the model's dim and the corpus version it was built
+  for (its manifest's `corpus_version`; 0, the build `corpus`, when it records none): that
+  version's doc count, fingerprint (an index of another corpus with as many blocks is refused)
+  and tombstones (no removed block, every live one). `corpus_at(number)` ->
+  `corpus_versions.CorpusVersion` loads a later version. A mismatch is a ValueError naming the
+  config field that chose the index and the corpus version it was checked against."""
+  path = epath.Path(root) / str(step)
   try:
-    manifest, searcher = index_format.load_index(root, step, expected_dim=embed_dim,
-                                                 expected_num_docs=corpus.num_docs,
-                                                 expected_fingerprint=corpus.fingerprint)
+    number = int(index_format.read_manifest(root, step).get("corpus_version", 0) or 0)
+  except (index_format.IndexVersionError, OSError) as e:
+    raise ValueError(f"{field}: the index {path} cannot be read: {e}") from e
+  version = corpus_versions.build_version(corpus, None)
+  if number:
+    try:
+      if corpus_at is None:
+        raise corpus_versions.CorpusVersionError("no corpus versions to check it against")
+      version = corpus_at(number)
+    except corpus_versions.CorpusVersionError as e:
+      raise ValueError(f"{field}: the index {path} was built for corpus version {number}, "
+                       f"which this run's corpus cannot give: {e}") from e
+  checked = version.corpus
+  try:
+    manifest, searcher = index_format.load_index(
+        root, step, expected_dim=embed_dim, expected_num_docs=checked.num_docs,
+        removed=version.removed if number else None,
+        expected_fingerprint=index_format.fingerprint_of(checked))
   except index_format.IndexVersionError as e:
-    raise ValueError(f"{field}: the index {epath.Path(root) / str(step)} does not fit this "
-                     f"run (model.embed_dim={embed_dim}, corpus of {corpus.num_docs} blocks, "
-                     f"fingerprint {corpus.fingerprint or 'none (an older corpus)'}): "
+    raise ValueError(f"{field}: the index {path} does not fit this run (model.embed_dim="
+                     f"{embed_dim}, corpus version {number} of {checked.num_docs} blocks, "
+                     f"fingerprint {checked.fingerprint or 'none (an older corpus)'}): "
                      f"{e}") from e
-  return FrozenIndex(searcher, version_embeddings(root, step, manifest, corpus.num_docs),
-                     str(root), step, source)
+  return FrozenIndex(searcher, version_embeddings(root, step, manifest, checked.num_docs),
+                     str(root), step, source, corpus_version=number,
+                     searcher_kind=manifest.get("searcher", "exact"),
+                     searcher_options=dict(manifest.get("searcher_options") or {}))
 
 
 def make_doc_embed_fn(model: reader_lib.OpenQAModel, mesh):
@@ -337,57 +374,197 @@ def make_doc_embed_fn(model: reader_lib.OpenQAModel, mesh):
                  in_shardings=(repl, batch, batch), out_shardings=batch)
 
 
-def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, model, mesh,
-                  corpus: corpus_lib.BlockCorpus, doc_params_fn, is_main: bool) -> FrozenIndex:
-  """The run's frozen index (see the module docstring for the order); recorded on first use.
+def _write_index_record(world: "QAWorld", index: FrozenIndex) -> None:
+  """qa_index.json: the version a resume and `evaluate_qa` must load (process 0 writes):
+  `version` is its folder name (`<step>` or `<step>+<corpus version>`), `step` the parameter
+  step alone (what records written before corpus versions hold)."""
+  if world.is_main:
+    storage.write_text(world.workdir / INDEX_RECORD, json.dumps(dict(
+        root=index.root, step=int(index.step), version=str(index.step), source=index.source,
+        corpus_version=index.corpus_version)))
 
-  `doc_params_fn()` gives the document embedder's parameters, called only when the corpus
-  must be embedded at start-up.
+
+def _embed_rows_fn(world: "QAWorld", doc_params_fn, corpus: corpus_lib.BlockCorpus, what: str):
+  """embed_rows(doc ids [n]) -> [n, D] with the frozen document tower (`doc_params_fn()`,
+  read on first use): the embedder of a start-up index and of blocks added by a version."""
+  embed_docs = _cached("embed_docs", make_doc_embed_fn, world.model, world.mesh)
+  return lambda rows: in_process.embed_corpus(doc_params_fn(), corpus, embed_docs, world.mesh,
+                                              world.config.retrieval.embed_batch_size,
+                                              progress_name=what, rows=rows)
+
+
+def frozen_doc_params(world: "QAWorld", index: FrozenIndex, doc_params_fn):
+  """The document tower the frozen index was embedded with, for the blocks a corpus version
+  adds: for an index of the `qa.init_from` run (source "init_from"), that run's checkpoint of
+  the index's parameter step (only the embedder subtrees are read, once per process); else,
+  or when that checkpoint is gone, `doc_params_fn()`: the tower a start-up index is embedded
+  with (`qa.init_from`'s newest checkpoint, or the initial one). A `qa.index_from` index of
+  another run gets that tower too (its own parameters are not known here): logged."""
+  init, step = world.config.qa.init_from, int(index.step)
+  if index.source == "init_from" and init:
+    directory = checkpointing.resolve_checkpoint_dir(init)
+    key = ("doc_params", str(directory), step)
+    if key not in _JITTED and (directory / str(step)).exists():
+      params, _ = checkpointing.restore_embedder_params(init, step,
+                                                        keys=("doc_embedder", "embedder"))
+      _JITTED[key] = doc_tower_source(params)
+    if _JITTED.get(key) is not None:
+      return _JITTED[key]
+    _LOG.warning("index: no checkpoint %d in %s for the frozen index's document tower; the "
+                 "added blocks are embedded with the run's start-up tower", step, directory)
+  elif index.source == "index_from":
+    _LOG.warning("index: qa.index_from=%r: blocks added by a corpus version are embedded with "
+                 "the run's start-up document tower (the index's own parameters are unknown)",
+                 world.config.qa.index_from)
+  return doc_params_fn()
+
+
+def bring_index_to(world: "QAWorld", index: FrozenIndex,
+                   target: corpus_versions.CorpusVersion, doc_params_fn, field: str) -> bool:
+  """Brings the frozen `index` (changed in place) from its corpus version to `target`: removed
+  blocks leave the searcher, added ones are embedded with the frozen document tower
+  (`frozen_doc_params`) and join it (`index_update.follow_version`, as the trainer's own index
+  does), and the embedding table [num_docs, D] grows to the target's id space. Published as
+  `<workdir>/index/<step>+<c>` and recorded, so a resume or `evaluate_qa` reloads it. False
+  when already there.
+
+  An index of a newer version than `target` (the corpus went back?) is a ValueError naming
+  `field`: its ids would name blocks this corpus version does not have."""
+  if index.corpus_version == target.version:
+    return False
+  where = f"{field}: the index {epath.Path(index.root) / str(index.step)}"
+  if index.corpus_version > target.version:
+    raise ValueError(f"{where} was built for corpus version {index.corpus_version}, newer than "
+                     f"the corpus's latest published version {target.version} (CORPUS_LATEST "
+                     f"of {world.corpus_directory}): point data.corpus_dir at the corpus it "
+                     "indexes")
+  start = time.time()
+  old = world.corpus_at(index.corpus_version)
+  try:
+    searcher, added, removed, added_emb = index_update.follow_version(
+        index.searcher, old, target,
+        _embed_rows_fn(world, lambda: frozen_doc_params(world, index, doc_params_fn),
+                       target.corpus, f"qa corpus version {target.version}"))
+  except corpus_versions.CorpusVersionError as e:
+    raise ValueError(f"{where} (corpus version {old.version}) cannot follow corpus version "
+                     f"{target.version}: {e}") from e
+  embeddings = np.zeros((target.corpus.num_docs, index.embeddings.shape[1]), np.float32)
+  embeddings[:len(index.embeddings)] = index.embeddings
+  embeddings[added] = added_emb
+  embeddings[removed] = 0.0  # never gathered: removed blocks are not retrieved
+  key = index_format.VersionKey(int(index.step), target.version)
+  root = world.workdir / "index"  # never into another run's index folder
+  if world.is_main:
+    if (root / str(key) / index_format.MANIFEST).exists():
+      storage.remove_folder(root / str(key), index_format.MANIFEST)  # an interrupted start
+    shards, searchers = index_update.shards_to_publish(searcher)
+    scann = index.searcher_kind == "scann"
+    index_format.publish_index(
+        root, key, shards, searcher=index.searcher_kind,
+        searcher_options=index.searcher_options if scann else None,
+        searchers=searchers if scann else None,
+        extra=dict(source="qa_corpus_update", corpus_version=target.version,
+                   corpus_num_docs=target.corpus.num_docs, param_step=int(index.step),
+                   **index_format.corpus_record(target.corpus),
+                   incremental=dict(parent=f"{index.root}/{index.step}",
+                                    parent_corpus_version=old.version, added=int(len(added)),
+                                    removed=int(len(removed)), embedded=int(len(added)),
+                                    seconds=round(time.time() - start, 3))))
+  _LOG.info("index: %s/%s followed corpus version %d -> %d: +%d blocks embedded, -%d removed, "
+            "%d live, in %.1fs (now %s/%s)", index.root, index.step, old.version,
+            target.version, len(added), len(removed), len(target.live_ids), time.time() - start,
+            root, key)
+  index.searcher, index.embeddings, index.root, index.step = searcher, embeddings, str(root), key
+  index.corpus_version = target.version
+  _write_index_record(world, index)
+  return True
+
+
+def _startup_index(world: "QAWorld", doc_params_fn) -> FrozenIndex:
+  """The live blocks of the run's corpus version embedded with the initial document tower,
+  published as `<workdir>/index/0` (`0+<c>` over corpus version c)."""
+  version = world.corpus_version
+  _LOG.info("index: none published by qa.init_from=%r; embedding the corpus with the "
+            "initial document embedder", world.config.qa.init_from)
+  start = time.time()
+  live = version.live_ids  # [L]
+  live_emb = _embed_rows_fn(world, doc_params_fn, version.corpus, "qa index")(live)  # [L, D]
+  root, key = world.workdir / "index", index_format.VersionKey(0, version.version)
+  if world.is_main:
+    if (root / str(key) / index_format.MANIFEST).exists():
+      (root / str(key)).rmtree()  # an interrupted earlier start-up: embed again
+    index_format.publish_index(root, key, [(live_emb, live)],
+                               extra=dict(source="qa_startup", corpus_version=version.version,
+                                          corpus_num_docs=version.corpus.num_docs,
+                                          **index_format.corpus_record(version.corpus)))
+  _LOG.info("index: embedded %d blocks in %.1fs", len(live), time.time() - start)
+  embeddings = np.zeros((version.corpus.num_docs, live_emb.shape[1]), np.float32)
+  embeddings[live] = live_emb
+  return FrozenIndex(searcher_lib.ExactSearcher(live_emb, live), embeddings, str(root), key,
+                     "startup", corpus_version=version.version)
+
+
+def resolve_index(config: ml_collections.ConfigDict, workdir: epath.Path, world: "QAWorld",
+                  doc_params_fn) -> FrozenIndex:
+  """The run's frozen index (see the module docstring for the order), at the run's corpus
+  version (`world.corpus_version`, brought up to it when built for an older one); recorded on
+  first use and after every corpus update.
+
+  `doc_params_fn()` gives the document embedder's parameters, called only when blocks must be
+  embedded (a start-up index, or blocks added by a corpus version).
   """
   qa = config.qa
-  dim = model.config.embed_dim
+  dim = world.model.config.embed_dim
   record_path = workdir / INDEX_RECORD
+  load = lambda root, step, source, field: load_frozen_index(
+      root, step, dim, world.base_corpus, source, field, corpus_at=world.corpus_at)
+  index = None
   if record_path.exists():  # a resumed run, or evaluate_qa: the very same version
     record = json.loads(record_path.read_text())
-    _LOG.info("index: %s version %d (recorded in %s)", record["root"], record["step"],
-              record_path)
-    return load_frozen_index(record["root"], record["step"], dim, corpus, record["source"],
-                             f"{record_path}")
-  index = None
-  if qa.index_from:
+    _LOG.info("index: %s version %s (recorded in %s)", record["root"],
+              record.get("version", record["step"]), record_path)
+    name = str(record.get("version", record["step"]))
+    step = index_format.parse_version(name)
+    if step is None:
+      raise ValueError(f"{record_path}: version {name!r} is not an index version name")
+    index = load(record["root"], step, record["source"], f"{record_path}")
+  elif qa.index_from:
     root = _index_root(qa.index_from)
     step = _newest_step(root)
     if step is None:
       raise ValueError(f"qa.index_from={qa.index_from!r}: no complete index version in {root}")
-    index = load_frozen_index(root, step, dim, corpus, "index_from", "qa.index_from")
+    index = load(root, step, "index_from", "qa.index_from")
   elif qa.init_from and _newest_step(_index_root(qa.init_from)) is not None:
     root = _index_root(qa.init_from)
-    index = load_frozen_index(root, _newest_step(root), dim, corpus, "init_from",
-                              "qa.init_from")
+    index = load(root, _newest_step(root), "init_from", "qa.init_from")
+  recorded = record_path.exists()
   if index is None:
-    _LOG.info("index: none published by qa.init_from=%r; embedding the corpus with the "
-              "initial document embedder", qa.init_from)
-    start = time.time()
-    embed_docs = _cached("embed_docs", make_doc_embed_fn, model, mesh)
-    embeddings = in_process.embed_corpus(doc_params_fn(), corpus, embed_docs,
-                                         mesh, config.retrieval.embed_batch_size,
-                                         progress_name="qa index")
-    root = workdir / "index"
-    if is_main:
-      if (root / "0" / index_format.MANIFEST).exists():
-        (root / "0").rmtree()  # an interrupted earlier start-up: embed again
-      index_format.publish_index(root, 0, [(embeddings, np.arange(len(embeddings)))],
-                                 extra=dict(source="qa_startup",
-                                            **index_format.corpus_record(corpus)))
-    _LOG.info("index: embedded %d blocks in %.1fs", len(embeddings), time.time() - start)
-    index = FrozenIndex(searcher_lib.ExactSearcher(embeddings), embeddings, str(root), 0,
-                        "startup")
-  if is_main:
-    storage.write_text(record_path, json.dumps(dict(root=index.root, step=index.step,
-                                                    source=index.source)))
-  _LOG.info("index: %s version %d (%s), %d blocks x %d", index.root, index.step, index.source,
-            corpus.num_docs, dim)
+    index = _startup_index(world, doc_params_fn)
+  field = str(record_path) if recorded else f"qa.{index.source}"
+  # bring_index_to records the index when it changes it; a first use is recorded as it is.
+  changed = bring_index_to(world, index, world.corpus_version, doc_params_fn, field)
+  if not changed and not recorded:
+    _write_index_record(world, index)
+  _LOG.info("index: %s version %s (%s), corpus version %d: %d live blocks x %d", index.root,
+            index.step, index.source, index.corpus_version, len(world.corpus_version.live_ids),
+            dim)
   return index
+
+
+def follow_corpus(world: "QAWorld", index: FrozenIndex | None, doc_params_fn) -> bool:
+  """A corpus version published since the run's one becomes the run's: the frozen index is
+  brought up to it (`bring_index_to`; None for BM25) and candidates' tokens, titles and answer
+  matching come from it from now on. Every process moves at the same call (process 0's
+  CORPUS_LATEST, broadcast: the added blocks are embedded collectively). True when it moved."""
+  latest = in_process.agreed_corpus_version(world.corpus_directory,
+                                            world.corpus_version.version, world.latest_problems)
+  if latest <= world.corpus_version.version:
+    return False
+  target = world.corpus_at(latest)
+  if index is not None:
+    bring_index_to(world, index, target, doc_params_fn, "corpus_versions")
+  world.use_corpus(target)
+  return True
 
 
 # ---- Set-up shared by fine-tuning and evaluation ---------------------------------------------
@@ -408,6 +585,32 @@ class QAWorld:
   embed_questions: Any  # jitted (params, tokens [B, Lq]) -> [B, D], batch-sharded
   is_main: bool
   corpus_directory: str = ""
+  # The corpus version the run reads (`corpus` is its BlockCorpus); version 0 is the build.
+  corpus_version: corpus_versions.CorpusVersion | None = None
+  latest_problems: set = dataclasses.field(default_factory=set)  # CORPUS_LATEST ones logged
+  _corpora: dict = dataclasses.field(default_factory=dict)  # version number -> CorpusVersion
+
+  def __post_init__(self):
+    self.base_corpus = self.corpus  # version 0, the build: what the index ids started from
+    if self.corpus_version is None:
+      self.corpus_version = self.corpus_at(0)
+
+  def corpus_at(self, number: int) -> corpus_versions.CorpusVersion:
+    """Corpus version `number` of the run's corpus (loaded once; 0 is the build)."""
+    if number not in self._corpora:
+      self._corpora[number] = (
+          corpus_versions.build_version(self.base_corpus, self.corpus_directory)
+          if number == 0 else corpus_versions.load_version(self.corpus_directory, number))
+    return self._corpora[number]
+
+  def use_corpus(self, version: corpus_versions.CorpusVersion) -> None:
+    """From now on the run reads `version`: its blocks' tokens, titles and tombstones."""
+    self.corpus_version, self.corpus = version, version.corpus
+
+  @property
+  def num_live(self) -> int:
+    """Blocks that can be retrieved in the run's corpus version (not tombstoned)."""
+    return int((~self.corpus_version.removed).sum())
 
   def encode(self, examples: Sequence[data_lib.QAExample]) -> np.ndarray:
     return batches_lib.encode_questions(examples, self.tokenizer, self.config.qa.question_len,
@@ -418,13 +621,17 @@ class QAWorld:
                                      self.config.qa.max_span_width)
 
   def bm25(self) -> bm25_lib.QuestionBM25:
-    """The BM25 retriever over this corpus's blocks, built once per corpus in this process
-    (its question cache too: a question is searched once)."""
-    key = ("bm25", str(self.corpus_directory), self.corpus.num_docs)
+    """The BM25 retriever over the live blocks of the run's corpus version (a removed block is
+    never returned), built once per corpus version in this process (its question cache too: a
+    question is searched once)."""
+    key = ("bm25", str(self.corpus_directory), self.corpus.num_docs, self.corpus_version.version)
     if key not in _JITTED:
       start = time.time()
-      _JITTED[key] = bm25_lib.QuestionBM25(bm25_lib.block_texts(self.corpus, self.tokenizer))
-      _LOG.info("bm25: indexed %d blocks in %.1fs", self.corpus.num_docs, time.time() - start)
+      live = self.corpus_version.live_ids  # [L]
+      texts = bm25_lib.block_texts(self.corpus, self.tokenizer)
+      _JITTED[key] = bm25_lib.QuestionBM25([texts[i] for i in live], doc_ids=live)
+      _LOG.info("bm25: indexed the %d live blocks of corpus version %d in %.1fs", len(live),
+                self.corpus_version.version, time.time() - start)
     return _JITTED[key]
 
   def dummy_batch(self) -> dict[str, np.ndarray]:
@@ -452,24 +659,32 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.PathLike, devices=No
   data = prepare.prepare_data(data_config, workdir)
   corpus = data.corpus
   tokenizer = tokenizer_lib.load_tokenizer(data.directory / "vocab.txt")
-  if config.qa.retriever_k > corpus.num_docs:
+  # The newest published corpus version (process 0's CORPUS_LATEST, on every process).
+  latest = in_process.agreed_corpus_version(data.directory, 0, set())
+  version = (corpus_versions.load_version(data.directory, latest) if latest else
+             corpus_versions.build_version(corpus, data.directory))
+  num_live = len(version.live_ids)
+  if config.qa.retriever_k > num_live:
     raise config_lib.ConfigError(f"qa.retriever_k={config.qa.retriever_k} exceeds the "
-                                 f"corpus's {corpus.num_docs} blocks")
+                                 f"{num_live} live blocks of corpus version {latest}")
   train, dev, test = load_examples(config)
   if config.qa.max_train_examples:
     train = train[:config.qa.max_train_examples]
   if config.qa.max_eval_examples:
     dev = dev[:config.qa.max_eval_examples]
     test = None if test is None else test[:config.qa.max_eval_examples]
-  _LOG.info("data: corpus %s (%d blocks), %d train / %d dev%s questions (%s)", data.directory,
-            corpus.num_docs, len(train), len(dev),
+  _LOG.info("data: corpus %s (version %d, %d live blocks), %d train / %d dev%s questions (%s)",
+            data.directory, latest, num_live, len(train), len(dev),
             "" if test is None else f" / {len(test)} test", config.qa.dataset)
   # One instance per model config in this process: `model.apply` is a static field of the
   # train state, and bound methods of equal but distinct modules compare unequal.
   model = _canonical_model(build_qa_model(config, corpus.vocab_size, corpus.special.pad))
   embed_questions = _cached("embed_questions", _make_embed_questions, model, mesh)
-  return QAWorld(config, workdir, mesh, corpus, tokenizer, model, train, dev, test,
-                 embed_questions, is_main, str(data.directory))
+  world = QAWorld(config, workdir, mesh, corpus, tokenizer, model, train, dev, test,
+                  embed_questions, is_main, str(data.directory))
+  world._corpora[version.version] = version  # pylint: disable=protected-access  # loaded once
+  world.use_corpus(version)
+  return world
 
 
 def _tx(config: ml_collections.ConfigDict):
@@ -535,7 +750,7 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex | None,
   predict = _cached("predict", qa_steps.make_qa_predict_step, world.model, mesh, retriever)
   params = partitioning.replicate(params, mesh)
   k = qa.reader_k if bm25 else qa.retriever_k
-  depth = min(max(qa.eval_retrieve_k, k), corpus.num_docs)
+  depth = min(max(qa.eval_retrieve_k, k), world.num_live)  # removed blocks are not searched
   bm25_ids = world.bm25().top_ids(examples, depth) if bm25 else None
   spans = reader_lib.span_table(corpus.body_len, qa.max_span_width)
   decode = lambda ids: world.tokenizer.decode(list(ids))
@@ -583,13 +798,15 @@ def _index_record(index: FrozenIndex | None) -> dict[str, Any]:
   """What results JSON say about the retrieval: the frozen index version, or BM25."""
   if index is None:
     return dict(root="", step=-1, source="bm25")
-  return dict(root=index.root, step=index.step, source=index.source)
+  return dict(root=index.root, step=int(index.step), source=index.source,
+              corpus_version=index.corpus_version)
 
 
 def _write_evaluation(world: QAWorld, step: int, split: str, index: FrozenIndex | None,
                       metrics: dict[str, float], predictions, writer) -> dict[str, Any]:
   results = dict(step=step, split=split, dataset=world.config.qa.dataset,
                  retriever=world.config.qa.retriever, index=_index_record(index),
+                 corpus_version=world.corpus_version.version,
                  init_from=world.config.qa.init_from,
                  init_reader_from=world.config.qa.init_reader_from, **metrics)
   if world.is_main:
@@ -636,7 +853,7 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                  stop_request: preemption.StopRequest) -> dict[str, Any]:
   """`finetune_qa` with its SIGTERM handler installed (read at every step boundary)."""
   world = setup(config, workdir, devices)
-  qa, mesh, corpus = config.qa, world.mesh, world.corpus
+  qa, mesh = config.qa, world.mesh
   workdir = world.workdir
   if world.is_main:
     config_lib.save_run_config(config, workdir)
@@ -657,8 +874,7 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   if bm25:
     index = None  # the reader reads BM25's blocks; nothing to embed or search
   else:
-    index = resolve_index(config, workdir, world.model, mesh, corpus,
-                          lambda: initial_params()[1], world.is_main)
+    index = resolve_index(config, workdir, world, lambda: initial_params()[1])
   tx = _tx(config)
   dummy = world.dummy_batch()
   shapes = jax.eval_shape(lambda r: qa_steps.create_qa_train_state(world.model, r, dummy, tx),
@@ -687,7 +903,8 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                        partitioning.layout_key(state_sharding), retriever)
   tokens = world.encode(world.train)
   matcher = world.matcher(world.train)
-  if bm25:  # every training question's top blocks, once for the run (they never change)
+  bm25_ids = None
+  if bm25:  # every training question's top blocks, once per corpus version
     start = time.time()
     bm25_ids = world.bm25().top_ids(world.train, qa.reader_k)
     _LOG.info("bm25: top %d blocks of %d questions in %.1fs", qa.reader_k, len(world.train),
@@ -732,7 +949,20 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     train_step, report = _compiled_train_step(train_step, state,
                                               partitioning.shard_batch(pending[0], mesh))
 
+  def follow(step: int) -> bool:
+    """Every qa.corpus_check_every steps: a newer corpus version becomes the run's (index,
+    candidates, answer matching, BM25's blocks). True when it did."""
+    nonlocal bm25_ids
+    if step % check_every or not follow_corpus(world, index, lambda: initial_params()[1]):
+      return False
+    matcher.use_corpus(world.corpus)
+    if bm25:
+      bm25_ids = world.bm25().top_ids(world.train, qa.reader_k)
+    _LOG.info("finetune_qa: corpus version %d from step %d", world.corpus_version.version, step)
+    return True
+
   # ---- The loop ------------------------------------------------------------------------
+  check_every = qa.get("corpus_check_every", 10)
   progress = progress_lib.Progress("finetune_qa", num_steps, unit="steps", start=start_step,
                                    every_count=qa.log_every)
   history = []
@@ -742,6 +972,8 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       preempted = True
       break
     step_start = time.time()
+    if follow(step):
+      pending = None  # retrieved from the previous corpus version: retrieve again
     batch, scalars = pending if pending is not None else finish_retrieval(
         start_retrieval(state.params, step))
     pending = None
@@ -751,6 +983,7 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
       pending = finish_retrieval(ahead)  # the host search overlaps step t on the devices
     scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
     scalars.update(step_seconds=time.time() - step_start,
+                   corpus_version=float(world.corpus_version.version),
                    answer_cache_hits=float(matcher.cache.hits),
                    answer_cache_misses=float(matcher.cache.misses))
     writer.write(step + 1, scalars)
@@ -771,7 +1004,8 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
 
   final: dict[str, Any] = {"step": int(jax.device_get(state.step)), "history": history,
                            "compile": report, "retriever": retriever,
-                           "index": _index_record(index)}
+                           "index": _index_record(index),
+                           "corpus_version": world.corpus_version.version}
   if preempted or stop_request.agreed():  # ---- Preemption: checkpoint, no evaluation ----
     try:
       _checkpoint_on_preemption(ckpt, state, final["step"], stop_request)
@@ -826,8 +1060,9 @@ def evaluate_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   except FileNotFoundError as e:
     raise FileNotFoundError(f"no fine-tuned checkpoint in {workdir / 'checkpoints'}: run "
                             "finetune_qa first") from e
-  index = None if bm25 else resolve_index(config, workdir, world.model, world.mesh,
-                                          world.corpus, lambda: None, world.is_main)
+  # The frozen document tower, only if a corpus version added blocks to embed.
+  doc_params = lambda: _initial_params(world, jax.random.key(config.seed))[1]
+  index = None if bm25 else resolve_index(config, workdir, world, doc_params)
   metrics, predictions = evaluate_examples(world, params, index, examples)
   writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=world.is_main, phase="qa_eval")
   try:

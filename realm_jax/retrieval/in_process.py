@@ -80,6 +80,25 @@ def embed_corpus(params, corpus: corpus_lib.BlockCorpus, embed_docs: Callable, m
   return np.concatenate(outputs, axis=0)
 
 
+def agreed_corpus_version(corpus_dir: epath.PathLike | None, current: int,
+                          logged: set[str]) -> int:
+  """Process 0's newest published corpus version (CORPUS_LATEST), on every process: whoever
+  follows it embeds the added blocks collectively, so all must move at the same step.
+
+  A CORPUS_LATEST that cannot be read keeps `current` (each problem logged once: `logged`
+  holds those already logged), on every process alike. Shared by the trainer's own index and
+  Open-QA fine-tuning (`qa/finetune.py`)."""
+  latest = current
+  if corpus_dir is not None and jax.process_index() == 0:
+    try:
+      latest = corpus_versions.latest_version(corpus_dir)
+    except (corpus_versions.CorpusVersionError, OSError) as e:
+      if str(e) not in logged:
+        logged.add(str(e))
+        logging.warning("index: keeping corpus version %d: %s", current, e)
+  return multihost.broadcast_int(latest)
+
+
 class InProcessIndex:
   """Holds the current searcher, which train step its embeddings come from, and the corpus
   version it indexes (`self.corpus`: where candidates' tokens come from)."""
@@ -102,9 +121,8 @@ class InProcessIndex:
     self.corpus_dir = None if corpus_dir is None else epath.Path(corpus_dir)
     self._corpus_check_every = max(1, int(corpus_check_every))
     # The corpus version indexed now; `corpus` (the run's, loaded from the build) is version 0.
-    self.corpus_version = corpus_versions.CorpusVersion(
-        0, corpus, np.zeros(corpus.num_docs, bool), dict(version=0), self.corpus_dir)
-    self._bad_latest: str | None = None  # the last CORPUS_LATEST problem logged
+    self.corpus_version = corpus_versions.build_version(corpus, self.corpus_dir)
+    self._bad_latest: set[str] = set()  # CORPUS_LATEST problems already logged
 
   # ---- corpus versions --------------------------------------------------------------------
 
@@ -114,18 +132,8 @@ class InProcessIndex:
     return self.corpus_version.removed
 
   def _agreed_corpus_version(self) -> int:
-    """Process 0's newest published corpus version, on every process (the embedding of added
-    blocks is collective). A CORPUS_LATEST that cannot be read keeps the current version
-    (logged once per problem), on every process alike."""
-    latest = self.corpus_version.version
-    if self.corpus_dir is not None and jax.process_index() == 0:
-      try:
-        latest = corpus_versions.latest_version(self.corpus_dir)
-      except (corpus_versions.CorpusVersionError, OSError) as e:
-        if str(e) != self._bad_latest:
-          self._bad_latest = str(e)
-          logging.warning("index: keeping corpus version %d: %s", latest, e)
-    return multihost.broadcast_int(latest)
+    """The newest published corpus version, agreed by every process (`agreed_corpus_version`)."""
+    return agreed_corpus_version(self.corpus_dir, self.corpus_version.version, self._bad_latest)
 
   def _corpus_at(self, version: int) -> corpus_versions.CorpusVersion:
     if version == self.corpus_version.version:
@@ -173,13 +181,12 @@ class InProcessIndex:
       return False
     start = time.time()
     old, new = self.corpus_version, self._corpus_at(latest)
-    added, removed = corpus_versions.changes(old, new)
-    added_emb = (embed_corpus(params, new.corpus, self._embed_docs, self._mesh,
-                              self._embed_batch_size, progress_name=f"corpus update {latest}",
-                              rows=added) if len(added) else
-                 np.zeros((0, self._host.dim), np.float32))
+    embed_rows = lambda rows: embed_corpus(params, new.corpus, self._embed_docs, self._mesh,
+                                           self._embed_batch_size,
+                                           progress_name=f"corpus update {latest}", rows=rows)
+    host, added, removed, _ = index_update.follow_version(self._host, old, new, embed_rows)
     self._use_corpus(new)
-    self._set_searcher(index_update.apply_update(self._host, added_emb, added, removed))
+    self._set_searcher(host)
     self.step = index_format.VersionKey(int(self.step), new.version)
     if self._write:
       self._publish(self.step, dict(incremental=dict(

@@ -145,6 +145,26 @@ def apply_update(searcher, added_embeddings: np.ndarray, added_ids: np.ndarray,
                   "exact searcher)")
 
 
+def follow_version(searcher, old: corpus_versions.CorpusVersion,
+                   new: corpus_versions.CorpusVersion,
+                   embed_rows: Callable[[np.ndarray], np.ndarray]):
+  """An in-memory searcher over corpus version `old` brought to `new`: the blocks added since
+  are embedded (`embed_rows(doc ids [A]) -> [A, D]`, the caller's document tower) and added,
+  the removed ones dropped (`apply_update`). What the trainer's own index and Open-QA's frozen
+  index both do when a corpus version is published.
+
+  -> (the searcher to use from now on, added ids [A], removed ids [R], added embeddings [A, D])
+  """
+  added, removed = corpus_versions.changes(old, new)
+  added_embeddings = (np.asarray(embed_rows(added), np.float32) if len(added) else
+                      np.zeros((0, searcher.dim), np.float32))
+  if added_embeddings.shape != (len(added), searcher.dim):
+    raise ValueError(f"embed_rows gave {added_embeddings.shape} for {len(added)} blocks of "
+                     f"dim {searcher.dim}")
+  return (apply_update(searcher, added_embeddings, added, removed), added, removed,
+          added_embeddings)
+
+
 def shards_to_publish(searcher) -> tuple[list[tuple[np.ndarray | None, np.ndarray]], list]:
   """([(embeddings [n, D] or None for ScaNN, doc ids [n]), ...], [searcher per shard]) of an
   in-memory searcher, as `index_format.publish_index` takes them."""

@@ -1,0 +1,243 @@
+"""Open-QA fine-tuning and evaluation follow corpus versions (issue 11, `qa/finetune.py`).
+
+The frozen index of a tiny ICT run (0 steps, as in qa_finetune_test) over a private copy of
+its corpus; versions are published with `corpus_versions.update_corpus`.
+
+1. Evaluation on a newer version: the blocks that were the top retrieved ones are removed and
+   never come back (searcher's full ranking, predictions); questions about people only in
+   added profiles have recall 0 before the update and > 0 after, with the same parameters.
+2. A version published mid-fine-tuning is picked up at the next check: the per-step metric
+   `corpus_version` moves, the prefetched batch is redone, removed blocks are gone from every
+   later batch and the final evaluation, and the brought-up index is recorded for evaluate_qa.
+3. BM25 indexes the live blocks of the newest version.
+4. A frozen index of another corpus version is a clear error naming the cause.
+"""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from data_wiki_corpus_test import write_jsonl  # pylint: disable=g-bad-import-order
+from qa_finetune_test import qa_config, small_config  # pylint: disable=g-bad-import-order
+from realm_jax.data import corpus_versions as cv
+from realm_jax.qa import batches as batches_lib
+from realm_jax.qa import finetune
+from realm_jax.retrieval import index_format
+from realm_jax.train import loop
+from realm_jax.train import partitioning
+
+VersionKey = index_format.VersionKey
+NUM_PEOPLE = 6
+
+
+def _new_people():
+  """Profiles of people the corpus never mentions; each birthplace is a made-up word found in
+  no other block, so only the added profile can hold the answer."""
+  return [dict(title=f"Quor Vantel{i}",
+               text=f"Quor Vantel{i} was born in Zarnokvil{i}. Quor Vantel{i} works as a "
+                    f"pilot. Quor Vantel{i} plays the harp.") for i in range(NUM_PEOPLE)]
+
+
+def _questions_file(path):
+  return write_jsonl(path, [dict(question=f"Where was Quor Vantel{i} born?",
+                                 answer=[f"Zarnokvil{i}"]) for i in range(NUM_PEOPLE)])
+
+
+@pytest.fixture(scope="module")
+def ict_dir(tmp_path_factory):
+  """An ICT run of 0 steps: a step-0 checkpoint, its corpus and the index it publishes."""
+  workdir = tmp_path_factory.mktemp("ict")
+  config = small_config()
+  config.objective = "ict"
+  config.ict.num_steps = 0
+  loop.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _config(ict_dir, tmp_path, questions=False):
+  """qa_config on a private copy of the ICT run's corpus (versions are published into it)."""
+  corpus = tmp_path / "corpus"
+  if not corpus.exists():
+    shutil.copytree(ict_dir / "corpus", corpus)
+  config = qa_config(ict_dir, corpus_dir=str(corpus))
+  if questions:  # ORQA-style questions about the new people
+    path = _questions_file(tmp_path / "people.jsonl")
+    config.qa.dataset, config.qa.train_file, config.qa.dev_file = "nq", str(path), str(path)
+  return config, corpus
+
+
+def _ranked(world, params, index, examples):
+  """[N, num_live] every live block id, ranked for each question by the live query tower."""
+  tokens = world.encode(examples)
+  shards = partitioning.data_parallel_size(world.mesh)
+  padded = np.concatenate([tokens, np.repeat(tokens[:1], -len(tokens) % shards, 0)])
+  emb = partitioning.to_host(world.embed_questions(
+      partitioning.replicate(params, world.mesh),
+      partitioning.shard_batch_global({"t": padded}, world.mesh)["t"]))
+  ids, _ = index.searcher.search(emb[:len(tokens)], world.num_live)
+  return ids
+
+
+@pytest.fixture(scope="module")
+def before_after(ict_dir, tmp_path_factory):
+  """Evaluation of the same parameters on corpus version 0 and, after an update (the top-2
+  blocks of every question removed, the new people's profiles added), on version 1."""
+  tmp_path = tmp_path_factory.mktemp("qa_versions")
+  config, corpus = _config(ict_dir, tmp_path, questions=True)
+  workdir = tmp_path / "qa"
+  rng = jax.random.key(config.seed)
+  out = {}
+  for version in (0, 1):
+    if version == 1:
+      removed = np.unique(out[0]["ranked"][:, :2])
+      (tmp_path / "remove.txt").write_text("".join(f"{i}\n" for i in removed))
+      cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())),
+                       remove=str(tmp_path / "remove.txt"))
+      out["removed"] = removed
+    world = finetune.setup(config, workdir)
+    params, doc_params = finetune._initial_params(world, rng)  # pylint: disable=protected-access
+    # A start-up tower that is not the index's: the added blocks must not be embedded with it
+    # (the index is init_from's, so its own checkpoint's tower is used).
+    wrong_tower = jax.tree_util.tree_map(np.zeros_like, doc_params)
+    index = finetune.resolve_index(config, workdir, world,
+                                   lambda: wrong_tower)  # pylint: disable=cell-var-from-loop
+    metrics, predictions = finetune.evaluate_examples(world, params, index, world.dev)
+    out[version] = dict(world=world, index=index, metrics=metrics, predictions=predictions,
+                        ranked=_ranked(world, params, index, world.dev), doc_params=doc_params)
+  out["record"] = json.loads((workdir / finetune.INDEX_RECORD).read_text())
+  out["workdir"], out["config"] = workdir, config
+  return out
+
+
+def test_removed_blocks_are_never_returned_by_evaluation(before_after):
+  removed = before_after["removed"]
+  old, new = before_after[0], before_after[1]
+  assert np.isin(removed, old["ranked"]).all()  # they were the top blocks in version 0
+  assert new["world"].corpus_version.version == 1 and new["index"].corpus_version == 1
+  assert new["ranked"].shape[1] == new["world"].num_live  # the whole live corpus, ranked
+  assert not np.isin(removed, new["ranked"]).any()
+  assert not np.isin(removed, [p.block_id for p in new["predictions"]]).any()
+  # The index was brought up (not re-embedded), published in the QA workdir and recorded.
+  assert new["index"].step == VersionKey(0, 1) and new["index"].source == "init_from"
+  assert before_after["record"]["version"] == "0+1"
+  assert before_after["record"]["corpus_version"] == 1
+  manifest = index_format.read_manifest(before_after["workdir"] / "index", VersionKey(0, 1))
+  assert manifest["incremental"]["added"] == NUM_PEOPLE
+  assert manifest["incremental"]["removed"] == len(removed)
+  # Added blocks: embedded with the frozen index's document tower (init_from's step-0 one).
+  added = np.arange(old["world"].corpus.num_docs, new["world"].corpus.num_docs)
+  expected = finetune._embed_rows_fn(  # pylint: disable=protected-access
+      new["world"], lambda: new["doc_params"], new["world"].corpus, "check")(added)
+  np.testing.assert_allclose(new["index"].embeddings[added], expected, atol=1e-5)
+  # Blocks kept from version 0 keep their frozen embeddings exactly.
+  kept = np.setdiff1d(np.arange(old["world"].corpus.num_docs), removed)
+  np.testing.assert_array_equal(new["index"].embeddings[kept], old["index"].embeddings[kept])
+
+
+def test_questions_about_added_people_are_answerable_only_after_the_update(before_after):
+  """Recall@k: the answer (a birthplace stated only in the added profile) in a top-k block."""
+  old, new = before_after[0]["metrics"], before_after[1]["metrics"]
+  deepest = max((k for k in old if k.startswith("recall@")), key=lambda k: int(k[7:]))
+  assert deepest in new and int(deepest[7:]) >= 20
+  assert all(old[k] == 0.0 for k in old if k.startswith("recall@")), old
+  assert new[deepest] > 0.0, new
+  # Every question's profile is in the index: ranked somewhere among the live blocks.
+  titles = np.array(before_after[1]["world"].corpus.titles, dtype=object)
+  ranked_titles = titles[before_after[1]["ranked"]]
+  assert all(f"Quor Vantel{i}" in ranked_titles[i] for i in range(NUM_PEOPLE))
+
+
+def test_bm25_indexes_the_live_blocks_of_the_latest_version(before_after, tmp_path):
+  """qa.retriever=bm25 on the updated corpus: removed blocks are not even ranked last (BM25
+  indexes the live ones only) and each new person's question finds the added profile."""
+  config = before_after["config"].copy_and_resolve_references()
+  config.qa.retriever = "bm25"
+  world = finetune.setup(config, tmp_path / "bm25")
+  assert world.corpus_version.version == 1
+  ids = world.bm25().top_ids(world.dev, world.corpus.num_docs)  # as deep as there are blocks
+  assert ids.shape == (NUM_PEOPLE, world.num_live)
+  assert not np.isin(before_after["removed"], ids).any()
+  titles = np.array(world.corpus.titles, dtype=object)
+  assert list(titles[ids[:, 0]]) == [f"Quor Vantel{i}" for i in range(NUM_PEOPLE)]
+
+
+def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monkeypatch):
+  config, corpus = _config(ict_dir, tmp_path)
+  config.qa.num_steps = 4
+  config.qa.checkpoint_every = 4
+  config.qa.corpus_check_every = 2
+  config.qa.prefetch = True  # the batch of step 2 is retrieved during step 1, then redone
+  batches = []  # (num_docs of the corpus the batch was built from, retrieved ids [B, K])
+  original_build = batches_lib.build_qa_batch
+
+  def build(example_indices, question_tokens, ids, embeddings, matcher, reader_k, *a, **kw):
+    batches.append((matcher.corpus.num_docs, np.array(ids)))
+    return original_build(example_indices, question_tokens, ids, embeddings, matcher, reader_k,
+                          *a, **kw)
+
+  original_follow = finetune.follow_corpus
+  calls = []
+
+  def follow(world, index, doc_params_fn):
+    calls.append(len(batches))
+    if len(calls) == 2:  # the check at step 2: publish version 1 just before it
+      seen = np.unique(np.concatenate([ids[:, :config.qa.reader_k] for _, ids in batches]))
+      (tmp_path / "remove.txt").write_text("".join(f"{i}\n" for i in seen))
+      cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())),
+                       remove=str(tmp_path / "remove.txt"))
+      calls.append(seen)
+    return original_follow(world, index, doc_params_fn)
+
+  monkeypatch.setattr(batches_lib, "build_qa_batch", build)
+  monkeypatch.setattr(finetune, "follow_corpus", follow)
+  workdir = tmp_path / "qa"
+  out = finetune.finetune_qa(config, workdir)
+  removed = calls[2]
+  assert calls[:2] == [1, 3]  # looked at steps 0 and 2 only (after 1 and 3 batches were built)
+  assert [h["corpus_version"] for h in out["history"]] == [0.0, 0.0, 1.0, 1.0]
+  assert out["corpus_version"] == 1 and out["index"]["corpus_version"] == 1
+  # Batches: steps 0, 1 (version 0), the prefetched step 2 (version 0, dropped), then the
+  # step-2 batch again and step 3 on version 1, then the final evaluation's.
+  num_docs = [n for n, _ in batches]
+  n0, eval_batches = num_docs[0], 2  # 32 dev questions / qa.eval_batch_size 16
+  assert num_docs == [n0] * 3 + [n0 + NUM_PEOPLE] * (2 + eval_batches)
+  prefetched, redone = batches[2][1], batches[3][1]
+  assert np.isin(prefetched[:, :config.qa.reader_k], removed).any()  # would have been read
+  for _, ids in batches[3:]:
+    assert not np.isin(ids, removed).any()
+  predictions = [json.loads(l) for l in (workdir / "predictions.jsonl").read_text().splitlines()]
+  assert not np.isin(removed, [p["block_id"] for p in predictions]).any()
+  assert redone.shape == prefetched.shape
+  # evaluate_qa reads the recorded, brought-up version (no second update).
+  record = json.loads((workdir / finetune.INDEX_RECORD).read_text())
+  assert record["version"] == "0+1" and record["corpus_version"] == 1
+  monkeypatch.undo()
+  result = finetune.evaluate_qa(config, workdir)
+  assert result["corpus_version"] == 1 and result["index"]["corpus_version"] == 1
+  assert result["exact_match"] == pytest.approx(out["exact_match"])
+
+
+def test_an_index_of_another_corpus_version_is_a_clear_error(ict_dir, tmp_path):
+  config, corpus = _config(ict_dir, tmp_path)
+  num_docs = json.loads((corpus / "blocks" / "corpus.json").read_text())["num_docs"]
+  dim = 128
+  # An index that says it was built for corpus version 2, which this corpus never published.
+  future = tmp_path / "future_index"
+  index_format.publish_index(future, VersionKey(0, 2), [(np.ones((num_docs, dim), np.float32),
+                                                          np.arange(num_docs))])
+  config.qa.index_from = str(future)
+  with pytest.raises(ValueError, match=r"qa.index_from: the index .* was built for corpus "
+                                       r"version 2.*not published"):
+    finetune.finetune_qa(config, tmp_path / "future")
+  # Version 1 exists, but the index labelled with it holds version 0's id space.
+  cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())))
+  wrong = tmp_path / "wrong_index"
+  index_format.publish_index(wrong, VersionKey(0, 1), [(np.ones((num_docs, dim), np.float32),
+                                                         np.arange(num_docs))])
+  config.qa.index_from = str(wrong)
+  with pytest.raises(ValueError, match=rf"qa.index_from: .* corpus version 1 of "
+                                       rf"{num_docs + NUM_PEOPLE} blocks.*{num_docs} docs"):
+    finetune.finetune_qa(config, tmp_path / "wrong")
