@@ -11,7 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny programs (the same step of the same tiny config, in-process
 # and in CLI subprocesses); JAX's persistent cache (compiles >= 1 s) lets later ones load them.
 # A fresh folder per run (named by the controller's pid; xdist workers and subprocesses inherit
-# the variable), so a run's time does not depend on earlier runs; removed when the run ends. Measured: three train_hardening loops 56-69 s -> 27-36 s.
+# the variable), so a run's time does not depend on earlier runs; removed when the run ends.
+# Measured: three train_hardening loops 56-69 s -> 27-36 s.
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"realm_jax_test_jax_cache_{_RUN}"))
