@@ -147,10 +147,12 @@ def _run_finished(run_dir: epath.Path, num_steps: int) -> bool:
 
 
 def _qa_columns(results: dict) -> list[str]:
-  """The QA metrics the table shows, in order: EM, reader-oracle EM, recall@k (as present)."""
+  """The QA metrics the table shows, in order: EM, reader-oracle EM, recall@1/5 (an answer
+  string in the top k) and gold_recall@1/5 (the person's profile in the top k), as present."""
   keys = {k for name in qa_names(results) for k in results[name]}
-  recalls = sorted((k for k in keys if k.startswith("recall@")), key=lambda k: int(k[7:]))
-  return ["exact_match", "reader_oracle_em"] + recalls[:2]
+  ranked = lambda prefix: sorted((k for k in keys if k.startswith(prefix)),
+                                 key=lambda k: int(k[len(prefix):]))[:2]
+  return ["exact_match", "reader_oracle_em"] + ranked("recall@") + ranked("gold_recall@")
 
 
 def qa_names(results: dict) -> list[str]:
@@ -164,7 +166,8 @@ def format_qa_table(results: dict) -> list[str]:
   if not names:
     return []
   columns = _qa_columns(results)
-  headers = {"exact_match": "EM", "reader_oracle_em": "oracle EM"}
+  headers = {"exact_match": "EM", "reader_oracle_em": "oracle EM", "gold_recall@1": "gold@1",
+             "gold_recall@5": "gold@5"}
   first = results[names[0]]
   lines = ["", f"Open-QA exact match on {first.get('num_examples', 0):.0f} questions about the "
            f"held-out people ({first.get('step', 0):.0f} fine-tuning steps from each run):",

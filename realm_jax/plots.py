@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 
 from etils import epath
 
@@ -110,7 +111,7 @@ def demo_figure(workdir: epath.PathLike, out_path: epath.PathLike | None = None,
   baseline = read_records(workdir / "baseline" / "metrics" / "metrics.jsonl")
   recall_key = recall_key or find_recall_key(realm) or "gold_recall_at_3"
 
-  figure = Figure(figsize=(15, 4.2), dpi=100)
+  figure = Figure(figsize=(15, 4.6), dpi=100)
   FigureCanvasAgg(figure)
   accuracy_axes, recall_axes, qa_axes = figure.subplots(
       1, 3, gridspec_kw=dict(width_ratios=(1, 1, 0.8)))
@@ -164,7 +165,8 @@ def _qa_bars(axes, qa_results: list[tuple[str, dict]]):
     bars = axes.bar(positions, values, width, color=color, label=label)
     axes.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
   axes.set_xticks(range(len(qa_results)))
-  axes.set_xticklabels([label.replace(" (", "\n(") for label, _ in qa_results], fontsize=8)
+  # Wrapped to the bar group's width: long run names overlapped their neighbours.
+  axes.set_xticklabels([textwrap.fill(label, 18) for label, _ in qa_results], fontsize=8)
   examples = {results.get("num_examples") for _, results in qa_results}
   count = f"{examples.pop():.0f} " if len(examples) == 1 and None not in examples else ""
   _finish(axes, bool(qa_results), title=f"Open-QA on {count}held-out questions",

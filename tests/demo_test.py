@@ -145,7 +145,9 @@ def _fake_results(qa_realm: dict) -> dict:
       "qa_labels": {"qa_realm": "REALM QA", "qa_baseline": "baseline QA", "qa_bm25": "BM25"},
       "qa_realm": qa_realm,
       "qa_baseline": {"exact_match": 0.25, "reader_oracle_em": 0.7, "recall@1": 0.5,
-                      "recall@5": 0.75, "recall@20": 0.9, "num_examples": 1000, "step": 200},
+                      "recall@5": 0.75, "recall@20": 0.9, "gold_recall@1": 0.25,
+                      "gold_recall@5": 0.5, "gold_recall@20": 0.6, "num_examples": 1000,
+                      "step": 200},
       "phase_seconds": {"ict": 70.0, "qa_realm": 61.4},
   }
 
@@ -157,11 +159,13 @@ def test_table_lists_every_qa_run_and_phase_time():
   lines = table.splitlines()
   assert any("1000 questions" in line and "200 fine-tuning steps" in line for line in lines)
   header = next(line for line in lines if line.startswith("QA run"))
-  assert header.split()[2:] == ["EM", "oracle", "EM", "recall@1", "recall@5"]
+  assert header.split()[2:] == ["EM", "oracle", "EM", "recall@1", "recall@5", "gold@1",
+                                "gold@5"]
   realm_row = next(line for line in lines if line.startswith("REALM QA"))
-  assert realm_row.split()[2:] == ["0.600", "0.900", "0.850", "-"]  # no recall@5: a dash
+  # no recall@5 nor gold recall: dashes
+  assert realm_row.split()[2:] == ["0.600", "0.900", "0.850", "-", "-", "-"]
   baseline_row = next(line for line in lines if line.startswith("baseline QA"))
-  assert baseline_row.split()[2:] == ["0.250", "0.700", "0.500", "0.750"]
+  assert baseline_row.split()[2:] == ["0.250", "0.700", "0.500", "0.750", "0.250", "0.500"]
   assert not any(line.startswith("BM25") for line in lines)
   assert "ict 70s" in lines[-1] and "qa_realm 61s" in lines[-1]
 
@@ -189,6 +193,8 @@ def test_whole_demo_with_qa_phase_on_a_tiny_config(tmp_path):
     assert qa["step"] == 3 and qa["num_examples"] == 32  # 8 held-out people x 4 facts
     assert 0.0 <= qa["exact_match"] <= qa["reader_oracle_em"] <= 1.0
     assert 0.0 <= qa["recall@1"] <= qa["recall@5"] <= 1.0
+    if name != "qa_bm25":  # the profile states every fact: finding it finds an answer
+      assert qa["gold_recall@1"] <= qa["recall@1"] and qa["gold_recall@5"] <= qa["recall@5"]
   used = {name: json.loads((workdir / name / "qa_results.json").read_text())
           for name in ("qa_realm", "qa_baseline")}
   assert used["qa_realm"]["index"]["root"] == str(workdir / "realm" / "index")

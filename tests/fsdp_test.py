@@ -245,7 +245,12 @@ def test_sharded_creation_gives_the_replicated_initial_state(corpus_dir):
 
 def test_qa_finetune_under_fsdp_matches_data_parallelism(tmp_path, caplog):
   """`finetune_qa` (qa/finetune.py) with mesh data=2 x fsdp=4: the per-step losses of the
-  data=8 run, from the same 0-step ICT workdir (qa_finetune_test's fastest start)."""
+  data=8 run, from the same 0-step ICT workdir (qa_finetune_test's fastest start).
+
+  The query tower is frozen (it still runs, sharded, in every step): trained, its rounding
+  differences between the layouts (~1e-7) flipped near-tied retrievals of the untrained index
+  in step 2 or 3 under other XLA settings, a different batch rather than a sharding error.
+  Its updates under FSDP are covered by the REALM loop test above."""
   from qa_finetune_test import qa_config, small_config  # pylint: disable=g-import-not-at-top
   from realm_jax.qa import finetune  # pylint: disable=g-import-not-at-top
   start = tmp_path / "ict"
@@ -263,6 +268,7 @@ def test_qa_finetune_under_fsdp_matches_data_parallelism(tmp_path, caplog):
     config.qa.prefetch = False
     config.qa.eval_at_end = False
     config.qa.num_steps = 3
+    config.qa.query_embedder_lr_multiplier = 0.0
     result = finetune.finetune_qa(config, tmp_path / f"qa{len(axes)}")
     losses[len(axes)] = [h["loss"] for h in result["history"]]
   assert len(losses[2]) == 3

@@ -102,6 +102,10 @@ def test_finetune_resume_and_evaluate(realm_dir, tmp_path):
   assert result["num_correct"] == round(result["exact_match"] * result["num_examples"])
   assert result["exact_match"] == pytest.approx(second["exact_match"])  # same params, index
   assert 0.0 <= result["recall@1"] <= result["recall@5"] <= result["recall@20"] <= 1.0
+  # Facts questions know their gold profile, which states the answer: found implies recalled.
+  for k in (1, 5, 20):
+    assert 0.0 <= result[f"gold_recall@{k}"] <= result[f"recall@{k}"]
+  assert result["gold_recall@1"] <= result["gold_recall@5"] <= result["gold_recall@20"]
   lines = (workdir / "predictions.jsonl").read_text().splitlines()
   assert len(lines) == 32
   first_prediction = json.loads(lines[0])

@@ -756,7 +756,11 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex | None,
   decode = lambda ids: world.tokenizer.decode(list(ids))
   title_of = lambda doc_id: corpus.titles[doc_id]
   batch_size = qa.eval_batch_size
-  predictions, has_answer, oracle = [], [], []
+  # Generated questions (facts) know their gold block: gold_recall@k says whether the retriever
+  # found *the* profile, not just any block containing the answer string.
+  gold_ids = np.array([e.gold_doc_id for e in examples], np.int64)
+  has_gold = bool((gold_ids >= 0).all())
+  predictions, has_answer, oracle, gold_hits = [], [], [], []
   progress = progress_lib.Progress("eval_qa", len(examples), unit="questions",
                                    every_seconds=30.0)
   for start in range(0, len(examples), batch_size):
@@ -783,10 +787,15 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex | None,
     has_answer.append(np.array([[matcher.has_answer(int(r), int(j)) for j in ids[b]]
                                 for b, r in zip(keep, rows[keep])], bool).reshape(-1, depth))
     oracle.append(batch["span_is_correct"][keep].reshape(len(keep), -1).any(-1))
+    if has_gold:
+      gold_hits.append(ids[keep] == gold_ids[rows[keep]][:, None])
     progress.update(len(keep))
   progress.close()
   metrics = evaluate_lib.exact_match_metrics(predictions, examples)
   metrics.update(evaluate_lib.recall_at_k(np.concatenate(has_answer)))
+  if has_gold:
+    metrics.update({f"gold_{k}": v for k, v in
+                    evaluate_lib.recall_at_k(np.concatenate(gold_hits)).items()})
   metrics["reader_oracle_em"] = evaluate_lib.reader_oracle_em(
       np.concatenate(oracle)[:, None, None])
   metrics["answer_cache_hits"] = float(matcher.cache.hits)
@@ -815,7 +824,7 @@ def _write_evaluation(world: QAWorld, step: int, split: str, index: FrozenIndex 
     writer.write(step, {f"{split}_{k}": v for k, v in metrics.items()}, phase="qa_eval")
   _LOG.info("eval_qa (%s, step %d): EM %.4f (%d/%d), %s, reader-oracle EM %.4f", split, step,
             metrics["exact_match"], metrics["num_correct"], metrics["num_examples"],
-            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("recall@")),
+            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "recall@" in k),
             metrics["reader_oracle_em"])
   return results
 
