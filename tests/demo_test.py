@@ -63,7 +63,7 @@ def test_figure_from_synthetic_metrics(tmp_path):
   assert path == workdir / plots.FIGURE_NAME
   assert len(path.read_bytes()) > 20_000  # three panels with curves, bars, labels and legends
   pixels = _read_png(path)
-  assert pixels.shape[:2] == (420, 1500)
+  assert pixels.shape[:2] == (460, 1500)
   blue = np.abs(pixels[..., :3] - TAB_BLUE).max(axis=-1) < 0.05
   assert blue.sum() > 200  # the REALM curve is drawn
   # The QA panel (the right third): bars for the two runs that have results, none without.
@@ -213,4 +213,4 @@ def test_whole_demo_with_qa_phase_on_a_tiny_config(tmp_path):
   table = (workdir / "demo_table.txt").read_text()
   for label in results["qa_labels"].values():
     assert label in table
-  assert _read_png(epath.Path(results["figure"])).shape[:2] == (420, 1500)
+  assert _read_png(epath.Path(results["figure"])).shape[:2] == (460, 1500)
