@@ -13,9 +13,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A fresh folder per run (named by the controller's pid; xdist workers and subprocesses inherit
 # the variable), so a run's time does not depend on earlier runs; removed when the run ends.
 # Measured: three train_hardening loops 56-69 s -> 27-36 s.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"realm_jax_test_jax_cache_{_RUN}"))
+                      os.path.join(tempfile.gettempdir(),
+                                   f"realm_jax_test_jax_cache_pid{os.getpid()}"))
 
 
 def pytest_sessionfinish(session, exitstatus):
