@@ -170,6 +170,19 @@ def test_table_lists_every_qa_run_and_phase_time():
   assert "ict 70s" in lines[-1] and "qa_realm 61s" in lines[-1]
 
 
+@pytest.mark.parametrize("realm_span,warned", [(0.7, False), (0.099, True), (0.04, True)])
+def test_table_warns_when_realm_does_not_beat_the_baseline(realm_span, warned):
+  """Baseline 0.05: REALM at 0.7 (14x) is a working reader, 0.099 (< 2x) and 0.04 are not."""
+  results = _fake_results({"exact_match": 0.6, "num_examples": 1000, "step": 200})
+  results["realm"]["span_accuracy"] = realm_span
+  warnings = [line for line in demo.format_table(results).splitlines()
+              if line.startswith("WARNING")]
+  assert len(warnings) == int(warned)
+  if warned:
+    ratio = realm_span / 0.05
+    assert f"{ratio:.2f}x" in warnings[0] and "did not learn" in warnings[0]
+
+
 def test_whole_demo_with_qa_phase_on_a_tiny_config(tmp_path):
   """The demo end to end at test size: ICT, REALM with the index-builder child process,
   the baseline, both QA fine-tunes, the table, the results JSON and the figure."""

@@ -78,7 +78,7 @@ def test_two_trainer_processes_hot_swap_builder_versions_on_devices(tmp_path, mo
         [sys.executable, "-m", "realm_jax.main", "--mode=index_builder",
          "--config_wait_seconds=600", f"--workdir={workdir}"], cwd=multiprocess.REPO_DIR,
         stdout=log, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+        env=multiprocess.one_device_env())
   try:
     results = multiprocess.run(
         [dict(workdir=str(workdir), overrides=OVERRIDES, max_steps_this_run=STEPS_RUN)],

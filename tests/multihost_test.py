@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
          "--config_wait_seconds=3600",
          f"--workdir={root / 'builder'}"], cwd=multiprocess.REPO_DIR, stdout=log,
         stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+        env=multiprocess.one_device_env())
   try:
     results = multiprocess.run(scenarios, root / "launch", timeout=1800)
   finally:

@@ -30,6 +30,14 @@ import time
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 REPO_DIR = TESTS_DIR.parent
+# The subprocesses compile with XLA's backend optimizations off, as the suite does
+# (tests/conftest.py): tiny programs, where compiling is most of the time.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def one_device_env() -> dict[str, str]:
+  """This environment for a one-CPU-device subprocess (the index builder, a CLI run)."""
+  return dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
 _WRITE_EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree",
                  "shutil.move", "os.truncate")
 
@@ -64,7 +72,8 @@ def run(scenarios: list[dict], tmp_path: pathlib.Path, num_processes: int = 2,
   spec_path.write_text(json.dumps(spec))
   full_env = dict(os.environ, **(env or {}))
   full_env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)]),
-                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
+                            f"{FAST_COMPILE_FLAGS}")
   logs = [tmp_path / f"process_{i}.log" for i in range(num_processes)]
   procs = []
   for i, log in enumerate(logs):

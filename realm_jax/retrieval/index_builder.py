@@ -231,8 +231,7 @@ class IndexBuilder:
                        self.process_index, time.time() - start, e, self._workdir_hint())
         self._sleep(poll_seconds)
     self.corpus_dir = data.directory
-    self._corpora[0] = corpus_versions.CorpusVersion(
-        0, data.corpus, np.zeros(data.corpus.num_docs, bool), dict(version=0), data.directory)
+    self._corpora[0] = corpus_versions.build_version(data.corpus, data.directory)
     self._refresh_corpus_version()
     model = state_lib.build_model(self.config, data.corpus.vocab_size, data.corpus.special.pad)
     start, stop = shard_rows(len(self.corpus_version.live_ids), self.process_index,
@@ -244,8 +243,7 @@ class IndexBuilder:
     """Corpus version `version` (loaded once; published versions never change)."""
     if version not in self._corpora:
       if self.corpus_dir is None and version == 0:  # a corpus given without its folder
-        return corpus_versions.CorpusVersion(0, self.corpus, np.zeros(self.corpus.num_docs, bool),
-                                             dict(version=0), None)
+        return corpus_versions.build_version(self.corpus, None)
       self._corpora[version] = corpus_versions.load_version(self.corpus_dir, version)
     return self._corpora[version]
 
