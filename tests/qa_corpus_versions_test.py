@@ -11,6 +11,7 @@ its corpus; versions are published with `corpus_versions.update_corpus`.
    later batch and the final evaluation, and the brought-up index is recorded for evaluate_qa.
 3. BM25 indexes the live blocks of the newest version.
 4. A frozen index of another corpus version is a clear error naming the cause.
+5. `trainable_examples`: questions whose known gold block is removed are left out of training.
 """
 
 import json
@@ -24,6 +25,7 @@ from data_wiki_corpus_test import write_jsonl  # pylint: disable=g-bad-import-or
 from qa_finetune_test import qa_config, small_config  # pylint: disable=g-bad-import-order
 from realm_jax.data import corpus_versions as cv
 from realm_jax.qa import batches as batches_lib
+from realm_jax.qa import data as qa_data
 from realm_jax.qa import finetune
 from realm_jax.retrieval import index_format
 from realm_jax.train import loop
@@ -171,10 +173,14 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   config.qa.corpus_check_every = 2
   config.qa.prefetch = True  # the batch of step 2 is retrieved during step 1, then redone
   batches = []  # (num_docs of the corpus the batch was built from, retrieved ids [B, K])
+  rows = []  # each batch's question rows [B]
+  train = finetune.load_examples(config)[0][:config.qa.max_train_examples]
+  gold = np.array([e.gold_doc_id for e in train])  # [N] the training questions' gold blocks
   original_build = batches_lib.build_qa_batch
 
   def build(example_indices, question_tokens, ids, embeddings, matcher, reader_k, *a, **kw):
     batches.append((matcher.corpus.num_docs, np.array(ids)))
+    rows.append(np.array(example_indices))
     return original_build(example_indices, question_tokens, ids, embeddings, matcher, reader_k,
                           *a, **kw)
 
@@ -185,6 +191,8 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
     calls.append(len(batches))
     if len(calls) == 2:  # the check at step 2: publish version 1 just before it
       seen = np.unique(np.concatenate([ids[:, :config.qa.reader_k] for _, ids in batches]))
+      # and the gold profiles of the first training questions: those questions become orphans
+      seen = np.union1d(seen, gold[rows[0][:4]])
       (tmp_path / "remove.txt").write_text("".join(f"{i}\n" for i in seen))
       cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())),
                        remove=str(tmp_path / "remove.txt"))
@@ -211,6 +219,12 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   predictions = [json.loads(l) for l in (workdir / "predictions.jsonl").read_text().splitlines()]
   assert not np.isin(removed, [p["block_id"] for p in predictions]).any()
   assert redone.shape == prefetched.shape
+  # Training questions whose gold profile was removed are no longer drawn (steps 2 and 3).
+  orphaned = np.flatnonzero(np.isin(gold, removed))
+  assert len(orphaned) >= 4
+  counts = [h["trainable_questions"] for h in out["history"]]
+  assert counts == [len(gold)] * 2 + [len(gold) - len(orphaned)] * 2
+  assert not np.isin(np.concatenate(rows[3:5]), orphaned).any()
   # evaluate_qa reads the recorded, brought-up version (no second update).
   record = json.loads((workdir / finetune.INDEX_RECORD).read_text())
   assert record["version"] == "0+1" and record["corpus_version"] == 1
@@ -241,3 +255,15 @@ def test_an_index_of_another_corpus_version_is_a_clear_error(ict_dir, tmp_path):
   with pytest.raises(ValueError, match=rf"qa.index_from: .* corpus version 1 of "
                                        rf"{num_docs + NUM_PEOPLE} blocks.*{num_docs} docs"):
     finetune.finetune_qa(config, tmp_path / "wrong")
+
+
+def _example(gold):
+  return qa_data.QAExample(question="q", answers=("a",), gold_doc_id=gold)
+
+
+def test_trainable_examples_leave_out_questions_whose_gold_block_is_removed():
+  examples = [_example(g) for g in (0, 3, -1, 5, 3)]
+  removed = np.zeros(6, bool)
+  np.testing.assert_array_equal(finetune.trainable_examples(examples, removed), [0, 1, 2, 3, 4])
+  removed[[3, 4]] = True  # block 4 is nobody's gold; -1 (unknown gold) always stays
+  np.testing.assert_array_equal(finetune.trainable_examples(examples, removed), [0, 2, 3])

@@ -194,6 +194,19 @@ def batch_rows(num_examples: int, batch_size: int, seed: int, step: int) -> np.n
   return rows
 
 
+def trainable_examples(examples: Sequence[data_lib.QAExample], removed: np.ndarray
+                       ) -> np.ndarray:
+  """[T] indices of the questions that can still be learned from the corpus version whose
+  tombstones are `removed` ([num_docs] bool): a question whose known gold block was removed
+  is left out (its answer string may still match other blocks, which would then teach the
+  reader a wrong reason); questions without a known gold block (-1) always stay."""
+  gold = np.array([e.gold_doc_id for e in examples], np.int64)
+  known = (gold >= 0) & (gold < len(removed))
+  orphaned = np.zeros(len(gold), bool)
+  orphaned[known] = removed[gold[known]]
+  return np.flatnonzero(~orphaned)
+
+
 # ---- Model and warm start --------------------------------------------------------------------
 
 def build_qa_model(config: ml_collections.ConfigDict, vocab_size: int, pad_id: int
@@ -921,8 +934,11 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   per_process = qa.batch_size // jax.process_count()
   lo = jax.process_index() * per_process
 
+  trainable = trainable_examples(world.train, world.corpus_version.removed)
+
   def local_rows(step: int) -> np.ndarray:
-    return batch_rows(len(world.train), qa.batch_size, config.seed, step)[lo:lo + per_process]
+    rows = batch_rows(len(trainable), qa.batch_size, config.seed, step)[lo:lo + per_process]
+    return trainable[rows]  # no removed block: every question (trainable = arange)
 
   def start_retrieval(params, step: int):
     """Dispatches the live query embedding of batch `step`: (rows, [B, D] on the mesh)."""
@@ -961,10 +977,15 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   def follow(step: int) -> bool:
     """Every qa.corpus_check_every steps: a newer corpus version becomes the run's (index,
     candidates, answer matching, BM25's blocks). True when it did."""
-    nonlocal bm25_ids
+    nonlocal bm25_ids, trainable
     if step % check_every or not follow_corpus(world, index, lambda: initial_params()[1]):
       return False
     matcher.use_corpus(world.corpus)
+    trainable = trainable_examples(world.train, world.corpus_version.removed)
+    if len(trainable) < len(world.train):
+      _LOG.info("finetune_qa: %d of %d training questions left out: their gold block is "
+                "removed in corpus version %d", len(world.train) - len(trainable),
+                len(world.train), world.corpus_version.version)
     if bm25:
       bm25_ids = world.bm25().top_ids(world.train, qa.reader_k)
     _LOG.info("finetune_qa: corpus version %d from step %d", world.corpus_version.version, step)
@@ -993,6 +1014,7 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     scalars.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
     scalars.update(step_seconds=time.time() - step_start,
                    corpus_version=float(world.corpus_version.version),
+                   trainable_questions=float(len(trainable)),
                    answer_cache_hits=float(matcher.cache.hits),
                    answer_cache_misses=float(matcher.cache.misses))
     writer.write(step + 1, scalars)
