@@ -268,6 +268,10 @@ FIELDS: dict[str, Field] = {
                              "run, e.g. an ICT run"),
     "train.init_encoder_from": Field("a workdir whose knowledge-augmented encoder (reader) "
                                      "starts this run"),
+    "train.init_encoder_from_embedder": Field(
+        "the reader's BERT starts as a copy of train.init_from's embedder BERT (the document "
+        "tower's when not shared), as REALM starts both towers from one pretrained BERT; only "
+        "when the reader has no other start (model.init_from_hf, train.init_encoder_from)"),
     # ---- ict ----
     "ict.num_steps": _int("ICT training steps", 0, _STEPS_MAX),
     "ict.batch_size": _int("ICT global batch; in-batch negatives: bigger is better", 1, 10**7),
@@ -405,6 +409,7 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       keep_checkpoints=3,
       init_from="",  # a workdir (or its checkpoints/) whose embedder(s) warm-start this run
       init_encoder_from="",  # a workdir whose knowledge-augmented encoder (reader) starts this run
+      init_encoder_from_embedder=False,  # the reader's BERT <- a copy of init_from's embedder BERT
   ))
 
   config.ict = ml_collections.ConfigDict(dict(
@@ -633,6 +638,7 @@ _ICT_IGNORES = (
     ("train.retriever_lr_multiplier", "ICT trains the embedder(s) at ict.learning_rate"),
     ("train.init_from", "ICT starts from scratch (or model.init_from_hf)"),
     ("train.init_encoder_from", "ICT does not train the reader"),
+    ("train.init_encoder_from_embedder", "ICT does not train the reader"),
     ("loss.*", "the REALM loss; ICT has its own"),
     ("eval.every", "ICT evaluates once, at the end"),
     ("retrieval.enabled", "ICT trains on in-batch negatives, not retrieved documents"),
@@ -679,7 +685,8 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
     else:
       rules += _REALM_IGNORES
       if not config.retrieval.get("enabled", True):
-        rules += _NO_RETRIEVAL_IGNORES
+        rules += [rule for rule in _NO_RETRIEVAL_IGNORES if not (
+            rule[0] == "train.init_from" and config.train.get("init_encoder_from_embedder"))]
       elif config.retrieval.get("index_source") == "trainer":
         rules += _TRAINER_INDEX_IGNORES
   elif mode in ("finetune_qa", "eval_qa"):
@@ -697,6 +704,14 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
                   "publishes embeddings (exact versions) for it"))
   elif mode in ("train", "print_config") and config.retrieval.get("searcher") != "device":
     rules.append(("retrieval.device.*", "read only with retrieval.searcher=device"))
+  if mode in ("train", "print_config") and config.get("objective") != "ict":
+    t = config.train
+    if not t.get("init_from"):
+      rules.append(("train.init_encoder_from_embedder", "needs train.init_from: the warm "
+                    "start whose embedder BERT the reader copies"))
+    elif t.get("init_encoder_from") or config.model.get("init_from_hf"):
+      rules.append(("train.init_encoder_from_embedder", "the reader starts from "
+                    "train.init_encoder_from / model.init_from_hf instead"))
   out = []
   for field in overridden:
     if mode == "build_corpus" and not field.startswith("data."):

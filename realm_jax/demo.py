@@ -6,11 +6,12 @@ the config:
 2. `realm`: REALM pretraining from it, as two processes sharing `<workdir>/realm`: this one
    trains, and a separate index-builder process (`--mode=index_builder`, log in
    `realm/index_builder.log`) re-embeds each new checkpoint and publishes index versions that
-   the trainer hot-swaps (the reader starts from scratch: on this corpus a reader first
-   trained as a plain MLM on the blocks learned to copy from retrieved documents later, not
-   sooner, so the demo has no such phase);
-3. `baseline`: the same model from the same warm start, trained for the same steps with the
-   null document as its only candidate.
+   the trainer hot-swaps. The reader starts as a copy of the ICT embedder's BERT
+   (`train.init_encoder_from_embedder`): a random reader often never learned to copy from the
+   retrieved profiles (a reader first trained as a plain MLM on the blocks learned it later,
+   not sooner, so the demo has no such phase);
+3. `baseline`: the same model from the same warm start (the same reader init), trained for
+   the same steps with the null document as its only candidate.
 Then the QA phase (`QA_RUNS`): Open-QA fine-tuning (`qa.finetune.finetune_qa`, the config's
 `qa` section) on questions generated from the training people's facts, evaluated by exact match
 on questions about the held-out people, once from each pretraining run: `qa_realm` (REALM's

@@ -319,6 +319,7 @@ def test_ineffective_fields_for_realm_and_no_retrieval():
   out = dict(config_lib.ineffective_fields(config, overridden))
   assert set(out) == {"ict.num_steps", "retrieval.watch_poll_seconds", "retrieval.scann.reorder"}
   config.retrieval.enabled = False
+  config.train.init_encoder_from_embedder = False  # else init_from starts the reader (below)
   out = dict(config_lib.ineffective_fields(config, overridden + ["train.init_from"]))
   assert set(out) == {"ict.num_steps", "retrieval.k", "retrieval.watch_poll_seconds",
                       "retrieval.scann.reorder", "train.init_from"}
@@ -327,6 +328,19 @@ def test_ineffective_fields_for_realm_and_no_retrieval():
   config.retrieval.searcher = "scann"
   assert config_lib.ineffective_fields(config, ["retrieval.watch_poll_seconds",
                                                 "retrieval.scann.reorder"]) == []
+
+
+def test_ineffective_fields_for_the_encoder_copy_of_the_embedder():
+  config = tiny_config()
+  field = ["train.init_encoder_from_embedder"]
+  config.train.init_encoder_from_embedder = True
+  assert "needs train.init_from" in dict(config_lib.ineffective_fields(config, field))[field[0]]
+  config.train.init_from = "/ict"
+  assert config_lib.ineffective_fields(config, field) == []
+  config.retrieval.enabled = False  # the baseline: init_from matters (its BERT), not ignored
+  assert config_lib.ineffective_fields(config, field + ["train.init_from"]) == []
+  config.train.init_encoder_from = "/realm"
+  assert "instead" in dict(config_lib.ineffective_fields(config, field))[field[0]]
 
 
 def test_ineffective_fields_per_mode():

@@ -269,6 +269,7 @@ def test_warm_start_copies_the_embedder_only(ict_run, corpus_dir, tmp_path):
   config = realm_config(corpus_dir)
   config.seed = 1  # a fresh encoder that differs from the ICT run's (frozen) one
   config.train.init_from = str(ict_workdir)
+  config.train.init_encoder_from_embedder = False  # the plain warm start (the copy: below)
   workdir = tmp_path / "warm"
   result = loop.train_and_evaluate(config, workdir, max_steps_this_run=1)
   assert np.isfinite(result["history"][0]["loss"])
@@ -289,6 +290,34 @@ def test_warm_start_copies_the_embedder_only(ict_run, corpus_dir, tmp_path):
   for path in encoder_paths:
     if path.endswith("kernel") or path.endswith("embedding"):
       assert not np.array_equal(flat_start[path], flat_ict[path]), path
+
+
+def test_encoder_starts_from_the_warm_started_embedder_bert(ict_run, corpus_dir, tmp_path):
+  """train.init_encoder_from_embedder: the reader's BERT at step 0 is the ICT embedder's, leaf
+  for leaf (the pooler, which the encoder has not, aside); its MLM head keeps this run's init;
+  three steps later the two towers have moved apart (separate parameters, not aliases)."""
+  ict_workdir, _ = ict_run
+  config = realm_config(corpus_dir)
+  config.seed = 1
+  config.train.init_from = str(ict_workdir)
+  config.train.init_encoder_from_embedder = True
+  workdir = tmp_path / "copied"
+  loop.train_and_evaluate(config, workdir, max_steps_this_run=3)  # checkpoint_every=3
+  ict_params, _ = checkpointing.restore_params(ict_workdir)
+  start, _ = checkpointing.restore_params(workdir, step=0)
+  flat_ict_bert = flax.traverse_util.flatten_dict(ict_params["embedder"]["bert"], sep="/")
+  flat_encoder_bert = flax.traverse_util.flatten_dict(start["encoder"]["bert"], sep="/")
+  assert flat_encoder_bert and set(flat_encoder_bert) <= set(flat_ict_bert)
+  for path, value in flat_encoder_bert.items():
+    np.testing.assert_array_equal(value, flat_ict_bert[path], err_msg=path)
+  head = flax.traverse_util.flatten_dict(start["encoder"]["cls"], sep="/")
+  ict_head = flax.traverse_util.flatten_dict(ict_params["encoder"]["cls"], sep="/")
+  assert any(not np.array_equal(head[p], ict_head[p]) for p in head if p.endswith("kernel"))
+  stepped, step = checkpointing.restore_params(workdir)
+  assert step == 3
+  a = stepped["encoder"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
+  b = stepped["embedder"]["bert"]["embeddings"]["word_embeddings"]["embedding"]
+  assert not np.array_equal(a, b)
 
 
 def test_no_retrieval_baseline(corpus_dir, tmp_path):

@@ -423,6 +423,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         state = state.replace(params=params)
         logging.info("state: warm start of %s from %s (step %d)", copied, config.train[field],
                      source_step)
+    if state_lib.copies_embedder_into_encoder(config):
+      params, source_name = state_lib.encoder_from_embedder(state.params)
+      state = state.replace(params=params)
+      logging.info("state: the encoder's BERT starts as a copy of the %s's", source_name)
     state = jax.device_put(state, state_sharding)
     save_checkpoint(0)  # the index builder's first checkpoint
   logging.info("state: %.2fM parameters", state_lib.count_params(state.params) / 1e6)
