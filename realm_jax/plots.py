@@ -171,6 +171,7 @@ def _qa_bars(axes, qa_results: list[tuple[str, dict]]):
   count = f"{examples.pop():.0f} " if len(examples) == 1 and None not in examples else ""
   _finish(axes, bool(qa_results), title=f"Open-QA on {count}held-out questions",
           xlabel="QA fine-tuning from", ylabel="exact match")
+  axes.set_ylim(-0.02, 1.12)  # room for the labels of bars at 1.0 below the title
 
 
 def _finish(axes, has_data: bool, title: str, xlabel: str, ylabel: str):
