@@ -176,6 +176,8 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   rows = []  # each batch's question rows [B]
   train = finetune.load_examples(config)[0][:config.qa.max_train_examples]
   gold = np.array([e.gold_doc_id for e in train])  # [N] the training questions' gold blocks
+  dev = finetune.load_examples(config)[1][:config.qa.max_eval_examples or None]
+  dev_gold = np.array([e.gold_doc_id for e in dev])
   original_build = batches_lib.build_qa_batch
 
   def build(example_indices, question_tokens, ids, embeddings, matcher, reader_k, *a, **kw):
@@ -191,8 +193,9 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
     calls.append(len(batches))
     if len(calls) == 2:  # the check at step 2: publish version 1 just before it
       seen = np.unique(np.concatenate([ids[:, :config.qa.reader_k] for _, ids in batches]))
-      # and the gold profiles of the first training questions: those questions become orphans
-      seen = np.union1d(seen, gold[rows[0][:4]])
+      # and the gold profiles of the first training questions (those questions become
+      # orphans) and of two dev questions (evaluation counts them)
+      seen = np.union1d(seen, np.concatenate([gold[rows[0][:4]], dev_gold[:2]]))
       (tmp_path / "remove.txt").write_text("".join(f"{i}\n" for i in seen))
       cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())),
                        remove=str(tmp_path / "remove.txt"))
@@ -225,6 +228,7 @@ def test_a_version_published_mid_finetuning_is_followed(ict_dir, tmp_path, monke
   counts = [h["trainable_questions"] for h in out["history"]]
   assert counts == [len(gold)] * 2 + [len(gold) - len(orphaned)] * 2
   assert not np.isin(np.concatenate(rows[3:5]), orphaned).any()
+  assert out["gold_removed"] == np.isin(dev_gold, removed).sum() >= 2
   # evaluate_qa reads the recorded, brought-up version (no second update).
   record = json.loads((workdir / finetune.INDEX_RECORD).read_text())
   assert record["version"] == "0+1" and record["corpus_version"] == 1

@@ -809,6 +809,10 @@ def evaluate_examples(world: QAWorld, params, index: FrozenIndex | None,
   if has_gold:
     metrics.update({f"gold_{k}": v for k, v in
                     evaluate_lib.recall_at_k(np.concatenate(gold_hits)).items()})
+    # Questions whose gold block the corpus version removed (counted in, as misses: the
+    # knowledge is gone); how many, so a drop in gold recall after an update can be read.
+    metrics["gold_removed"] = float(len(examples) - len(
+        trainable_examples(examples, world.corpus_version.removed)))
   metrics["reader_oracle_em"] = evaluate_lib.reader_oracle_em(
       np.concatenate(oracle)[:, None, None])
   metrics["answer_cache_hits"] = float(matcher.cache.hits)
