@@ -664,6 +664,18 @@ _ALWAYS_IGNORES = (
 )
 
 
+def encoder_copy_skipped(config: ml_collections.ConfigDict) -> str | None:
+  """Why a REALM run would not copy the embedder's BERT into the reader with
+  train.init_encoder_from_embedder; None when it would (the one rule: train/state.py applies
+  it, ineffective_fields reports it)."""
+  t = config.train
+  if not t.get("init_from"):
+    return "needs train.init_from: the warm start whose embedder BERT the reader copies"
+  if t.get("init_encoder_from") or config.model.get("init_from_hf"):
+    return "the reader starts from train.init_encoder_from / model.init_from_hf instead"
+  return None
+
+
 def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[str],
                        mode: str = "train") -> list[tuple[str, str]]:
   """The overridden fields that cannot affect this run, each with the reason.
@@ -685,8 +697,10 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
     else:
       rules += _REALM_IGNORES
       if not config.retrieval.get("enabled", True):
-        rules += [rule for rule in _NO_RETRIEVAL_IGNORES if not (
-            rule[0] == "train.init_from" and config.train.get("init_encoder_from_embedder"))]
+        copies = config.train.get("init_encoder_from_embedder") and (
+            encoder_copy_skipped(config) is None)  # init_from's BERT starts the reader
+        rules += [rule for rule in _NO_RETRIEVAL_IGNORES
+                  if not (copies and rule[0] == "train.init_from")]
       elif config.retrieval.get("index_source") == "trainer":
         rules += _TRAINER_INDEX_IGNORES
   elif mode in ("finetune_qa", "eval_qa"):
@@ -705,13 +719,9 @@ def ineffective_fields(config: ml_collections.ConfigDict, overridden: Sequence[s
   elif mode in ("train", "print_config") and config.retrieval.get("searcher") != "device":
     rules.append(("retrieval.device.*", "read only with retrieval.searcher=device"))
   if mode in ("train", "print_config") and config.get("objective") != "ict":
-    t = config.train
-    if not t.get("init_from"):
-      rules.append(("train.init_encoder_from_embedder", "needs train.init_from: the warm "
-                    "start whose embedder BERT the reader copies"))
-    elif t.get("init_encoder_from") or config.model.get("init_from_hf"):
-      rules.append(("train.init_encoder_from_embedder", "the reader starts from "
-                    "train.init_encoder_from / model.init_from_hf instead"))
+    skipped = encoder_copy_skipped(config)
+    if skipped:
+      rules.append(("train.init_encoder_from_embedder", skipped))
   out = []
   for field in overridden:
     if mode == "build_corpus" and not field.startswith("data."):

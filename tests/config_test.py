@@ -340,7 +340,9 @@ def test_ineffective_fields_for_the_encoder_copy_of_the_embedder():
   config.retrieval.enabled = False  # the baseline: init_from matters (its BERT), not ignored
   assert config_lib.ineffective_fields(config, field + ["train.init_from"]) == []
   config.train.init_encoder_from = "/realm"
-  assert "instead" in dict(config_lib.ineffective_fields(config, field))[field[0]]
+  out = dict(config_lib.ineffective_fields(config, field + ["train.init_from"]))
+  assert "instead" in out[field[0]]
+  assert "never used" in out["train.init_from"]  # no copy, no retrieval: init_from is unused
 
 
 def test_ineffective_fields_per_mode():

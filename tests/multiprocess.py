@@ -33,17 +33,17 @@ REPO_DIR = TESTS_DIR.parent
 # The subprocesses compile with XLA's backend optimizations off, as the suite does
 # (tests/conftest.py): tiny programs, where compiling is most of the time.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-
-
-def one_device_env() -> dict[str, str]:
-  """This environment for a one-CPU-device subprocess (the index builder, a CLI run)."""
-  return dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
 _WRITE_EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree",
                  "shutil.move", "os.truncate")
 
 
 class MultiprocessError(AssertionError):
   """A process failed, timed out or returned nothing; the message holds every output."""
+
+
+def one_device_env() -> dict[str, str]:
+  """This environment for a one-CPU-device subprocess (the index builder, a CLI run)."""
+  return dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS)
 
 
 def free_port() -> int:

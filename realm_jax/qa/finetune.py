@@ -938,7 +938,16 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
   per_process = qa.batch_size // jax.process_count()
   lo = jax.process_index() * per_process
 
-  trainable = trainable_examples(world.train, world.corpus_version.removed)
+  def trainable_now() -> np.ndarray:
+    """The training questions of the run's corpus version (logged when some are left out)."""
+    rows = trainable_examples(world.train, world.corpus_version.removed)
+    if len(rows) < len(world.train):
+      _LOG.info("finetune_qa: %d of %d training questions left out: their gold block is "
+                "removed in corpus version %d", len(world.train) - len(rows), len(world.train),
+                world.corpus_version.version)
+    return rows
+
+  trainable = trainable_now()
 
   def local_rows(step: int) -> np.ndarray:
     rows = batch_rows(len(trainable), qa.batch_size, config.seed, step)[lo:lo + per_process]
@@ -985,11 +994,7 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     if step % check_every or not follow_corpus(world, index, lambda: initial_params()[1]):
       return False
     matcher.use_corpus(world.corpus)
-    trainable = trainable_examples(world.train, world.corpus_version.removed)
-    if len(trainable) < len(world.train):
-      _LOG.info("finetune_qa: %d of %d training questions left out: their gold block is "
-                "removed in corpus version %d", len(world.train) - len(trainable),
-                len(world.train), world.corpus_version.version)
+    trainable = trainable_now()
     if bm25:
       bm25_ids = world.bm25().top_ids(world.train, qa.reader_k)
     _LOG.info("finetune_qa: corpus version %d from step %d", world.corpus_version.version, step)

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from realm_jax import config_lib
 from realm_jax.models import bert
 from realm_jax.models import realm
 
@@ -174,10 +175,9 @@ def warm_start(params, source_params, keys: tuple[str, ...], source_name: str
 def copies_embedder_into_encoder(config: ml_collections.ConfigDict) -> bool:
   """train.init_encoder_from_embedder applies: a REALM run warm-started from an embedder
   (train.init_from) whose reader has no other start."""
-  t = config.train
-  return bool(config.get("objective", "realm") != "ict" and t.get("init_encoder_from_embedder")
-              and t.init_from and not t.init_encoder_from
-              and not config.model.get("init_from_hf"))
+  return bool(config.get("objective", "realm") != "ict"
+              and config.train.get("init_encoder_from_embedder")
+              and config_lib.encoder_copy_skipped(config) is None)
 
 
 def encoder_from_embedder(params) -> tuple[Any, str]:
