@@ -226,6 +226,12 @@ FIELDS: dict[str, Field] = {
     "retrieval.rebalance_on_update": Field(
         "index builder: retrain (ScaNN rebalance) each shard after an incremental corpus "
         "update instead of only upsert/delete"),
+    "retrieval.index_update_mode": _choice(
+        'incremental versions: "delta" (share the unchanged shards, write only the changes) '
+        'or "rewrite" (every shard written anew)', ("delta", "rewrite")),
+    "retrieval.index_update_max_delta_shards": _int(
+        "delta updates (one update shard each) before an incremental version is rewritten",
+        0, 10**4),
     "retrieval.builder_shard_timeout": _float(
         "several builder processes: how long process 0 waits for the others' shards", 0.0,
         7 * _DAY, lo_open=True),
@@ -381,6 +387,10 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       # Incremental versions (a corpus update, no newer checkpoint): ScaNN rebalance after
       # upsert/delete (a full retrain of each shard's tree) instead of updating in place.
       rebalance_on_update=False,
+      # Incremental versions share the unchanged shards and write only the change ("delta":
+      # deleted ids plus one shard of added blocks) until this many update shards pile up;
+      # "rewrite": every shard written anew (retrieval/index_update.py).
+      index_update_mode="delta", index_update_max_delta_shards=8,
       # Several builder processes: how long process 0 waits for the others' shards.
       builder_shard_timeout=3600.0,
       # ScaNN settings; 0 = scaled to each shard's size (retrieval/scann_searcher.py).

@@ -53,8 +53,9 @@ def overlap_at_k(a, b, k):
   return float(np.mean([len(set(x[:k]) & set(y[:k])) / k for x, y in zip(a, b)]))
 
 
+@pytest.mark.parametrize("mode", ["delta", "rewrite"])
 @pytest.mark.parametrize("kind", ["exact", "scann"])
-def test_incremental_version_matches_a_full_rebuild(kind, tmp_path):
+def test_incremental_version_matches_a_full_rebuild(kind, mode, tmp_path):
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(40, DIM)) * 2
   n0, n_add = 6000, 600  # a 10% update: 600 added, 300 removed
@@ -72,7 +73,7 @@ def test_incremental_version_matches_a_full_rebuild(kind, tmp_path):
   def embed(rows):
     embedded.append(rows.copy())
     return table[rows]
-  path = index_update.update_index(tmp_path, 5, old, new, embed)
+  path = index_update.update_index(tmp_path, 5, old, new, embed, mode=mode)
   key = index_format.VersionKey(5, 1)
   assert path.name == "5+1" and index_format.latest_step(tmp_path) == key
   assert index_format.list_versions(tmp_path) == [5, key]
@@ -83,9 +84,16 @@ def test_incremental_version_matches_a_full_rebuild(kind, tmp_path):
   assert (manifest["corpus_version"], manifest["param_step"], manifest["num_docs"],
           manifest["corpus_num_docs"]) == (1, 5, n0 + n_add - 300, n0 + n_add)
   assert manifest["incremental"]["added"] == n_add and manifest["incremental"]["removed"] == 300
-  assert [s["num_docs"] for s in manifest["shards"]] == [
-      3000 - np.isin(removed, np.arange(3000)).sum() + n_add // 2,
-      3000 - np.isin(removed, np.arange(3000, n0)).sum() + n_add // 2]
+  assert manifest["incremental"]["mode"] == mode
+  kept = [3000 - np.isin(removed, np.arange(3000)).sum(),
+          3000 - np.isin(removed, np.arange(3000, n0)).sum()]
+  if mode == "rewrite":  # added blocks dealt round-robin into the shards
+    assert [s["num_docs"] for s in manifest["shards"]] == [k + n_add // 2 for k in kept]
+  else:  # the two shards shared (their files stay in 5/), the added ones in a shard of their own
+    assert [s["num_docs"] for s in manifest["shards"]] == kept + [n_add]
+    assert [s.get("stored_at") for s in manifest["shards"]] == [
+        "5/shard-00000-of-00002", "5/shard-00001-of-00002", None]
+    assert manifest["delta_shards"] == 1
 
   live = new.live_ids
   queries = clustered(rng, 200, centers)
@@ -213,7 +221,9 @@ def test_builder_killed_mid_update_publishes_nothing(tmp_path):
     while not marker.exists():
       assert proc.poll() is None and time.time() < deadline, "the update never paused"
       time.sleep(0.1)
-    assert (root / ".tmp-4+1" / "shard-00000-of-00001" / index_format.SHARD_DONE).exists()
+    # Both shards done: the shared one (4/'s, minus ids 1 and 2) and the one of added blocks.
+    assert all((root / ".tmp-4+1" / index_format.shard_name(i, 2) / index_format.SHARD_DONE
+                ).exists() for i in range(2))
   finally:
     proc.kill()
     proc.wait()

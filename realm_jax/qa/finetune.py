@@ -48,7 +48,6 @@ Batch order is a pure function of (seed, step): a resumed run sees the same ques
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -316,9 +315,7 @@ def version_embeddings(root: epath.PathLike, step: int, manifest: dict, num_docs
   version = epath.Path(root) / str(step)
   out = np.zeros((num_docs, manifest["dim"]), np.float32)
   for entry in manifest["shards"]:
-    shard = version / entry["name"]
-    embeddings = index_format.shard_vectors(version, entry)  # ScaNN shards: ScaNN's copy
-    doc_ids = np.load(io.BytesIO((shard / "doc_ids.npy").read_bytes()))
+    embeddings, doc_ids = index_format.shard_rows(version, entry)  # ScaNN: ScaNN's copy
     out[doc_ids] = embeddings
   return out
 

@@ -192,6 +192,9 @@ class IndexBuilder:
     self.corpus_version: corpus_versions.CorpusVersion | None = None  # the newest one seen
     self._corpora: dict[int, corpus_versions.CorpusVersion] = {}
     self.rebalance_updates = bool(retrieval.get("rebalance_on_update", False))
+    self.update_mode = retrieval.get("index_update_mode", "delta")
+    self.max_delta_shards = int(retrieval.get("index_update_max_delta_shards",
+                                              index_update.MAX_DELTA_SHARDS))
     self._embed_docs = None
     self._ignored: set[str] = set()  # attempts announced for another number of processes
     self.force_lease = bool(force_lease)
@@ -303,6 +306,7 @@ class IndexBuilder:
                                     stop_requested=lambda: self._stop.requested)
     path = index_update.update_index(
         self.index_root, self._last, old, new, embed, rebalance=self.rebalance_updates,
+        mode=self.update_mode, max_delta_shards=self.max_delta_shards,
         extra=dict(corpus_dir=str(self.corpus_dir)), before_publish=self._check_lease)
     self._last = key
     self._check_lease()

@@ -13,6 +13,9 @@ index/<step>/shard-00000-of-00002/SHARD_DONE.json written last in the shard: its
 index/LATEST                                      the newest complete version's name
 index/<step>+<c>/...                              a version of corpus version c (c >= 1) at
                                                   parameter step <step> (see VersionKey)
+index/<step>+<c>/shard-.../deleted_ids.npy        a shard shared with an older version: the
+                                                  ids deleted from it since (SHARD_DONE.json
+                                                  names the shard's files, `stored_at`)
 ```
 A version's name is its `VersionKey`: the parameter step alone while the corpus is the build
 itself (corpus version 0, every version before corpus versions existed), else
@@ -27,6 +30,14 @@ Every writer also records `corpus_fingerprint`, the `data.corpus.fingerprint` of
 so loaders given the expected fingerprint refuse a version of another corpus
 (`check_corpus_fingerprint`). Versions written before the field existed, or a corpus saved
 before fingerprints, still load, with one warning each (nothing to compare).
+An incremental version (`index_update`) may *share* a shard with the version it updates
+instead of copying it: the entry's `stored_at` (`"<older version>/<shard name>"`, relative to
+the index root) says where the shard's files are, `stored_num_docs` how many rows they hold,
+and `deleted_ids_sha256` checksums this version's `deleted_ids.npy` of the rows it leaves out
+(loaders drop them: ScaNN `delete`, exact rows masked). `num_docs` is the live count.
+`prune_versions` keeps a version while a kept one still reads its files. Versions written
+before shared shards have no `stored_at`, and load as before.
+
 Publishing is one protocol for one writer or many (the builder's processes):
 
 1. `start_version` (the leader, process 0): (re)creates the tmp folder `.tmp-<step>` (its name
@@ -174,6 +185,53 @@ class StaleBuildError(IndexVersionError):
 
 def shard_name(i: int, n: int) -> str:
   return f"shard-{i:05d}-of-{n:05d}"
+
+
+DELETED_IDS = "deleted_ids.npy"  # in a shared shard's own folder: rows its version drops
+
+
+def stored_dir(version: epath.PathLike, entry: dict[str, Any]) -> epath.Path:
+  """The folder holding a shard's files: its own, or for a shard shared with an older version
+  (`stored_at`, checked by `read_manifest`) that version's, under the same index root."""
+  version = epath.Path(version)
+  stored = entry.get("stored_at")
+  return version / entry["name"] if stored is None else version.parent / stored
+
+
+def stored_num_docs(entry: dict[str, Any]) -> int:
+  """Rows in the shard's stored files (>= its live `num_docs` when rows are deleted)."""
+  return entry.get("stored_num_docs", entry["num_docs"])
+
+
+def deleted_ids(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
+  """[stored - live] int64, sorted: the stored rows version `version` leaves out (checksummed;
+  empty for a shard that deletes nothing)."""
+  count = stored_num_docs(entry) - entry["num_docs"]
+  if not count:
+    return np.zeros(0, np.int64)
+  shard = epath.Path(version) / entry["name"]
+  ids = _read_array(shard, DELETED_IDS, entry["deleted_ids_sha256"], "iu", (count,))
+  return ids.astype(np.int64)
+
+
+def _live(stored_ids: np.ndarray, deleted: np.ndarray, where: epath.Path) -> np.ndarray:
+  """The stored ids [S] without the deleted ones [R] (each must be stored, once) -> [S - R]."""
+  if deleted.size and (np.unique(deleted).size != deleted.size or
+                       not np.isin(deleted, stored_ids).all()):
+    raise IndexVersionError(f"{where}: {DELETED_IDS} repeats ids or names ids the shard does "
+                            "not hold")
+  return stored_ids[~np.isin(stored_ids, deleted)] if deleted.size else stored_ids
+
+
+def _without(searcher, deleted: np.ndarray):
+  """A loaded shard's searcher without the `deleted` ids (ScaNN: in place)."""
+  if not deleted.size or searcher is None:
+    return searcher
+  if isinstance(searcher, scann_searcher.ScannSearcher):
+    searcher.delete(deleted)
+    return searcher
+  return searcher.updated(np.zeros((0, searcher.dim), np.float32), np.zeros(0, np.int64),
+                          deleted)
 
 
 def tmp_dir(index_root: epath.PathLike, step: int) -> epath.Path:
@@ -424,6 +482,43 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
   return entry
 
 
+def share_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: int,
+                parent: int, entry: dict[str, Any], deleted: np.ndarray) -> dict[str, Any]:
+  """Records shard `shard_index` of an announced build as parent version `parent`'s shard
+  `entry`, not copied: its files stay where they are (`stored_at`); this version writes only
+  the ids it leaves out, `deleted` [R] (all of the shard's deletions: the parent's and new
+  ones). What an incremental update does with a shard it does not otherwise change."""
+  root = epath.Path(index_root)
+  name = shard_name(shard_index, build["num_shards"])
+  shard = tmp_dir(root, build_key(build)) / name
+  if not 0 <= shard_index < build["num_shards"]:
+    raise IndexVersionError(f"shard {shard_index} of a {build['num_shards']}-shard build")
+  current = read_build(root, build_key(build))
+  if current is None or current["attempt"] != build["attempt"]:
+    raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
+                          "longer the announced one")
+  deleted = np.unique(np.asarray(deleted, np.int64))
+  stored = stored_num_docs(entry)
+  if len(deleted) >= stored:
+    raise IndexVersionError(f"shard {shard_index}: deletes all {stored} of its rows")
+  if shard.exists():
+    shard.rmtree()
+  shard.mkdir()
+  record = {k: v for k, v in entry.items()
+            if k not in ("name", "num_docs", "stored_at", "stored_num_docs",
+                         "deleted_ids_sha256")}
+  record.update(name=name, num_docs=int(stored - len(deleted)), stored_num_docs=int(stored),
+                stored_at=entry.get("stored_at") or f"{parent}/{entry['name']}")
+  if len(deleted):
+    record["deleted_ids_sha256"] = _write_npy(shard / DELETED_IDS, deleted)
+  current = read_build(root, build_key(build))
+  if current is None or current["attempt"] != build["attempt"]:
+    raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
+                          "longer the announced one")
+  _write_json_atomic(shard / SHARD_DONE, dict(record, attempt=build["attempt"]))
+  return record
+
+
 def finish_version(index_root: epath.PathLike, build: dict[str, Any], timeout: float = 0.0,
                    poll_seconds: float = 1.0, expected_num_docs: int | None = None,
                    extra: dict[str, Any] | None = None,
@@ -670,9 +765,31 @@ def read_manifest(index_root: epath.PathLike, step: int) -> dict[str, Any]:
                   (manifest["searcher"] == "scann" and isinstance(e.get("scann_files"), dict)))
                  for e in shards):
       problem = "a shard lacks its checksums"
+    else:
+      problem = next(filter(None, (_sharing_problem(e, recorded) for e in shards)), None)
   if problem:
     raise IndexVersionError(f"{path}: {problem}")
   return manifest
+
+
+def _sharing_problem(entry: dict[str, Any], version: VersionKey) -> str | None:
+  """What is wrong with a shard entry's sharing fields (None when fine or not shared)."""
+  if "stored_at" not in entry:
+    return ("a shard deletes rows without being shared" if
+            "stored_num_docs" in entry or "deleted_ids_sha256" in entry else None)
+  stored, count = entry["stored_at"], entry.get("stored_num_docs")
+  owner, slash, name = stored.partition("/") if isinstance(stored, str) else ("", "", "")
+  owner_key = parse_version(owner)
+  if not (slash and owner_key is not None and name.startswith("shard-") and "/" not in name
+          and ".." not in name):
+    return f"bad stored_at {stored!r} (not <version>/<shard name>)"
+  if owner_key >= version:
+    return f"shard {entry['name']} is stored in {owner}, not an older version"
+  if not _is_int(count) or count < entry["num_docs"]:
+    return f"shard {entry['name']}: stored_num_docs {count!r} < its {entry['num_docs']} docs"
+  if count > entry["num_docs"] and not isinstance(entry.get("deleted_ids_sha256"), str):
+    return f"shard {entry['name']} deletes rows but lacks their checksum"
+  return None
 
 
 def manifest_id(index_root: epath.PathLike, step: int) -> str | None:
@@ -719,14 +836,25 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
                 total_docs: int, build: bool = True
                 ) -> tuple[searcher_lib.Searcher | None, np.ndarray]:
   """Checks one shard's files and content; -> (its searcher, or None unless `build`; doc ids)."""
-  shard = version / entry["name"]
-  num_docs, dim = entry["num_docs"], manifest["dim"]
+  shard = stored_dir(version, entry)
+  num_docs, dim = stored_num_docs(entry), manifest["dim"]
   doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu", (num_docs,))
   doc_ids = doc_ids.astype(np.int64)
   out_of_range = (doc_ids < 0) | (doc_ids >= total_docs)
   if out_of_range.any():
     raise IndexVersionError(f"{shard}: {int(out_of_range.sum())} doc ids outside [0, "
                             f"{total_docs}) (e.g. {doc_ids[out_of_range][:3].tolist()})")
+  deleted = deleted_ids(version, entry)
+  live = _live(doc_ids, deleted, version / entry["name"])
+  searcher, _ = _load_stored_shard(shard, manifest, entry, doc_ids, build)
+  return _without(searcher, deleted), live
+
+
+def _load_stored_shard(shard: epath.Path, manifest: dict[str, Any], entry: dict[str, Any],
+                       doc_ids: np.ndarray, build: bool
+                       ) -> tuple[searcher_lib.Searcher | None, np.ndarray]:
+  """The searcher of a shard's stored files (all their rows) and its checked doc ids."""
+  num_docs, dim = len(doc_ids), manifest["dim"]
   kind = manifest["searcher"]
   if "embeddings_sha256" not in entry:  # vectors stored once, inside ScaNN's files
     if not isinstance(entry.get("scann_files"), dict):
@@ -933,8 +1061,9 @@ def check_version(index_root: epath.PathLike, step: int, expected_dim: int | Non
 def shard_vectors(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
   """A shard's stored vectors as [n, D] float32 in its doc_ids order (checksummed): its
   embeddings.npy, or ScaNN's re-scoring dataset where that is the only copy (bfloat16 widened
-  exactly; int8 codes times their per-dimension multipliers, i.e. what ScaNN re-scores with)."""
-  shard = epath.Path(version) / entry["name"]
+  exactly; int8 codes times their per-dimension multipliers, i.e. what ScaNN re-scores with).
+  All stored rows, deleted ones included: `shard_rows` gives the live ones."""
+  shard = stored_dir(version, entry)
   if "embeddings_sha256" in entry:
     return _read_npy(shard / "embeddings.npy", entry["embeddings_sha256"]).astype(np.float32)
   files = entry["scann_files"]
@@ -950,6 +1079,21 @@ def shard_vectors(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
   return vectors.astype(np.float32)
 
 
+def shard_rows(version: epath.PathLike, entry: dict[str, Any]
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """A shard's live rows: (vectors [n, D] float32, doc ids [n] int64), checksummed, without
+  the ids its version deletes from a shared shard."""
+  version = epath.Path(version)
+  shard = stored_dir(version, entry)
+  doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu",
+                        (stored_num_docs(entry),)).astype(np.int64)
+  vectors = shard_vectors(version, entry)
+  deleted = deleted_ids(version, entry)
+  keep = ~np.isin(doc_ids, deleted)
+  _live(doc_ids, deleted, version / entry["name"])
+  return vectors[keep], doc_ids[keep]
+
+
 def load_shards(index_root: epath.PathLike, step: int
                 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, Any]]]:
   """Version `step`'s shards as (embeddings [n, D] float32 or None where ScaNN holds the only
@@ -959,27 +1103,53 @@ def load_shards(index_root: epath.PathLike, step: int
   manifest = read_manifest(index_root, step)
   out = []
   for entry in manifest["shards"]:
-    shard = version / entry["name"]
+    shard = stored_dir(version, entry)
     doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu",
-                          (entry["num_docs"],)).astype(np.int64)
+                          (stored_num_docs(entry),)).astype(np.int64)
     embeddings = None  # ScaNN shards hold their vectors in the searcher only
     if "embeddings_sha256" in entry:
       embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
-                               (entry["num_docs"], manifest["dim"])).astype(np.float32)
+                               (stored_num_docs(entry), manifest["dim"])).astype(np.float32)
     searcher = (_load_scann_shard(shard, entry) if manifest["searcher"] == "scann" and
                 entry.get("scann_files") else None)
     if searcher is not None and not np.array_equal(searcher.doc_ids, doc_ids):
       raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
+    deleted = deleted_ids(version, entry)
+    if deleted.size:  # a shared shard: this version's rows only
+      _live(doc_ids, deleted, version / entry["name"])  # checks the list
+      keep = ~np.isin(doc_ids, deleted)
+      doc_ids = doc_ids[keep]
+      embeddings = embeddings[keep] if embeddings is not None else None
+      searcher = _without(searcher, deleted)
     out.append((embeddings, doc_ids, searcher))
   return manifest, out
 
 
+def shared_from(index_root: epath.PathLike, step: int) -> set[str]:
+  """Names of the older versions whose folders version `step` reads shards from (`stored_at`);
+  empty for a version that holds all its files (or whose manifest is unreadable)."""
+  try:
+    manifest = read_manifest(index_root, step)
+  except IndexVersionError:
+    return set()
+  return {e["stored_at"].split("/", 1)[0] for e in manifest["shards"] if "stored_at" in e}
+
+
 def prune_versions(index_root: epath.PathLike, keep_last: int) -> list[int]:
-  """Deletes all but the newest `keep_last` versions, never the one LATEST names."""
+  """Deletes all but the newest `keep_last` versions, never the one LATEST names, nor one
+  whose shards a kept version shares (it goes once no kept version reads it)."""
   root = epath.Path(index_root)
   protected = _latest_or_none(root)
   versions = list_versions(root)
-  doomed = [s for s in versions[:-keep_last] if s != protected] if keep_last > 0 else []
+  if keep_last <= 0:
+    return []
+  kept = {str(s) for s in versions[-keep_last:]} | ({str(protected)} if protected else set())
+  todo = list(kept)
+  while todo:  # and what those read (a kept-for-sharing version must still load whole)
+    for name in shared_from(root, parse_version(todo.pop())) - kept:
+      kept.add(name)
+      todo.append(name)
+  doomed = [s for s in versions[:-keep_last] if str(s) not in kept]
   for step in doomed:
     storage.remove_folder(root / str(step), MANIFEST)
   return doomed

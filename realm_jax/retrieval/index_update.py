@@ -11,15 +11,26 @@ with, and publishes version `<step>+<corpus version>` (`index_format.VersionKey`
   quantized with the existing codebooks); `rebalance=True` retrains it from the points it holds.
   Added blocks are dealt round-robin over the shards, so they stay balanced.
 
+By default (`mode="delta"`) the version writes only what changed: the parent's shards are
+*shared*, not copied (`index_format.share_shard`: the new manifest points at their files and
+lists the ids it deletes from them), and the added blocks go into one new shard of their own.
+Bytes written then scale with the change, not the index. Every `max_delta_shards` updates, or
+once more than `max_deleted_fraction` of the stored rows are deleted ones, an update
+*rewrites* instead (`mode="rewrite"`, also what `rebalance=True` does): each base shard is
+loaded, its deletions applied for real, the delta shards' rows and the added ones upserted
+round-robin, and every shard written anew. A new checkpoint's full refresh starts over anyway.
+
 The version goes through the usual publish protocol (`start_version` / `write_shard` /
 `finish_version`: tmp folder, manifest last, rename, LATEST), announced `single_writer` (the
 leader writes every shard; followers leave it alone), so a builder killed mid-update publishes
-nothing. Its manifest carries `corpus_version`, `corpus_num_docs` (the id space), `param_step`
-and `incremental` (the parent version, added/removed/embedded counts, seconds).
+nothing. Its manifest carries `corpus_version`, `corpus_num_docs` (the id space), `param_step`, `delta_shards` (how
+many of its last shards are update shards) and `incremental` (the parent version, the mode,
+added/removed/embedded counts, bytes written, seconds).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any, Callable
@@ -27,22 +38,33 @@ from typing import Any, Callable
 import numpy as np
 from etils import epath
 
+from realm_jax import storage
 from realm_jax.data import corpus_versions
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import scann_searcher
 from realm_jax.retrieval import searcher as searcher_lib
 
 
+MODES = ("delta", "rewrite")
+MAX_DELTA_SHARDS = 8  # update shards (one per delta update) before an update rewrites
+MAX_DELETED_FRACTION = 0.2  # deleted share of the stored rows before an update rewrites
+
+
 def update_index(index_root: epath.PathLike, parent_key: int,
                  old: corpus_versions.CorpusVersion, new: corpus_versions.CorpusVersion,
                  embed_rows: Callable[[np.ndarray], np.ndarray], *, rebalance: bool = False,
+                 mode: str = "delta", max_delta_shards: int = MAX_DELTA_SHARDS,
+                 max_deleted_fraction: float = MAX_DELETED_FRACTION,
                  extra: dict[str, Any] | None = None,
                  before_publish: Callable[[], None] | None = None) -> epath.Path:
   """Publishes `<parent step>+<new.version>`: version `parent_key` changed from corpus `old`
-  to `new`. embed_rows(doc ids [A]) -> [A, D] embeds with the parent's parameters."""
+  to `new`. embed_rows(doc ids [A]) -> [A, D] embeds with the parent's parameters. `mode`:
+  "delta" (share the parent's shards, see the module docstring) or "rewrite"."""
+  if mode not in MODES:
+    raise ValueError(f"mode {mode!r} not in {MODES}")
   start = time.time()
   root = epath.Path(index_root)
-  manifest, shards = index_format.load_shards(root, parent_key)
+  manifest = index_format.read_manifest(root, parent_key)
   if manifest.get("corpus_version", 0) != old.version:
     raise index_format.IndexVersionError(
         f"version {parent_key} was built for corpus version {manifest.get('corpus_version', 0)}"
@@ -51,49 +73,40 @@ def update_index(index_root: epath.PathLike, parent_key: int,
     raise ValueError(f"corpus version {new.version} is not newer than {old.version}")
   added, removed = corpus_versions.changes(old, new)
   key = index_format.VersionKey(int(parent_key), new.version)
+  parent_dir = root / str(parent_key)
+  why_rewrite = ("rebalance" if rebalance else "asked" if mode == "rewrite" else
+                 _rewrite_reason(parent_dir, manifest, removed, len(added), max_delta_shards,
+                                 max_deleted_fraction))
   embed_start = time.time()
   added_embeddings = (embed_rows(added) if len(added) else
                       np.zeros((0, manifest["dim"]), np.float32))
   embed_seconds = time.time() - embed_start
   if added_embeddings.shape != (len(added), manifest["dim"]):
     raise ValueError(f"embed_rows gave {added_embeddings.shape} for {len(added)} blocks")
-  num_shards = len(shards)
-  updated = []
-  for i, (embeddings, doc_ids, searcher) in enumerate(shards):
-    add_ids, add_embeddings = added[i::num_shards], added_embeddings[i::num_shards]
-    gone = removed[np.isin(removed, doc_ids)]
-    if manifest["searcher"] == "scann" and searcher is not None:
-      searcher.delete(gone)
-      searcher.upsert(add_embeddings, add_ids)
-      if rebalance:
-        searcher.rebalance()
-      ids = searcher.doc_ids
-      rows = None  # the searcher holds the only copy of the vectors
-    elif embeddings is None:
-      raise index_format.IndexVersionError(f"shard {i} of {parent_key} has no vectors to update")
-    else:
-      exact = searcher_lib.ExactSearcher(embeddings, doc_ids).updated(add_embeddings, add_ids,
-                                                                      gone)
-      ids, rows = exact.doc_ids, exact.embeddings
-      searcher = None  # write_shard trains ScaNN for old-format scann shards
-    if not len(ids):
-      raise index_format.IndexVersionError(f"shard {i} would be empty after the update")
-    updated.append((rows, ids, searcher))
-  build = index_format.start_version(root, key, num_shards, manifest["searcher"],
+  added_embeddings = np.asarray(added_embeddings, np.float32)
+  if why_rewrite:
+    plan, delta_shards = _rewrite_plan(root, parent_key, manifest, added, added_embeddings,
+                                       removed, rebalance)
+  else:
+    plan, delta_shards = _delta_plan(parent_dir, manifest, added, added_embeddings, removed)
+  build = index_format.start_version(root, key, len(plan), manifest["searcher"],
                                      manifest.get("searcher_options") or {},
                                      single_writer=True,
                                      info=dict(corpus_version=new.version))
   try:
-    for i, (rows, ids, searcher) in enumerate(updated):
-      index_format.write_shard(root, build, i, rows, ids, searcher=searcher)
+    for i, write in enumerate(plan):
+      write(build, i)
+    written = _bytes_under(index_format.tmp_dir(root, key))
     info = dict(
         source="index_update", corpus_version=new.version,
         corpus_num_docs=new.corpus.num_docs, param_step=int(parent_key),
-        **index_format.corpus_record(new.corpus),
+        delta_shards=delta_shards, **index_format.corpus_record(new.corpus),
         incremental=dict(parent=str(parent_key), parent_corpus_version=old.version,
+                         mode="rewrite" if why_rewrite else "delta",
+                         rewrite_reason=why_rewrite or None,
                          added=int(len(added)), removed=int(len(removed)),
                          embedded=int(len(added)), rebalanced=bool(rebalance),
-                         embed_seconds=round(embed_seconds, 3),
+                         bytes_written=written, embed_seconds=round(embed_seconds, 3),
                          seconds=round(time.time() - start, 3)),
         **(extra or {}))
     path = index_format.finish_version(root, build, expected_num_docs=len(new.live_ids),
@@ -103,10 +116,117 @@ def update_index(index_root: epath.PathLike, parent_key: int,
     if current is not None and current["attempt"] == build["attempt"]:
       index_format.tmp_dir(root, key).rmtree()
     raise
-  logging.info("index: published incremental version %s (from %s): +%d embedded, -%d removed, "
-               "%d docs, %.1fs", key, parent_key, len(added), len(removed),
-               len(new.live_ids), time.time() - start)
+  logging.info("index: published incremental version %s (from %s, %s%s): +%d embedded, "
+               "-%d removed, %d docs, %.1f MB written, %.1fs", key, parent_key,
+               "rewrite" if why_rewrite else "delta",
+               f": {why_rewrite}" if why_rewrite else "", len(added), len(removed),
+               len(new.live_ids), written / 1e6, time.time() - start)
   return path
+
+
+def _rewrite_reason(parent_dir: epath.Path, manifest: dict[str, Any], removed: np.ndarray,
+                    num_added: int, max_delta_shards: int, max_deleted_fraction: float
+                    ) -> str | None:
+  """Why a delta update should rewrite instead (None: share the shards)."""
+  delta_shards = int(manifest.get("delta_shards", 0)) + (1 if num_added else 0)
+  if delta_shards > max_delta_shards:
+    return f"{delta_shards} update shards > max_delta_shards={max_delta_shards}"
+  stored = sum(index_format.stored_num_docs(e) for e in manifest["shards"])
+  live = np.concatenate([_live_ids(parent_dir, e) for e in manifest["shards"]])
+  deleted = (stored - len(live)) + int(np.isin(removed, live).sum())
+  if deleted > max_deleted_fraction * (stored + num_added):
+    return (f"{deleted} of {stored + num_added} stored rows deleted > "
+            f"max_deleted_fraction={max_deleted_fraction}")
+  return None
+
+
+def _live_ids(version: epath.Path, entry: dict[str, Any]) -> np.ndarray:
+  """A shard's live doc ids [n] (its stored ids without the version's deletions)."""
+  stored = np.load(io.BytesIO((index_format.stored_dir(version, entry) / "doc_ids.npy"
+                               ).read_bytes())).astype(np.int64)
+  return stored[~np.isin(stored, index_format.deleted_ids(version, entry))]
+
+
+def _delta_plan(parent_dir: epath.Path, manifest: dict[str, Any], added: np.ndarray,
+                added_embeddings: np.ndarray, removed: np.ndarray):
+  """Writers for a delta version: each parent shard shared (with its deletions, and dropped
+  when nothing of it is left), then one new shard of the added rows. -> (plan, delta shards)."""
+  plan = []
+  entries = manifest["shards"]
+  delta_shards = int(manifest.get("delta_shards", 0))
+  first_delta = len(entries) - delta_shards
+  for position, entry in enumerate(entries):
+    live = _live_ids(parent_dir, entry)
+    gone = removed[np.isin(removed, live)]
+    if len(gone) == len(live):
+      delta_shards -= int(position >= first_delta)
+      continue  # every row deleted: the shard leaves the index
+    deleted = np.concatenate([index_format.deleted_ids(parent_dir, entry), gone])
+    plan.append(lambda build, i, entry=entry, deleted=deleted: index_format.share_shard(
+        parent_dir.parent, build, i, index_format.parse_version(parent_dir.name), entry,
+        deleted))
+  if len(added):
+    kind = manifest["searcher"]
+    options = {k: v for k, v in (manifest.get("searcher_options") or {}).items()
+               if k not in ("num_leaves", "num_leaves_to_search")}  # sized to the new shard
+    if kind == "scann":  # stored with its own copy of the vectors
+      rows, searcher = None, scann_searcher.ScannSearcher(added_embeddings, added, **options)
+    else:
+      rows, searcher = added_embeddings, None
+    plan.append(lambda build, i: index_format.write_shard(parent_dir.parent, build, i, rows,
+                                                          added, searcher=searcher))
+    delta_shards += 1
+  if not plan:
+    raise index_format.IndexVersionError("the update would leave the index empty")
+  return plan, delta_shards
+
+
+def _rewrite_plan(root: epath.Path, parent_key: int, manifest: dict[str, Any],
+                  added: np.ndarray, added_embeddings: np.ndarray, removed: np.ndarray,
+                  rebalance: bool):
+  """Writers for a rewritten version: the parent's base shards with their deletions applied,
+  and the delta shards' rows plus the added ones dealt round-robin into them. -> (plan, 0)."""
+  _, shards = index_format.load_shards(root, parent_key)
+  num_delta = int(manifest.get("delta_shards", 0))
+  base = shards[:len(shards) - num_delta]
+  parent_dir = root / str(parent_key)
+  moved = [index_format.shard_rows(parent_dir, e)  # the update shards' live rows
+           for e in manifest["shards"][len(shards) - num_delta:]]
+  add_ids = np.concatenate([ids for _, ids in moved] + [added]).astype(np.int64)
+  add_rows = np.concatenate([rows for rows, _ in moved] + [added_embeddings])
+  keep = ~np.isin(add_ids, removed)
+  add_ids, add_rows = add_ids[keep], add_rows[keep]
+  if not base:
+    raise index_format.IndexVersionError(f"version {parent_key} has no base shards")
+  num_shards = len(base)
+  plan = []
+  for i, (embeddings, doc_ids, searcher) in enumerate(base):
+    ids_i, rows_i = add_ids[i::num_shards], add_rows[i::num_shards]
+    gone = removed[np.isin(removed, doc_ids)]
+    if manifest["searcher"] == "scann" and searcher is not None:
+      searcher.delete(gone)
+      searcher.upsert(rows_i, ids_i)
+      if rebalance:
+        searcher.rebalance()
+      ids = searcher.doc_ids
+      rows = None  # the searcher holds the only copy of the vectors
+    elif embeddings is None:
+      raise index_format.IndexVersionError(f"shard {i} of {parent_key} has no vectors to "
+                                           "update")
+    else:
+      exact = searcher_lib.ExactSearcher(embeddings, doc_ids).updated(rows_i, ids_i, gone)
+      ids, rows = exact.doc_ids, exact.embeddings
+      searcher = None  # write_shard trains ScaNN for old-format scann shards
+    if not len(ids):
+      raise index_format.IndexVersionError(f"shard {i} would be empty after the update")
+    plan.append(lambda build, j, rows=rows, ids=ids, searcher=searcher:
+                index_format.write_shard(root, build, j, rows, ids, searcher=searcher))
+  return plan, 0
+
+
+def _bytes_under(folder: epath.Path) -> int:
+  """Bytes of the files under a (local or remote) folder: what this version wrote."""
+  return sum((folder / name).stat().length for name in storage.list_files(folder))
 
 
 def make_full_shards(new: corpus_versions.CorpusVersion, embeddings: np.ndarray,
