@@ -5,12 +5,14 @@
 A synthetic clustered corpus (benchmarks/search.py's generator) is published as a ScaNN index
 version; then, for each change fraction (default 1% and 10%: that many blocks added and as
 many removed), the same new corpus version is indexed twice on the same vectors:
-- incremental: `index_update.update_index` (load the version, ScaNN delete/upsert, write);
+- delta (the default): `index_update.update_index(mode="delta")` shares the parent's shards
+  and writes the deleted ids plus one new shard of the added vectors;
+- rewrite: `update_index(mode="rewrite")` (load the version, ScaNN delete/upsert, write all);
 - full rebuild: `index_format.publish_index` over the live vectors (train + write).
 Embedding is not simulated: the vectors are given, so only the index side is timed; a real
 update also embeds only the changed blocks (embedded = added), a full rebuild all of them.
 
-Then `--num_updates` successive 1% updates are chained without rebalancing, and recall@k
+Then `--num_updates` successive 1% updates are chained (`--chain_mode`) without rebalancing, and recall@k
 (against exact numpy top-k over the live vectors) and queries/s are measured after them, and
 again after one ScaNN `rebalance` of every shard (what `retrieval.rebalance_on_update` does
 on each update).
@@ -67,6 +69,9 @@ def main():
   parser.add_argument("--num_queries", type=int, default=1000)
   parser.add_argument("--k", type=int, default=10)
   parser.add_argument("--reorder_dtype", default="float32")
+  parser.add_argument("--chain_mode", default="delta", choices=index_update.MODES,
+                      help="how the chained updates are written (a delta chain rewrites "
+                      "after index_update.MAX_DELTA_SHARDS updates)")
   parser.add_argument("--output", default=None)
   args = parser.parse_args()
   fractions = [float(f) for f in args.fractions.split(",")]
@@ -93,14 +98,22 @@ def main():
       change = int(n0 * fraction)
       removed = rng.choice(n0, change, replace=False)
       new = _version(1, n0 + change, removed)
-      start = time.time()
-      path = index_update.update_index(root, 1, old, new, lambda rows: table[rows])
-      inc_seconds = time.time() - start
-      inc_bytes = _bytes(path)
-      _, inc_searcher = index_format.load_index(root, index_format.VersionKey(1, 1))
-      inc_recall, inc_qps = _recall(inc_searcher, queries, table, new.live_ids, args.k)
-      shutil.rmtree(path)
-      index_format.move_latest(root, 1)
+      incremental = {}
+      for mode in index_update.MODES:
+        start = time.time()
+        path = index_update.update_index(root, 1, old, new, lambda rows: table[rows],
+                                         mode=mode)
+        seconds = time.time() - start
+        written = _bytes(path)
+        start = time.time()
+        _, searcher = index_format.load_index(root, index_format.VersionKey(1, 1))
+        load_seconds = time.time() - start
+        recall, qps = _recall(searcher, queries, table, new.live_ids, args.k)
+        incremental[mode] = dict(seconds=round(seconds, 2), bytes=written, embedded=change,
+                                 load_seconds=round(load_seconds, 2), recall=round(recall, 4),
+                                 qps=round(qps))
+        shutil.rmtree(path)
+        index_format.repair_latest(root, 1)
       live = new.live_ids
       start = time.time()
       full_shards = list(zip(np.array_split(table[live], args.num_shards),
@@ -115,9 +128,7 @@ def main():
       shutil.rmtree(full)
       index_format.repair_latest(root, 1)
       row = dict(fraction=fraction, added=change, removed=change,
-                 incremental=dict(seconds=round(inc_seconds, 2), bytes=inc_bytes,
-                                  embedded=change, recall=round(inc_recall, 4),
-                                  qps=round(inc_qps)),
+                 **incremental,
                  full=dict(seconds=round(full_seconds, 2), bytes=full_bytes,
                            embedded=len(live), recall=round(full_recall, 4),
                            qps=round(full_qps)))
@@ -128,6 +139,7 @@ def main():
     step_change = max(1, n0 // 100)
     current, number, parent = old, 0, index_format.VersionKey(1)
     removed_all: list[np.ndarray] = []
+    chain_bytes = 0
     start = time.time()
     for _ in range(args.num_updates):
       live = current.live_ids
@@ -135,9 +147,10 @@ def main():
       removed_all.append(removed_now)
       new = _version(number + 1, current.corpus.num_docs + step_change,
                      np.concatenate(removed_all))
-      path = index_update.update_index(root, parent, current, new, lambda rows: table[rows])
-      if number >= 1:  # keep only the newest version of the chain on disk
-        shutil.rmtree(os.path.join(root, str(parent)))
+      path = index_update.update_index(root, parent, current, new, lambda rows: table[rows],
+                                       mode=args.chain_mode)
+      chain_bytes += _bytes(path)
+      index_format.prune_versions(root, 1)  # the chain's newest (and what it shares) stays
       parent, current, number = index_format.VersionKey(1, number + 1), new, number + 1
     chain_seconds = time.time() - start
     _, searcher = index_format.load_index(root, parent)
@@ -149,7 +162,9 @@ def main():
     rebalanced_recall, rebalanced_qps = _recall(searcher, queries, table, current.live_ids,
                                                 args.k)
     results["many_updates"] = dict(
-        updates=args.num_updates, change_each=step_change, seconds=round(chain_seconds, 2),
+        updates=args.num_updates, change_each=step_change, mode=args.chain_mode,
+        seconds=round(chain_seconds, 2), bytes_written=chain_bytes,
+        shards=len(searcher.shards),
         recall=round(recall, 4), qps=round(qps), rebalance_seconds=round(rebalance_seconds, 2),
         rebalanced_recall=round(rebalanced_recall, 4), rebalanced_qps=round(rebalanced_qps))
     print(json.dumps(results["many_updates"]), flush=True)
