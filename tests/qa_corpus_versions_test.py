@@ -261,6 +261,39 @@ def test_an_index_of_another_corpus_version_is_a_clear_error(ict_dir, tmp_path):
     finetune.finetune_qa(config, tmp_path / "wrong")
 
 
+def test_an_index_from_another_run_embeds_added_blocks_with_the_startup_tower(
+    ict_dir, tmp_path, caplog):
+  """qa.index_from names an index whose parameters this run does not know: the blocks a
+  corpus version adds are embedded with the start-up document tower (`doc_params_fn`), said
+  in a warning; the kept blocks keep the index's embeddings exactly."""
+  config, corpus = _config(ict_dir, tmp_path)
+  shutil.copytree(ict_dir / "index", tmp_path / "other_index")
+  config.qa.index_from = str(tmp_path / "other_index")
+  num_docs = json.loads((corpus / "blocks" / "corpus.json").read_text())["num_docs"]
+  cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())))
+  workdir = tmp_path / "qa"
+  world = finetune.setup(config, workdir)
+  _, doc_params = finetune._initial_params(  # pylint: disable=protected-access
+      world, jax.random.key(config.seed))
+  tower = jax.tree_util.tree_map(lambda x: np.asarray(x) * 0.5, doc_params)  # not init_from's
+  calls = []
+  with caplog.at_level("WARNING"):
+    index = finetune.resolve_index(config, workdir, world,
+                                   lambda: calls.append(1) or tower)
+  assert index.source == "index_from" and index.corpus_version == 1 and calls
+  assert any("qa.index_from" in r.getMessage() and "start-up document tower" in r.getMessage()
+             for r in caplog.records)
+  added = np.arange(num_docs, num_docs + NUM_PEOPLE)
+  expected = finetune._embed_rows_fn(  # pylint: disable=protected-access
+      world, lambda: tower, world.corpus, "check")(added)
+  np.testing.assert_allclose(index.embeddings[added], expected, atol=1e-5)
+  step = index_format.latest_step(tmp_path / "other_index")
+  original = finetune.version_embeddings(
+      tmp_path / "other_index", step,
+      index_format.read_manifest(tmp_path / "other_index", step), num_docs)
+  np.testing.assert_array_equal(index.embeddings[:num_docs], original)
+
+
 def _example(gold):
   return qa_data.QAExample(question="q", answers=("a",), gold_doc_id=gold)
 
