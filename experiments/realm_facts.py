@@ -69,6 +69,9 @@ def qa_section(s: dict, question_len: int) -> ml_collections.ConfigDict:
       retriever="dense",
       question_len=question_len,
       retriever_k=s["retriever_k"],  # the retriever's loss is over these (paper: 5000)
+      # Positives: "answer" (ORQA/REALM: any block whose text matches an answer) or "gold"
+      # (a question's known gold block, where it has one: generated facts questions).
+      supervision="answer",
       reader_k=s["reader_k"],  # blocks the reader reads (paper: 5)
       max_span_width=10,  # wordpieces (paper: 10)
       span_hidden_size=s["span_hidden_size"],  # paper: 256

@@ -62,6 +62,42 @@ def test_batch_marks_the_answer_in_the_profile_block(world):
   assert matcher.cache.misses == misses and matcher.cache.hits == 12
 
 
+def test_gold_supervision_keeps_only_the_known_gold_block_positive(world):
+  """qa.supervision="gold": a block that contains the answer string but is not the question's
+  gold block (another person's profile naming the same instrument) is no positive, for the
+  retriever label and the reader spans; the gold block and questions without a known gold
+  block (-1) are as under answer matching."""
+  facts, tok, blocks = world
+  examples = data.facts_questions(facts, "all")
+  matcher = batches.AnswerMatcher(examples, tok, blocks, max_span_width=10)
+  # Questions whose answer also appears in some other block: (question, gold, that block).
+  chosen = []
+  for i, e in enumerate(examples):
+    decoy = next((b for b in range(len(blocks.titles))
+                  if b != e.gold_doc_id and matcher.has_answer(i, b)), None)
+    if decoy is not None:
+      chosen.append((i, e.gold_doc_id, decoy))
+    if len(chosen) == 3:
+      break
+  assert len(chosen) == 3, "the corpus has no shared answers to test with"
+  rows = np.array([c[0] for c in chosen])
+  ids = np.array([[c[2], c[1]] for c in chosen])  # the decoy first, then the gold block
+  pad = tokenizer_lib.special_ids(tok).pad
+  questions = batches.encode_questions(examples, tok, query_len=16, pad_id=pad)
+  doc_emb = np.zeros((len(blocks.titles) + 1, 4))
+  weak = batches.build_qa_batch(rows, questions, ids, doc_emb, matcher, reader_k=2)
+  gold_ids = np.array([c[1] for c in chosen])
+  gold_ids[2] = -1  # the third question's gold block is unknown: answer matching
+  strict = batches.build_qa_batch(rows, questions, ids, doc_emb, matcher, reader_k=2,
+                                  gold_ids=gold_ids)
+  assert weak["cand_has_answer"].all() and weak["span_is_correct"][:, 0].any(axis=1).all()
+  np.testing.assert_array_equal(strict["cand_has_answer"], [[False, True], [False, True],
+                                                            [True, True]])
+  assert not strict["span_is_correct"][:2, 0].any()  # the decoys' spans are gone
+  np.testing.assert_array_equal(strict["span_is_correct"][:, 1], weak["span_is_correct"][:, 1])
+  np.testing.assert_array_equal(strict["span_is_correct"][2], weak["span_is_correct"][2])
+
+
 def _brute_force_regex_spans(tok, tokens, patterns, width):
   """Reference: every span of <= width wordpieces that starts and ends on whole words, decoded
   on its own and kept when some pattern re.fullmatch-es it (case-insensitive)."""

@@ -186,7 +186,8 @@ class AnswerMatcher:
 
 def build_qa_batch(example_indices: np.ndarray, question_tokens: np.ndarray,
                    ids: np.ndarray, doc_embeddings: np.ndarray | None, matcher: AnswerMatcher,
-                   reader_k: int, cand_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   reader_k: int, cand_mask: np.ndarray | None = None,
+                   gold_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """One batch for `steps.make_qa_train_step`.
 
   Args:
@@ -198,6 +199,11 @@ def build_qa_batch(example_indices: np.ndarray, question_tokens: np.ndarray,
     matcher: answer spans per (example, block).
     reader_k: the reader reads the first reader_k of the K blocks.
     cand_mask: [B, K] bool, False for padding candidates (default all True).
+    gold_ids: [B] each question's known gold block, -1 where unknown (`qa.supervision=
+      "gold"`): a known gold block is the only positive, for the retriever's label and the
+      reader's spans alike, so a block that merely contains the answer string (another
+      person's profile that names the same instrument) teaches nothing; questions without
+      one keep answer matching.
   """
   ids = np.asarray(ids)
   batch, k = ids.shape
@@ -217,6 +223,12 @@ def build_qa_batch(example_indices: np.ndarray, question_tokens: np.ndarray,
       has_answer[b, j], spans = matcher.match(int(example), int(ids[b, j]), j < reader_k)
       if j < reader_k:
         span_is_correct[b, j] = answers_lib.spans_to_mask(spans, body_len, width)
+  if gold_ids is not None:
+    gold_ids = np.asarray(gold_ids)
+    is_gold = ids == gold_ids[:, None]  # [B, K]
+    known = (gold_ids >= 0)[:, None]
+    has_answer &= ~known | is_gold
+    span_is_correct &= (~known | is_gold[:, :reader_k])[:, :, None]
   out = dict(
       question_tokens=np.asarray(question_tokens[np.asarray(example_indices)], np.int32),
       cand_mask=cand_mask,

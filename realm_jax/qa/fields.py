@@ -44,6 +44,10 @@ QA_FIELDS: dict[str, config_lib.Field] = {
                             'or "bm25" (bm25s over the same blocks\' text; reader only, no '
                             "retriever loss, block-score term 0: the lexical baseline)",
                             ("dense", "bm25")),
+    "qa.supervision": _choice(
+        'training positives: "answer" (ORQA/REALM: any block whose text matches an answer) or '
+        '"gold" (a question\'s known gold block only, where it has one: generated facts '
+        'questions; the others keep answer matching)', ("answer", "gold")),
     "qa.question_len": _int("[CLS] question [SEP] wordpieces", 3, 65536),
     "qa.retriever_k": _int("blocks retrieved per question; the retriever's loss is over these "
                            "(paper: 5000)", 1, 100_000),

@@ -297,6 +297,20 @@ def _index_root(path: str) -> epath.Path:
   return path / "index" if (path / "index").is_dir() else path
 
 
+def supervision_gold_ids(examples, supervision: str) -> np.ndarray | None:
+  """[N] the training questions' gold block ids (-1 unknown) under `qa.supervision="gold"`,
+  None under "answer" (ORQA's weak supervision: any block matching an answer is a positive).
+  Logs how many questions have one, so a "gold" run on data without gold blocks says so."""
+  if supervision == "answer":
+    return None
+  if supervision != "gold":
+    raise ValueError(f"qa.supervision={supervision!r} is not 'answer' or 'gold'")
+  gold = np.array([e.gold_doc_id for e in examples], np.int64)
+  _LOG.info("finetune_qa: qa.supervision=gold: %d of %d training questions have a known gold "
+            "block (the others keep answer matching)", int((gold >= 0).sum()), len(gold))
+  return gold
+
+
 def _newest_step(root: epath.Path) -> int | None:
   try:
     step = index_format.latest_step(root)
@@ -926,6 +940,7 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                        partitioning.layout_key(state_sharding), retriever)
   tokens = world.encode(world.train)
   matcher = world.matcher(world.train)
+  gold_ids = supervision_gold_ids(world.train, qa.get("supervision", "answer"))
   bm25_ids = None
   if bm25:  # every training question's top blocks, once per corpus version
     start = time.time()
@@ -967,7 +982,8 @@ def _finetune_qa(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     else:
       ids, _ = index.searcher.search(partitioning.local_rows(question_emb), qa.retriever_k)
       embeddings = index.embeddings
-    batch = batches_lib.build_qa_batch(rows, tokens, ids, embeddings, matcher, qa.reader_k)
+    batch = batches_lib.build_qa_batch(rows, tokens, ids, embeddings, matcher, qa.reader_k,
+                                       gold_ids=None if gold_ids is None else gold_ids[rows])
     return batch, {"retrieval_seconds": time.time() - start}
 
   writer = metrics_lib.MetricWriter(workdir / "metrics", enabled=world.is_main, phase="qa",
