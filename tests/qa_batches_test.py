@@ -170,3 +170,15 @@ def test_bad_reader_k_is_a_clear_error(world):
   with pytest.raises(ValueError, match="qa.reader_k=3"):
     batches.build_qa_batch(np.arange(1), np.zeros((1, 4), np.int32), np.zeros((1, 2), int),
                            np.zeros((blocks.num_docs + 1, 2)), matcher, reader_k=3)
+
+
+def test_supervision_gold_ids_per_setting(world):
+  from realm_jax.qa import finetune  # pylint: disable=import-outside-toplevel
+  facts, _, _ = world
+  examples = list(data.facts_questions(facts, "all")[:3]) + [
+      data.QAExample(question="q", answers=("a",))]  # ORQA-style: no gold block
+  assert finetune.supervision_gold_ids(examples, "answer") is None
+  np.testing.assert_array_equal(finetune.supervision_gold_ids(examples, "gold"),
+                                [e.gold_doc_id for e in examples[:3]] + [-1])
+  with pytest.raises(ValueError, match="qa.supervision"):
+    finetune.supervision_gold_ids(examples, "oracle")
