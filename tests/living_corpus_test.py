@@ -109,6 +109,11 @@ def test_the_version_is_applied_at_the_next_check_and_published(living_run):
   assert manifest["corpus_version"] == 1 and manifest["param_step"] == 0
   assert manifest["incremental"]["added"] == 6
   assert manifest["incremental"]["removed"] == len(removed)
+  # A delta: the refresh version's shard shared (its rows minus the removed ones), the 6
+  # added blocks in a shard of their own; only those and the deleted ids were written.
+  assert manifest["incremental"]["mode"] == "delta" and manifest["delta_shards"] == 1
+  assert [e.get("stored_at") for e in manifest["shards"]] == ["0/shard-00000-of-00001", None]
+  assert [e["num_docs"] for e in manifest["shards"]] == [n0 - len(removed), 6]
   # The final version (a full refresh) holds exactly the live blocks of corpus version 1:
   # load_index with the tombstones refuses a removed id or a missing live one.
   assert index_format.latest_step(index_root) == VersionKey(6, 1)

@@ -9,9 +9,12 @@ Corpus versions (`data/corpus_versions.py`, `--mode=update_corpus`): every refre
 live blocks of the newest published corpus version and names the index version
 `VersionKey(step, corpus version)` (`<step>+<c>`, as the index builder does). Between refreshes
 the loop calls `follow_corpus`, which every `retrieval.corpus_check_every` steps looks at
-CORPUS_LATEST and applies a newer version at once (`index_update.apply_update`): removed blocks
-leave the searcher, added ones are embedded and added, and the candidates' tokens and the null
-id come from that version (`self.corpus`). Added blocks are embedded with the *current*
+CORPUS_LATEST and applies a newer version at once: removed blocks leave the searcher, added ones
+are embedded and become one new shard (`index_update.delta_update`; published as a delta
+version that shares the unchanged shards, `index_update.publish_delta`; after
+`retrieval.index_update_max_delta_shards` of them, or with `index_update_mode="rewrite"`, every
+shard is updated in place and written anew, `index_update.apply_update`), and the candidates'
+tokens and the null id come from that version (`self.corpus`). Added blocks are embedded with the *current*
 parameters (those of the index's own step are not kept), so until the next refresh re-embeds
 everything they are up to refresh_every steps newer than the rest. The result is published as
 `<index step>+<c>`, so a resumed run reloads it (`load_or_refresh`). Every process follows the
@@ -108,7 +111,8 @@ class InProcessIndex:
                write: bool, searcher_kind: str = "exact",
                searcher_options: dict | None = None,
                corpus_dir: epath.PathLike | None = None,
-               corpus_check_every: int = 10):
+               corpus_check_every: int = 10, update_mode: str = "delta",
+               max_delta_shards: int = index_update.MAX_DELTA_SHARDS):
     self.corpus, self._embed_docs, self._mesh = corpus, embed_docs, mesh
     self.root = epath.Path(index_root)
     self._embed_batch_size, self._keep, self._write = embed_batch_size, keep_versions, write
@@ -123,6 +127,12 @@ class InProcessIndex:
     # The corpus version indexed now; `corpus` (the run's, loaded from the build) is version 0.
     self.corpus_version = corpus_versions.build_version(corpus, self.corpus_dir)
     self._bad_latest: set[str] = set()  # CORPUS_LATEST problems already logged
+    if update_mode not in index_update.MODES:
+      raise ValueError(f"update_mode {update_mode!r} not in {index_update.MODES}")
+    self._update_mode, self._max_delta_shards = update_mode, int(max_delta_shards)
+    # What the published version's files hold (`index_update.rewrite_reason`'s inputs): update
+    # shards since the last full write, rows stored, rows deleted from them since.
+    self._delta_shards = self._stored_rows = self._deleted_rows = 0
 
   # ---- corpus versions --------------------------------------------------------------------
 
@@ -184,21 +194,65 @@ class InProcessIndex:
     embed_rows = lambda rows: embed_corpus(params, new.corpus, self._embed_docs, self._mesh,
                                            self._embed_batch_size,
                                            progress_name=f"corpus update {latest}", rows=rows)
-    host, added, removed, _ = index_update.follow_version(self._host, old, new, embed_rows)
-    self._use_corpus(new)
-    self._set_searcher(host)
+    added, removed = corpus_versions.changes(old, new)
+    why_rewrite = ("asked" if self._update_mode == "rewrite" else index_update.rewrite_reason(
+        self._delta_shards, self._stored_rows, self._deleted_rows + len(removed), len(added),
+        self._max_delta_shards))
+    parent = self.step
     self.step = index_format.VersionKey(int(self.step), new.version)
-    if self._write:
-      self._publish(self.step, dict(incremental=dict(
-          parent_corpus_version=old.version, added=int(len(added)),
-          removed=int(len(removed)), embedded=int(len(added)), added_param_step=int(step),
-          seconds=round(time.time() - start, 3))))
+    info = dict(incremental=dict(
+        parent_corpus_version=old.version, added=int(len(added)), removed=int(len(removed)),
+        embedded=int(len(added)), added_param_step=int(step),
+        mode="rewrite" if why_rewrite else "delta", rewrite_reason=why_rewrite))
+    if why_rewrite:  # every shard changed in place and written anew
+      host, _, _, _ = index_update.follow_version(self._host, old, new, embed_rows)
+      self._use_corpus(new)
+      self._set_searcher(host)
+      if self._write:
+        self._publish(self.step, info)
+      self._reset_delta_counts()
+    else:  # the shards kept (minus the removed ids) and one new shard: a delta version
+      embeddings = (np.asarray(embed_rows(added), np.float32) if len(added) else
+                    np.zeros((0, self._host.dim), np.float32))
+      kind = searcher_lib.published_kind(self._searcher_kind)
+      new_shard = index_update.delta_shard(
+          kind, embeddings, added, self._searcher_options if kind == "scann" else {})
+      host = index_update.delta_update(self._host, new_shard, removed)
+      self._use_corpus(new)
+      self._set_searcher(host.shards[0] if len(host.shards) == 1 else host)
+      if self._write:
+        self._publish_delta(parent, added, new_shard, removed, info)
+      self._delta_shards += int(new_shard is not None)
+      self._stored_rows += len(added)
+      self._deleted_rows += len(removed)
     self.last_refresh_seconds = time.time() - start
     logging.info("index: corpus version %d at step %d: +%d blocks embedded, -%d removed, %d "
-                 "live, in %.1fs (index version %s%s)", new.version, step, len(added),
+                 "live, in %.1fs (index version %s, %s%s)", new.version, step, len(added),
                  len(removed), len(new.live_ids), self.last_refresh_seconds, self.step,
+                 f"rewrite: {why_rewrite}" if why_rewrite else "delta",
                  ", published" if self._write else "")
     return True
+
+  def _publish_delta(self, parent, added, new_shard, removed, info):
+    """Publishes self.step as a delta of `parent` (the version this process published last);
+    a parent that cannot be read (removed by hand) gets a full write instead."""
+    if (self.root / str(self.step) / index_format.MANIFEST).exists():
+      storage.remove_folder(self.root / str(self.step), index_format.MANIFEST)
+    try:
+      index_update.publish_delta(self.root, parent, self.step, self.corpus_version, added,
+                                 new_shard, removed, extra=dict(
+                                     source="in_process", param_step=int(self.step), **info))
+    except index_format.IndexVersionError as e:
+      logging.warning("index: cannot publish %s as a delta of %s (%s): writing it whole",
+                      self.step, parent, e)
+      self._publish(self.step, info)
+      return
+    index_format.prune_versions(self.root, self._keep)
+
+  def _reset_delta_counts(self):
+    """After a full write: no update shards, every stored row live."""
+    self._delta_shards, self._deleted_rows = 0, 0
+    self._stored_rows = len(self.corpus_version.live_ids)
 
   # ---- refreshes --------------------------------------------------------------------------
 
@@ -218,6 +272,7 @@ class InProcessIndex:
     self.step = index_format.VersionKey(step, self.corpus_version.version)
     if self._write:
       self._publish(self.step, {})
+    self._reset_delta_counts()
     self.last_refresh_seconds = time.time() - start
     logging.info("index: re-embedded %d documents at step %d in %.1fs (%.0f docs/s, %s "
                  "searcher, corpus version %d%s)", len(embeddings), step,
@@ -246,6 +301,9 @@ class InProcessIndex:
         self._use_corpus(version)
         self._set_searcher(host.shards[0] if len(host.shards) == 1 else host)
         self.step = key
+        self._delta_shards = int(manifest.get("delta_shards", 0))
+        self._stored_rows = sum(index_format.stored_num_docs(e) for e in manifest["shards"])
+        self._deleted_rows = self._stored_rows - manifest["num_docs"]
         logging.info("index: resumed with version %s", self.step)
         return
       except (index_format.IndexVersionError, corpus_versions.CorpusVersionError) as e:

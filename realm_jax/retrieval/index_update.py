@@ -88,7 +88,54 @@ def update_index(index_root: epath.PathLike, parent_key: int,
     plan, delta_shards = _rewrite_plan(root, parent_key, manifest, added, added_embeddings,
                                        removed, rebalance)
   else:
-    plan, delta_shards = _delta_plan(parent_dir, manifest, added, added_embeddings, removed)
+    new_shard = delta_shard(manifest["searcher"], added_embeddings, added,
+                            manifest.get("searcher_options") or {})
+    plan, delta_shards = _delta_plan(parent_dir, manifest, added, new_shard, removed)
+  info = dict(
+      source="index_update", param_step=int(parent_key),
+      incremental=dict(parent=str(parent_key), parent_corpus_version=old.version,
+                       mode="rewrite" if why_rewrite else "delta",
+                       rewrite_reason=why_rewrite or None,
+                       added=int(len(added)), removed=int(len(removed)),
+                       embedded=int(len(added)), rebalanced=bool(rebalance),
+                       embed_seconds=round(embed_seconds, 3)),
+      **(extra or {}))
+  path = _publish_plan(root, key, manifest, plan, delta_shards, new, info, start,
+                       before_publish)
+  logging.info("index: published incremental version %s (from %s, %s%s): +%d embedded, "
+               "-%d removed, %d docs, %.1f MB written, %.1fs", key, parent_key,
+               "rewrite" if why_rewrite else "delta",
+               f": {why_rewrite}" if why_rewrite else "", len(added), len(removed),
+               len(new.live_ids), info["incremental"]["bytes_written"] / 1e6,
+               time.time() - start)
+  return path
+
+
+def publish_delta(index_root: epath.PathLike, parent_key: int, key: int,
+                  new: corpus_versions.CorpusVersion, added: np.ndarray, new_shard,
+                  removed: np.ndarray, extra: dict[str, Any] | None = None) -> epath.Path:
+  """Publishes version `key` as a delta of `parent_key`: its shards shared minus `removed`
+  [R], plus `new_shard` (`delta_shard`'s searcher of the `added` [A] ids, or None when none
+  are added). For a writer that already holds the changed searcher (the trainer's own index:
+  `delta_update` is its in-memory twin)."""
+  start = time.time()
+  root = epath.Path(index_root)
+  manifest = index_format.read_manifest(root, parent_key)
+  plan, delta_shards = _delta_plan(root / str(parent_key), manifest, np.asarray(added),
+                                   new_shard, np.asarray(removed, np.int64))
+  info = dict(extra or {})
+  info["incremental"] = dict(info.get("incremental") or {}, parent=str(parent_key),
+                             mode="delta")
+  return _publish_plan(root, index_format.VersionKey(int(key), new.version), manifest, plan,
+                       delta_shards, new, info, start, None)
+
+
+def _publish_plan(root: epath.Path, key, manifest: dict[str, Any], plan, delta_shards: int,
+                  new: corpus_versions.CorpusVersion, info: dict[str, Any], start: float,
+                  before_publish: Callable[[], None] | None) -> epath.Path:
+  """Runs the shard writers of `plan` as version `key` and publishes it (nothing on failure);
+  `info` goes into the manifest, with the bytes written and seconds added to its
+  `incremental`."""
   build = index_format.start_version(root, key, len(plan), manifest["searcher"],
                                      manifest.get("searcher_options") or {},
                                      single_writer=True,
@@ -96,48 +143,29 @@ def update_index(index_root: epath.PathLike, parent_key: int,
   try:
     for i, write in enumerate(plan):
       write(build, i)
-    written = _bytes_under(index_format.tmp_dir(root, key))
-    info = dict(
-        source="index_update", corpus_version=new.version,
-        corpus_num_docs=new.corpus.num_docs, param_step=int(parent_key),
-        delta_shards=delta_shards, **index_format.corpus_record(new.corpus),
-        incremental=dict(parent=str(parent_key), parent_corpus_version=old.version,
-                         mode="rewrite" if why_rewrite else "delta",
-                         rewrite_reason=why_rewrite or None,
-                         added=int(len(added)), removed=int(len(removed)),
-                         embedded=int(len(added)), rebalanced=bool(rebalance),
-                         bytes_written=written, embed_seconds=round(embed_seconds, 3),
-                         seconds=round(time.time() - start, 3)),
-        **(extra or {}))
-    path = index_format.finish_version(root, build, expected_num_docs=len(new.live_ids),
+    info["incremental"] = dict(info.get("incremental") or {},
+                               bytes_written=_bytes_under(index_format.tmp_dir(root, key)),
+                               seconds=round(time.time() - start, 3))
+    info.update(corpus_version=new.version, corpus_num_docs=new.corpus.num_docs,
+                delta_shards=delta_shards, **index_format.corpus_record(new.corpus))
+    return index_format.finish_version(root, build, expected_num_docs=len(new.live_ids),
                                        extra=info, before_publish=before_publish)
   except BaseException:
     current = index_format.read_build(root, key)
     if current is not None and current["attempt"] == build["attempt"]:
       index_format.tmp_dir(root, key).rmtree()
     raise
-  logging.info("index: published incremental version %s (from %s, %s%s): +%d embedded, "
-               "-%d removed, %d docs, %.1f MB written, %.1fs", key, parent_key,
-               "rewrite" if why_rewrite else "delta",
-               f": {why_rewrite}" if why_rewrite else "", len(added), len(removed),
-               len(new.live_ids), written / 1e6, time.time() - start)
-  return path
 
 
 def _rewrite_reason(parent_dir: epath.Path, manifest: dict[str, Any], removed: np.ndarray,
                     num_added: int, max_delta_shards: int, max_deleted_fraction: float
                     ) -> str | None:
-  """Why a delta update should rewrite instead (None: share the shards)."""
-  delta_shards = int(manifest.get("delta_shards", 0)) + (1 if num_added else 0)
-  if delta_shards > max_delta_shards:
-    return f"{delta_shards} update shards > max_delta_shards={max_delta_shards}"
+  """Why a delta update of a published version should rewrite instead (None: a delta)."""
   stored = sum(index_format.stored_num_docs(e) for e in manifest["shards"])
   live = np.concatenate([_live_ids(parent_dir, e) for e in manifest["shards"]])
   deleted = (stored - len(live)) + int(np.isin(removed, live).sum())
-  if deleted > max_deleted_fraction * (stored + num_added):
-    return (f"{deleted} of {stored + num_added} stored rows deleted > "
-            f"max_deleted_fraction={max_deleted_fraction}")
-  return None
+  return rewrite_reason(int(manifest.get("delta_shards", 0)), stored, deleted, num_added,
+                        max_delta_shards, max_deleted_fraction)
 
 
 def _live_ids(version: epath.Path, entry: dict[str, Any]) -> np.ndarray:
@@ -147,10 +175,61 @@ def _live_ids(version: epath.Path, entry: dict[str, Any]) -> np.ndarray:
   return stored[~np.isin(stored, index_format.deleted_ids(version, entry))]
 
 
+def delta_shard(kind: str, added_embeddings: np.ndarray, added_ids: np.ndarray,
+                options: dict[str, Any]):
+  """The one new shard of a delta update: [A, D] rows of ids [A] as an exact or ScaNN
+  searcher (None when nothing is added). ScaNN: leaves sized to the shard, a quarter of them
+  searched, not the default tenth: the shard is a small part of the index, so this costs
+  little and keeps its recall at the base shards' (10% of 20k rows as one update: recall@10
+  0.9715 -> 0.998, BENCHMARKS.md)."""
+  if not len(added_ids):
+    return None
+  added_embeddings = np.asarray(added_embeddings, np.float32)
+  if kind != "scann":
+    return searcher_lib.ExactSearcher(added_embeddings, np.asarray(added_ids, np.int64))
+  options = {k: v for k, v in options.items() if k not in ("num_leaves", "num_leaves_to_search")}
+  leaves = scann_searcher.default_num_leaves(len(added_ids))
+  options.update(num_leaves=leaves, num_leaves_to_search=max(1, -(-leaves // 4)))
+  return scann_searcher.ScannSearcher(added_embeddings, added_ids, **options)
+
+
+def delta_update(searcher, new_shard, removed_ids: np.ndarray
+                 ) -> searcher_lib.ShardedSearcher:
+  """The in-memory twin of a delta version: each shard of `searcher` without `removed_ids`
+  (ScaNN in place; a shard left empty is dropped), then `new_shard` (`delta_shard`'s)."""
+  removed_ids = np.asarray(removed_ids, np.int64)
+  shards = []
+  for shard in getattr(searcher, "shards", [searcher]):
+    gone = removed_ids[np.isin(removed_ids, shard.doc_ids)]
+    if len(gone) == len(shard.doc_ids):
+      continue
+    shards.append(apply_update(shard, np.zeros((0, shard.dim), np.float32),
+                               np.zeros(0, np.int64), gone))
+  if new_shard is not None:
+    shards.append(new_shard)
+  if not shards:
+    raise index_format.IndexVersionError("the update would leave the index empty")
+  return searcher_lib.ShardedSearcher(shards)
+
+
+def rewrite_reason(delta_shards: int, stored_rows: int, deleted_rows: int, num_added: int,
+                   max_delta_shards: int = MAX_DELTA_SHARDS,
+                   max_deleted_fraction: float = MAX_DELETED_FRACTION) -> str | None:
+  """Why the next update should rewrite rather than add a delta (None: a delta): the update
+  shards it would make, and the deleted share of the rows the files would hold."""
+  if delta_shards + (1 if num_added else 0) > max_delta_shards:
+    return (f"{delta_shards + 1} update shards > max_delta_shards={max_delta_shards}")
+  if deleted_rows > max_deleted_fraction * (stored_rows + num_added):
+    return (f"{deleted_rows} of {stored_rows + num_added} stored rows deleted > "
+            f"max_deleted_fraction={max_deleted_fraction}")
+  return None
+
+
 def _delta_plan(parent_dir: epath.Path, manifest: dict[str, Any], added: np.ndarray,
-                added_embeddings: np.ndarray, removed: np.ndarray):
+                new_shard, removed: np.ndarray):
   """Writers for a delta version: each parent shard shared (with its deletions, and dropped
-  when nothing of it is left), then one new shard of the added rows. -> (plan, delta shards)."""
+  when nothing of it is left), then `new_shard` (`delta_shard`'s searcher of the `added`
+  ids, None when there are none). -> (plan, delta shards)."""
   plan = []
   entries = manifest["shards"]
   delta_shards = int(manifest.get("delta_shards", 0))
@@ -165,21 +244,14 @@ def _delta_plan(parent_dir: epath.Path, manifest: dict[str, Any], added: np.ndar
     plan.append(lambda build, i, entry=entry, deleted=deleted: index_format.share_shard(
         parent_dir.parent, build, i, index_format.parse_version(parent_dir.name), entry,
         deleted))
-  if len(added):
-    kind = manifest["searcher"]
-    options = {k: v for k, v in (manifest.get("searcher_options") or {}).items()
-               if k not in ("num_leaves", "num_leaves_to_search")}  # sized to the new shard
-    if kind == "scann":  # stored with its own copy of the vectors
-      # A quarter of its leaves searched, not the default tenth: the shard is a small part of
-      # the index, so this costs little, and it keeps the delta's recall at the base shards'
-      # (10% of 20k rows as one update: recall@10 0.9715 -> 0.998, BENCHMARKS.md).
-      leaves = scann_searcher.default_num_leaves(len(added))
-      options.update(num_leaves=leaves, num_leaves_to_search=max(1, -(-leaves // 4)))
-      rows, searcher = None, scann_searcher.ScannSearcher(added_embeddings, added, **options)
-    else:
-      rows, searcher = added_embeddings, None
-    plan.append(lambda build, i: index_format.write_shard(parent_dir.parent, build, i, rows,
-                                                          added, searcher=searcher))
+  if new_shard is not None:
+    if not np.array_equal(np.sort(new_shard.doc_ids), np.sort(added)):
+      raise ValueError("the new shard does not hold exactly the added ids")
+    scann = isinstance(new_shard, scann_searcher.ScannSearcher)
+    rows = None if scann else new_shard.embeddings  # ScaNN: stored in its own files
+    plan.append(lambda build, i: index_format.write_shard(
+        parent_dir.parent, build, i, rows, new_shard.doc_ids,
+        searcher=new_shard if scann else None))
     delta_shards += 1
   if not plan:
     raise index_format.IndexVersionError("the update would leave the index empty")

@@ -33,6 +33,7 @@ from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import device_searcher
 from realm_jax.retrieval import in_process
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import index_update
 from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.retrieval import watcher as watcher_lib
 from realm_jax.train import checkpointing
@@ -468,7 +469,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
                                       searcher_options=searcher_lib.options_for(
                                           config.retrieval.searcher, config.retrieval),
                                       corpus_dir=data.directory,
-                                      corpus_check_every=config.retrieval.corpus_check_every)
+                                      corpus_check_every=config.retrieval.corpus_check_every,
+                                      update_mode=config.retrieval.get("index_update_mode",
+                                                                       "delta"),
+                                      max_delta_shards=config.retrieval.get(
+                                          "index_update_max_delta_shards",
+                                          index_update.MAX_DELTA_SHARDS))
   # REALM retrieves for its batches; ICT only for judging its embedder on held-out queries;
   # the no-retrieval baseline (no index) gets the null document alone.
   retriever = Retriever(index is not None, config.retrieval, corpus, index, embed_queries, mesh)
