@@ -218,6 +218,9 @@ def format_table(results: dict) -> str:
   lines.append(f"gold-document {key} of held-out queries per index version "
                f"({results['index_swaps']} hot swaps from the index-builder process):")
   lines += [f"  index step {step:>6}: {value:.3f}" for step, value in recalls]
+  drops = metrics_lib.recall_drops(recalls)
+  if drops:
+    lines.append(metrics_lib.recall_drop_warning(drops, key))
   lines.append(f"ICT warm start alone: {key} = {results['ict'][key]:.3f}")
   lines += format_qa_table(results)
   lines.append("")

@@ -12,6 +12,7 @@ from matplotlib import image as mpl_image
 import tiny_configs
 from experiments import realm_facts
 from realm_jax import demo
+from realm_jax.train import metrics as metrics_lib
 from realm_jax import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -181,6 +182,26 @@ def test_table_warns_when_realm_does_not_beat_the_baseline(realm_span, warned):
   if warned:
     ratio = realm_span / 0.05
     assert f"{ratio:.2f}x" in warnings[0] and "did not learn" in warnings[0]
+
+
+def test_table_warns_when_the_retriever_collapsed_between_versions():
+  """The 2026-12-03 demo's recalls: 0.829 at step 200, 0.179 at 300, recovered by 500."""
+  results = _fake_results({"exact_match": 0.6, "num_examples": 1000, "step": 200})
+  results["index_recalls"] = [(0, 0.713), (100, 0.779), (200, 0.829), (300, 0.179),
+                              (400, 0.386), (500, 0.864)]
+  warnings = [line for line in demo.format_table(results).splitlines()
+              if line.startswith("WARNING")]
+  assert len(warnings) == 1
+  assert "0.829 (index step 200) to 0.179 (index step 300)" in warnings[0]
+  assert "1 more drop" in warnings[0]  # 0.386 at step 400 is still below half of 0.829
+  results["index_recalls"] = [(0, 0.713), (100, 0.60), (200, 0.829), (300, 0.42)]
+  assert not any(line.startswith("WARNING") for line in
+                 demo.format_table(results).splitlines())  # 0.42 > 0.829 / 2: no collapse
+
+
+def test_recall_drops_need_a_real_best_first():
+  assert metrics_lib.recall_drops([(0, 0.1), (1, 0.01)]) == []  # best 0.1 < the 0.2 floor
+  assert metrics_lib.recall_drops([(0, 0.3), (1, 0.1), (2, 0.16)]) == [(0, 0.3, 1, 0.1)]
 
 
 def test_whole_demo_with_qa_phase_on_a_tiny_config(tmp_path):

@@ -483,6 +483,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   recall_queries = (data.ict_eval_queries if is_ict and data.ict_eval_queries is not None
                     else data.eval_queries)
 
+  index_recalls: list[tuple[int, float]] = []  # (step, held-out recall) per version seen
+
   def log_index_recall(step: int):
     """Held-out gold recall of the current index version (recorded once per version: a
     resumed run does not record again a version its predecessor recorded)."""
@@ -494,6 +496,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       writer.write(step, {gold_recall: recall, "refresh_seconds": index.last_refresh_seconds},
                    phase="index")
     logging.info("index: version %s, held-out %s = %.3f", index.step, gold_recall, recall)
+    index_recalls.append((step, recall))
+    drops = metrics_lib.recall_drops(index_recalls)
+    if drops and drops[-1][2] == step:
+      logging.warning("index: %s", metrics_lib.recall_drop_warning(drops[-1:], gold_recall))
 
   if from_builder:
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)

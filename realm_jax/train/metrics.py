@@ -363,3 +363,32 @@ def truncate_after(path: epath.PathLike, step: int) -> tuple[list[dict], int]:
     logging.info("metrics: resuming at step %d: dropped %d record(s) of later steps%s from %s",
                  step, dropped, f" and {torn} torn line(s)" if torn else "", path)
   return kept, dropped
+
+
+# A held-out recall below this fraction of the best one so far (once the best is at least
+# RECALL_DROP_FLOOR) is reported: a retriever that collapsed mid-training can recover, but its
+# run trained for a while on wrong documents, and its final numbers say so only indirectly.
+RECALL_DROP_FRACTION = 0.5
+RECALL_DROP_FLOOR = 0.2
+
+
+def recall_drops(recalls, fraction: float = RECALL_DROP_FRACTION,
+                 floor: float = RECALL_DROP_FLOOR) -> list[tuple[int, float, int, float]]:
+  """[(best step, best recall, step, recall), ...] for each (step, recall) of `recalls` (in
+  step order) that fell below `fraction` x the best recall before it (best >= `floor`)."""
+  drops, best, best_step = [], -1.0, None
+  for step, value in recalls:
+    if best >= floor and value < fraction * best:
+      drops.append((best_step, best, step, value))
+    if value > best:
+      best, best_step = value, step
+  return drops
+
+
+def recall_drop_warning(drops, key: str) -> str:
+  """One line naming the worst drop of `recall_drops`."""
+  best_step, best, step, value = min(drops, key=lambda d: d[3] / max(d[1], 1e-9))
+  more = f" (and {len(drops) - 1} more drop(s))" if len(drops) > 1 else ""
+  return (f"WARNING: held-out {key} fell from {best:.3f} (index step {best_step}) to "
+          f"{value:.3f} (index step {step}){more}: the retriever collapsed for a while, and "
+          "the run trained on wrong documents meanwhile.")
