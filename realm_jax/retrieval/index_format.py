@@ -214,17 +214,32 @@ def deleted_ids(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
   return ids.astype(np.int64)
 
 
-def _live(stored_ids: np.ndarray, deleted: np.ndarray, where: epath.Path) -> np.ndarray:
-  """The stored ids [S] without the deleted ones [R] (each must be stored, once) -> [S - R]."""
+def _live_rows(stored_ids: np.ndarray, deleted: np.ndarray, where: epath.Path) -> np.ndarray:
+  """[S] bool: which stored rows (ids [S]) are live, given the deleted ids [R] (each must be
+  stored, once)."""
   if deleted.size and (np.unique(deleted).size != deleted.size or
                        not np.isin(deleted, stored_ids).all()):
     raise IndexVersionError(f"{where}: {DELETED_IDS} repeats ids or names ids the shard does "
                             "not hold")
-  return stored_ids[~np.isin(stored_ids, deleted)] if deleted.size else stored_ids
+  return ~np.isin(stored_ids, deleted)
 
 
-def _without(searcher, deleted: np.ndarray):
-  """A loaded shard's searcher without the `deleted` ids (ScaNN: in place)."""
+def _stored_doc_ids(version: epath.Path, entry: dict[str, Any]) -> np.ndarray:
+  """[S] int64: the checksummed doc ids of a shard's stored files."""
+  return _read_array(stored_dir(version, entry), "doc_ids.npy", entry["doc_ids_sha256"], "iu",
+                     (stored_num_docs(entry),)).astype(np.int64)
+
+
+def live_doc_ids(version: epath.PathLike, entry: dict[str, Any]) -> np.ndarray:
+  """[n] int64: a shard's doc ids in version `version` (its stored ids without the ones the
+  version deletes from a shared shard), checksummed."""
+  version = epath.Path(version)
+  stored = _stored_doc_ids(version, entry)
+  return stored[_live_rows(stored, deleted_ids(version, entry), version / entry["name"])]
+
+
+def without_ids(searcher, deleted: np.ndarray):
+  """A shard's searcher without the `deleted` ids (ScaNN: in place; exact: a new one)."""
   if not deleted.size or searcher is None:
     return searcher
   if isinstance(searcher, scann_searcher.ScannSearcher):
@@ -422,6 +437,14 @@ def _stage_scann(searcher: scann_searcher.ScannSearcher, shard: epath.Path) -> d
   return files
 
 
+def _check_attempt(index_root: epath.PathLike, build: dict[str, Any], name: str) -> None:
+  """StaleBuildError unless `build` is still the announced attempt of its version."""
+  current = read_build(index_root, build_key(build))
+  if current is None or current["attempt"] != build["attempt"]:
+    raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
+                          "longer the announced one")
+
+
 def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: int,
                 embeddings: np.ndarray | None, doc_ids: np.ndarray,
                 searcher: searcher_lib.Searcher | None = None) -> dict[str, Any]:
@@ -453,10 +476,7 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
   if storage.is_object_storage(shard):
     # The build folder is the version folder there, and no rename moves a published one out
     # of reach: a writer of a replaced (or published) attempt must not touch it at all.
-    current = read_build(index_root, build_key(build))
-    if current is None or current["attempt"] != build["attempt"]:
-      raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is "
-                            "no longer the announced one")
+    _check_attempt(index_root, build, name)
   if shard.exists():  # an earlier try of this shard (only its own process writes it)
     shard.rmtree()
   shard.mkdir()  # no parents: a tmp folder the leader removed is not brought back
@@ -474,10 +494,7 @@ def write_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
     entry["vectors"] = "scann"  # stored once, in ScaNN's re-scoring dataset
   else:
     entry["embeddings_sha256"] = _write_npy(shard / "embeddings.npy", embeddings)
-  current = read_build(index_root, build_key(build))
-  if current is None or current["attempt"] != build["attempt"]:
-    raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
-                          "longer the announced one")
+  _check_attempt(index_root, build, name)
   _write_json_atomic(shard / SHARD_DONE, dict(entry, attempt=build["attempt"]))
   return entry
 
@@ -493,10 +510,7 @@ def share_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
   shard = tmp_dir(root, build_key(build)) / name
   if not 0 <= shard_index < build["num_shards"]:
     raise IndexVersionError(f"shard {shard_index} of a {build['num_shards']}-shard build")
-  current = read_build(root, build_key(build))
-  if current is None or current["attempt"] != build["attempt"]:
-    raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
-                          "longer the announced one")
+  _check_attempt(root, build, name)
   deleted = np.unique(np.asarray(deleted, np.int64))
   stored = stored_num_docs(entry)
   if len(deleted) >= stored:
@@ -511,10 +525,7 @@ def share_shard(index_root: epath.PathLike, build: dict[str, Any], shard_index: 
                 stored_at=entry.get("stored_at") or f"{parent}/{entry['name']}")
   if len(deleted):
     record["deleted_ids_sha256"] = _write_npy(shard / DELETED_IDS, deleted)
-  current = read_build(root, build_key(build))
-  if current is None or current["attempt"] != build["attempt"]:
-    raise StaleBuildError(f"{name} of step {build['step']}: attempt {build['attempt']} is no "
-                          "longer the announced one")
+  _check_attempt(root, build, name)
   _write_json_atomic(shard / SHARD_DONE, dict(record, attempt=build["attempt"]))
   return record
 
@@ -845,9 +856,9 @@ def _load_shard(version: epath.Path, manifest: dict[str, Any], entry: dict[str, 
     raise IndexVersionError(f"{shard}: {int(out_of_range.sum())} doc ids outside [0, "
                             f"{total_docs}) (e.g. {doc_ids[out_of_range][:3].tolist()})")
   deleted = deleted_ids(version, entry)
-  live = _live(doc_ids, deleted, version / entry["name"])
+  live = doc_ids[_live_rows(doc_ids, deleted, version / entry["name"])]
   searcher, _ = _load_stored_shard(shard, manifest, entry, doc_ids, build)
-  return _without(searcher, deleted), live
+  return without_ids(searcher, deleted), live
 
 
 def _load_stored_shard(shard: epath.Path, manifest: dict[str, Any], entry: dict[str, Any],
@@ -1084,14 +1095,9 @@ def shard_rows(version: epath.PathLike, entry: dict[str, Any]
   """A shard's live rows: (vectors [n, D] float32, doc ids [n] int64), checksummed, without
   the ids its version deletes from a shared shard."""
   version = epath.Path(version)
-  shard = stored_dir(version, entry)
-  doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu",
-                        (stored_num_docs(entry),)).astype(np.int64)
-  vectors = shard_vectors(version, entry)
-  deleted = deleted_ids(version, entry)
-  keep = ~np.isin(doc_ids, deleted)
-  _live(doc_ids, deleted, version / entry["name"])
-  return vectors[keep], doc_ids[keep]
+  doc_ids = _stored_doc_ids(version, entry)
+  keep = _live_rows(doc_ids, deleted_ids(version, entry), version / entry["name"])
+  return shard_vectors(version, entry)[keep], doc_ids[keep]
 
 
 def load_shards(index_root: epath.PathLike, step: int
@@ -1104,8 +1110,7 @@ def load_shards(index_root: epath.PathLike, step: int
   out = []
   for entry in manifest["shards"]:
     shard = stored_dir(version, entry)
-    doc_ids = _read_array(shard, "doc_ids.npy", entry["doc_ids_sha256"], "iu",
-                          (stored_num_docs(entry),)).astype(np.int64)
+    doc_ids = _stored_doc_ids(version, entry)
     embeddings = None  # ScaNN shards hold their vectors in the searcher only
     if "embeddings_sha256" in entry:
       embeddings = _read_array(shard, "embeddings.npy", entry["embeddings_sha256"], "f",
@@ -1116,11 +1121,10 @@ def load_shards(index_root: epath.PathLike, step: int
       raise IndexVersionError(f"{shard}: the stored ScaNN searcher does not match the shard")
     deleted = deleted_ids(version, entry)
     if deleted.size:  # a shared shard: this version's rows only
-      _live(doc_ids, deleted, version / entry["name"])  # checks the list
-      keep = ~np.isin(doc_ids, deleted)
+      keep = _live_rows(doc_ids, deleted, version / entry["name"])
       doc_ids = doc_ids[keep]
       embeddings = embeddings[keep] if embeddings is not None else None
-      searcher = _without(searcher, deleted)
+      searcher = without_ids(searcher, deleted)
     out.append((embeddings, doc_ids, searcher))
   return manifest, out
 

@@ -30,7 +30,6 @@ added/removed/embedded counts, bytes written, seconds).
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any, Callable
@@ -74,9 +73,12 @@ def update_index(index_root: epath.PathLike, parent_key: int,
   added, removed = corpus_versions.changes(old, new)
   key = index_format.VersionKey(int(parent_key), new.version)
   parent_dir = root / str(parent_key)
-  why_rewrite = ("rebalance" if rebalance else "asked" if mode == "rewrite" else
-                 _rewrite_reason(parent_dir, manifest, removed, len(added), max_delta_shards,
-                                 max_deleted_fraction))
+  lives = None  # each parent shard's live ids [n_i], read once for a delta's decision and plan
+  why_rewrite = "rebalance" if rebalance else "asked" if mode == "rewrite" else None
+  if not why_rewrite:
+    lives = [index_format.live_doc_ids(parent_dir, e) for e in manifest["shards"]]
+    why_rewrite = _rewrite_reason(manifest, lives, removed, len(added), max_delta_shards,
+                                  max_deleted_fraction)
   embed_start = time.time()
   added_embeddings = (embed_rows(added) if len(added) else
                       np.zeros((0, manifest["dim"]), np.float32))
@@ -90,7 +92,7 @@ def update_index(index_root: epath.PathLike, parent_key: int,
   else:
     new_shard = delta_shard(manifest["searcher"], added_embeddings, added,
                             manifest.get("searcher_options") or {})
-    plan, delta_shards = _delta_plan(parent_dir, manifest, added, new_shard, removed)
+    plan, delta_shards = _delta_plan(parent_dir, manifest, lives, added, new_shard, removed)
   info = dict(
       source="index_update", param_step=int(parent_key),
       incremental=dict(parent=str(parent_key), parent_corpus_version=old.version,
@@ -121,8 +123,10 @@ def publish_delta(index_root: epath.PathLike, parent_key: int, key: int,
   start = time.time()
   root = epath.Path(index_root)
   manifest = index_format.read_manifest(root, parent_key)
-  plan, delta_shards = _delta_plan(root / str(parent_key), manifest, np.asarray(added),
-                                   new_shard, np.asarray(removed, np.int64))
+  parent_dir = root / str(parent_key)
+  lives = [index_format.live_doc_ids(parent_dir, e) for e in manifest["shards"]]
+  plan, delta_shards = _delta_plan(parent_dir, manifest, lives, np.asarray(added), new_shard,
+                                   np.asarray(removed, np.int64))
   info = dict(extra or {})
   info["incremental"] = dict(info.get("incremental") or {}, parent=str(parent_key),
                              mode="delta")
@@ -157,22 +161,16 @@ def _publish_plan(root: epath.Path, key, manifest: dict[str, Any], plan, delta_s
     raise
 
 
-def _rewrite_reason(parent_dir: epath.Path, manifest: dict[str, Any], removed: np.ndarray,
+def _rewrite_reason(manifest: dict[str, Any], lives: list[np.ndarray], removed: np.ndarray,
                     num_added: int, max_delta_shards: int, max_deleted_fraction: float
                     ) -> str | None:
-  """Why a delta update of a published version should rewrite instead (None: a delta)."""
+  """Why a delta update of a published version (its shards' live ids `lives`) should rewrite
+  instead (None: a delta)."""
   stored = sum(index_format.stored_num_docs(e) for e in manifest["shards"])
-  live = np.concatenate([_live_ids(parent_dir, e) for e in manifest["shards"]])
+  live = np.concatenate(lives)
   deleted = (stored - len(live)) + int(np.isin(removed, live).sum())
   return rewrite_reason(int(manifest.get("delta_shards", 0)), stored, deleted, num_added,
                         max_delta_shards, max_deleted_fraction)
-
-
-def _live_ids(version: epath.Path, entry: dict[str, Any]) -> np.ndarray:
-  """A shard's live doc ids [n] (its stored ids without the version's deletions)."""
-  stored = np.load(io.BytesIO((index_format.stored_dir(version, entry) / "doc_ids.npy"
-                               ).read_bytes())).astype(np.int64)
-  return stored[~np.isin(stored, index_format.deleted_ids(version, entry))]
 
 
 def delta_shard(kind: str, added_embeddings: np.ndarray, added_ids: np.ndarray,
@@ -203,8 +201,7 @@ def delta_update(searcher, new_shard, removed_ids: np.ndarray
     gone = removed_ids[np.isin(removed_ids, shard.doc_ids)]
     if len(gone) == len(shard.doc_ids):
       continue
-    shards.append(apply_update(shard, np.zeros((0, shard.dim), np.float32),
-                               np.zeros(0, np.int64), gone))
+    shards.append(index_format.without_ids(shard, gone))
   if new_shard is not None:
     shards.append(new_shard)
   if not shards:
@@ -225,17 +222,16 @@ def rewrite_reason(delta_shards: int, stored_rows: int, deleted_rows: int, num_a
   return None
 
 
-def _delta_plan(parent_dir: epath.Path, manifest: dict[str, Any], added: np.ndarray,
-                new_shard, removed: np.ndarray):
-  """Writers for a delta version: each parent shard shared (with its deletions, and dropped
-  when nothing of it is left), then `new_shard` (`delta_shard`'s searcher of the `added`
-  ids, None when there are none). -> (plan, delta shards)."""
+def _delta_plan(parent_dir: epath.Path, manifest: dict[str, Any], lives: list[np.ndarray],
+                added: np.ndarray, new_shard, removed: np.ndarray):
+  """Writers for a delta version: each parent shard (live ids `lives[i]`) shared with its
+  deletions, and dropped when nothing of it is left, then `new_shard` (`delta_shard`'s
+  searcher of the `added` ids, None when there are none). -> (plan, delta shards)."""
   plan = []
   entries = manifest["shards"]
   delta_shards = int(manifest.get("delta_shards", 0))
   first_delta = len(entries) - delta_shards
-  for position, entry in enumerate(entries):
-    live = _live_ids(parent_dir, entry)
+  for position, (entry, live) in enumerate(zip(entries, lives)):
     gone = removed[np.isin(removed, live)]
     if len(gone) == len(live):
       delta_shards -= int(position >= first_delta)
