@@ -6,6 +6,7 @@ import re
 import pytest
 
 from realm_jax.data import facts_corpus
+from realm_jax.data import tokenizer as tokenizer_lib
 
 NUM_ENTITIES = 50
 
@@ -147,3 +148,26 @@ def test_all_texts_are_titles_and_sentences(corpus):
 def test_bad_arguments_raise(kwargs):
   with pytest.raises(ValueError):
     facts_corpus.generate_facts_corpus(**{"num_entities": 5, "seed": 0, **kwargs})
+
+
+def test_the_vocabulary_makes_each_question_word_one_token(corpus, tmp_path):
+  """The QA questions' words ("when", "where", "?") are in no corpus sentence: trained on the
+  corpus alone the vocabulary splits them into pieces that tell "when" from "where" by a
+  barely trained piece or two; trained on `vocab_texts` each is one token."""
+  def question_pieces(texts):
+    tok = tokenizer_lib.train_wordpiece(texts, 400, tmp_path / str(len(texts)))
+    pieces = {}
+    for attribute, template in facts_corpus.QUESTION_TEMPLATES.items():
+      words = template.replace("{name}", "").replace("?", " ?").lower().split()
+      pieces[attribute] = [tok.encode(w).tokens for w in words]
+    return pieces
+
+  corpus_only = question_pieces(corpus.all_texts())
+  assert corpus_only["birthplace"][0] != ["where"]  # the defect this guards against
+  assert ["[UNK]"] in corpus_only["birth_year"]  # "?" was not even in the alphabet
+  with_questions = question_pieces(corpus.vocab_texts())
+  for attribute, words in with_questions.items():
+    assert all(len(word) == 1 and word[0] != "[UNK]" for word in words), (attribute, words)
+  questions = corpus.vocab_texts()[len(corpus.all_texts()):]
+  assert len(questions) == NUM_ENTITIES * len(facts_corpus.ATTRIBUTES)
+  assert corpus.question(3, "birth_year") == f"When was {corpus.entities[3].full_name} born?"

@@ -72,6 +72,14 @@ _MENTION_TEMPLATES = {
                    "{name} surprised everyone with a solo on the {value}."),
 }
 
+# The Open-QA question asked about each attribute (qa/data.py:facts_questions). Their words are
+# in the tokenizer's training texts (FactsCorpus.vocab_texts), not in the corpus.
+QUESTION_TEMPLATES = {
+    "birthplace": "Where was {name} born?",
+    "birth_year": "When was {name} born?",
+    "occupation": "What does {name} do for a living?",
+    "instrument": "What instrument does {name} play?",
+}
 
 # Sentences about an entity that state none of its attributes (mention-doc filler).
 _FILLER_TEMPLATES = (
@@ -137,8 +145,25 @@ class FactsCorpus:
     return tuple(q for q in self.queries if q.split == "eval")
 
   def all_texts(self) -> list[str]:
-    """Every title and sentence, for training a tokenizer."""
+    """Every title and sentence."""
     return [text for doc in self.docs for text in (doc.title, *doc.sentences)]
+
+  def question(self, entity_id: int, attribute: str) -> str:
+    """The Open-QA question asking for one entity's attribute ("When was <name> born?")."""
+    return QUESTION_TEMPLATES[attribute].format(name=self.entities[entity_id].full_name)
+
+  def vocab_texts(self) -> list[str]:
+    """The tokenizer's training texts: every title and sentence, and every entity's questions.
+
+    The corpus states facts and never asks: "when", "where", "what" and "?" are in none of its
+    sentences. A vocabulary learned from them alone splits "when" / "where" into pieces
+    ("w ##he ##n" / "w ##her ##e") and "?" into [UNK], and the QA reader had to tell the
+    question kinds apart from those barely trained pieces: in some runs it answered "when" with
+    the place (issue 12). With the questions counted, each question word is one token.
+    """
+    questions = [self.question(entity.entity_id, attribute)
+                 for entity in self.entities for attribute in ATTRIBUTES]
+    return self.all_texts() + questions
 
 
 def _fictional_words(

@@ -183,7 +183,7 @@ def build_facts_data(data_config: ml_collections.ConfigDict, directory: epath.Pa
       (tmp / "vocab.txt").write_text(
           tokenizer_lib.read_vocab_file(data_config.vocab_file)[1])
     else:
-      tokenizer = tokenizer_lib.train_wordpiece(facts.all_texts(), data_config.vocab_size, tmp)
+      tokenizer = tokenizer_lib.train_wordpiece(facts.vocab_texts(), data_config.vocab_size, tmp)
     blocks = corpus_lib.build_block_corpus(facts.docs, tokenizer, data_config.doc_len)
     train = _encode(facts.train_queries(), tokenizer, data_config, seed=data_config.corpus_seed)
     evaluation = _encode(facts.eval_queries(), tokenizer, data_config,

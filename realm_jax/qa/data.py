@@ -197,15 +197,6 @@ def load_train_dev(dataset: str, train_path: str, dev_path: str = ""
   return train, dev
 
 
-# Questions asked about each attribute of a facts-corpus entity.
-FACT_QUESTIONS = {
-    "birthplace": "Where was {name} born?",
-    "birth_year": "When was {name} born?",
-    "occupation": "What does {name} do for a living?",
-    "instrument": "What instrument does {name} play?",
-}
-
-
 def facts_questions(corpus: facts_lib.FactsCorpus,
                     split: Literal["train", "eval", "all"] = "eval") -> list[QAExample]:
   """One question per (entity, attribute) fact stated by the corpus's queries of `split`.
@@ -226,7 +217,7 @@ def facts_questions(corpus: facts_lib.FactsCorpus,
     seen.add(key)
     entity = corpus.entities[query.entity_id]
     examples.append(QAExample(
-        question=FACT_QUESTIONS[query.attribute].format(name=entity.full_name),
+        question=corpus.question(query.entity_id, query.attribute),
         answers=(entity.attributes[query.attribute],), answer_kind="exact",
         example_id=f"{entity.entity_id}:{query.attribute}", gold_doc_id=query.gold_doc_id))
   if not examples:
