@@ -87,10 +87,14 @@ def test_fsdp_losses_match_data_parallelism(dp_run, fsdp_half):
   assert [h["step"] for h in result["history"]] == list(range(1, HALF + 1))
   np.testing.assert_allclose(_losses(result["history"]), _losses(dp_run["history"][:HALF]),
                              rtol=RTOL)
-  for name in ("grad_norm", "retrieval_utility"):
-    np.testing.assert_allclose([h[name] for h in result["history"]],
-                               [h[name] for h in dp_run["history"][:HALF]], rtol=1e-3,
-                               atol=1e-5, err_msg=name)
+  np.testing.assert_allclose([h["grad_norm"] for h in result["history"]],
+                             [h["grad_norm"] for h in dp_run["history"][:HALF]], rtol=1e-3)
+  # Retrieval utility is a difference of two log-likelihoods of ~6.6 (~-0.017 here), so it
+  # inherits their absolute error: the losses are held to rtol 1e-4, i.e. ~6.6e-4 absolute.
+  # 2e-4 is 3x stricter than that; 4.1e-5 was seen on a CPU other than this one (CI).
+  np.testing.assert_allclose([h["retrieval_utility"] for h in result["history"]],
+                             [h["retrieval_utility"] for h in dp_run["history"][:HALF]],
+                             rtol=0, atol=2e-4)
 
 
 def test_fsdp_logs_the_per_device_state_bytes(fsdp_half):

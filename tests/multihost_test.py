@@ -142,10 +142,10 @@ def test_checkpoints_of_one_process_restore_in_two_and_eval_agrees(runs):
       np.testing.assert_allclose(final[key], reference[key], rtol=RTOL, err_msg=key)
     # Retrieval utility is a difference of two log-likelihoods of ~6.6 each, ~-7e-5 here:
     # float32 rounding of the terms (ulp 4.8e-7 at 6.6, summed over tokens in two different
-    # orders) is a large fraction of it: 2e-7 and 1.5e-6 seen. 5e-6 is still 100x stricter
-    # than the rtol the losses themselves are held to.
+    # orders) is a large fraction of it: 2e-7 and 1.5e-6 seen here, 5.2e-6 on CI's CPU. 3e-5
+    # is still 20x stricter than the absolute error the losses' rtol allows (1e-4 x 6.6).
     np.testing.assert_allclose(final["retrieval_utility"], reference["retrieval_utility"],
-                               rtol=0, atol=5e-6)
+                               rtol=0, atol=3e-5)
 
 
 def _files(workdir):

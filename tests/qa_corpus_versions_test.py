@@ -145,11 +145,17 @@ def test_questions_about_added_people_are_answerable_only_after_the_update(befor
   deepest = max((k for k in old if k.startswith("recall@")), key=lambda k: int(k[7:]))
   assert deepest in new and int(deepest[7:]) >= 20
   assert all(old[k] == 0.0 for k in old if k.startswith("recall@")), old
-  assert new[deepest] > 0.0, new
   # Every question's profile is in the index: ranked somewhere among the live blocks.
   titles = np.array(before_after[1]["world"].corpus.titles, dtype=object)
   ranked_titles = titles[before_after[1]["ranked"]]
-  assert all(f"Quor Vantel{i}" in ranked_titles[i] for i in range(NUM_PEOPLE))
+  profile_rank = np.array([list(ranked_titles[i]).index(f"Quor Vantel{i}")
+                           for i in range(NUM_PEOPLE)])
+  # The towers are untrained (0 ICT steps), so *where* a profile ranks is chance: whether it
+  # lands in the top 20 differs between CPUs. What must hold is that recall@k counts exactly
+  # the questions whose profile (the only block with the answer) the full ranking puts in the
+  # top k (`index` above raised if a profile were missing from the ranking).
+  for k in (key for key in new if key.startswith("recall@")):
+    assert new[k] == pytest.approx(np.mean(profile_rank < int(k[7:]))), (k, profile_rank, new)
 
 
 def test_bm25_indexes_the_live_blocks_of_the_latest_version(before_after, tmp_path):
