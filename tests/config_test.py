@@ -174,8 +174,8 @@ def _experiment_configs():
     spec.loader.exec_module(module)
     for size in ("tiny", "small", "base"):
       yield f"{path.stem}:size={size}", module.get_config(f"size={size}")
-    if path.stem == "realm_wiki":
-      yield "realm_wiki:init=minilm", module.get_config("size=tiny,init=minilm")
+    if path.stem in ("realm_wiki", "openqa"):
+      yield f"{path.stem}:init=minilm", module.get_config("size=tiny,init=minilm")
 
 
 def test_every_experiment_field_is_in_the_table_with_help_and_range():

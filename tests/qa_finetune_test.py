@@ -355,6 +355,16 @@ def test_bad_input_end_to_end(realm_dir, tmp_path):
     openqa_facts.get_config("size=tiny,retriever=tfidf")
 
 
+def test_openqa_minilm_init_fine_tunes_at_berts_rate_not_the_from_scratch_rate():
+  openqa = _load_openqa()
+  scratch = openqa.get_config("size=tiny,dataset=trec")
+  minilm = openqa.get_config("size=tiny,dataset=trec,init=minilm")
+  assert scratch.qa.learning_rate == 1e-3
+  assert minilm.qa.learning_rate == openqa.MINILM_QA_LEARNING_RATE == 5e-5
+  # A size whose own rate is already lower keeps it.
+  assert openqa.get_config("size=base,init=minilm").qa.learning_rate == 1e-5
+
+
 def _load_openqa():
   spec = importlib.util.spec_from_file_location("openqa", _PATH.parent / "openqa.py")
   module = importlib.util.module_from_spec(spec)
