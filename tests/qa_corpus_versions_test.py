@@ -12,6 +12,8 @@ its corpus; versions are published with `corpus_versions.update_corpus`.
 3. BM25 indexes the live blocks of the newest version.
 4. A frozen index of another corpus version is a clear error naming the cause.
 5. `trainable_examples`: questions whose known gold block is removed are left out of training.
+6. A run stopped after a mid-run update and resumed continues on the updated version with the
+   recorded index and the losses of an uninterrupted run.
 """
 
 import json
@@ -310,3 +312,85 @@ def test_trainable_examples_leave_out_questions_whose_gold_block_is_removed():
   np.testing.assert_array_equal(finetune.trainable_examples(examples, removed), [0, 1, 2, 3, 4])
   removed[[3, 4]] = True  # block 4 is nobody's gold; -1 (unknown gold) always stays
   np.testing.assert_array_equal(finetune.trainable_examples(examples, removed), [0, 2, 3])
+
+
+def _finetune_with_update_at_check(config, corpus, tmp_path, monkeypatch, workdir,
+                                   max_steps_this_run=None):
+  """finetune_qa with version 1 published just before the step-2 corpus check: the top
+  `reader_k` blocks of the batches built so far are removed, the new people added. Returns
+  (result, removed ids, [retrieved ids [B, K] of every batch built])."""
+  batches, calls, removed = [], [], []
+  original_build, original_follow = batches_lib.build_qa_batch, finetune.follow_corpus
+
+  def build(example_indices, question_tokens, ids, *a, **kw):
+    batches.append(np.array(ids))
+    return original_build(example_indices, question_tokens, ids, *a, **kw)
+
+  def follow(world, index, doc_params_fn):
+    calls.append(1)
+    if len(calls) == 2 and not removed:
+      seen = np.unique(np.concatenate([ids[:, :config.qa.reader_k] for ids in batches]))
+      (tmp_path / "remove.txt").write_text("".join(f"{i}\n" for i in seen))
+      cv.update_corpus(corpus, add=str(write_jsonl(tmp_path / "add.jsonl", _new_people())),
+                       remove=str(tmp_path / "remove.txt"))
+      removed.append(seen)
+    return original_follow(world, index, doc_params_fn)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(batches_lib, "build_qa_batch", build)
+    patch.setattr(finetune, "follow_corpus", follow)
+    out = finetune.finetune_qa(config, workdir, max_steps_this_run=max_steps_this_run)
+  return out, (removed[0] if removed else None), batches
+
+
+def test_a_run_resumed_after_a_corpus_update_continues_on_the_updated_version(
+    ict_dir, tmp_path, monkeypatch):
+  """Fine-tuning stopped after a mid-run update (4 of 6 steps; version 1 at the step-2 check)
+  and resumed: the resumed call starts on version 1 and loads the brought-up index the run
+  recorded ("0+1", nothing embedded again), never retrieves a removed block, and its losses are
+  those of an uninterrupted run with the same update (prefetch off; float32 tolerance)."""
+  runs = {}
+  for name in ("uninterrupted", "resumed"):
+    config, corpus = _config(ict_dir, tmp_path / name)
+    config.qa.num_steps = 6
+    config.qa.checkpoint_every = 2
+    config.qa.corpus_check_every = 2
+    config.qa.prefetch = False
+    workdir = tmp_path / name / "qa"
+    first, removed, _ = _finetune_with_update_at_check(
+        config, corpus, tmp_path / name, monkeypatch, workdir,
+        max_steps_this_run=4 if name == "resumed" else None)
+    runs[name] = dict(first=first, removed=removed, workdir=workdir)
+    if name == "resumed":
+      assert first["step"] == 4 and "exact_match" not in first
+      record = json.loads((workdir / finetune.INDEX_RECORD).read_text())
+      assert record["version"] == "0+1" and record["corpus_version"] == 1
+      embedded = []
+      original_embed = finetune._embed_rows_fn  # pylint: disable=protected-access
+      monkeypatch.setattr(finetune, "_embed_rows_fn",
+                          lambda *a, **kw: embedded.append(1) or original_embed(*a, **kw))
+      second, removed_again, batches = _finetune_with_update_at_check(
+          config, corpus, tmp_path / name, monkeypatch, workdir)
+      monkeypatch.undo()
+      assert removed_again is None  # no second update: version 1 was already the latest
+      assert not embedded  # the recorded "0+1" index was loaded, not brought up again
+      runs[name]["second"], runs[name]["batches"] = second, batches
+  whole, resumed = runs["uninterrupted"], runs["resumed"]
+  np.testing.assert_array_equal(whole["removed"], resumed["removed"])
+  assert [h["corpus_version"] for h in whole["first"]["history"]] == [0, 0, 1, 1, 1, 1]
+  assert [h["corpus_version"] for h in resumed["first"]["history"]] == [0, 0, 1, 1]
+  second = resumed["second"]
+  assert [h["step"] for h in second["history"]] == [5, 6]
+  assert [h["corpus_version"] for h in second["history"]] == [1, 1]
+  assert second["corpus_version"] == 1 and second["index"]["corpus_version"] == 1
+  assert second["index"]["step"] == whole["first"]["index"]["step"]
+  for ids in resumed["batches"]:  # the resumed steps' batches and the final evaluation's
+    assert not np.isin(ids, resumed["removed"]).any()
+  counts = [h["trainable_questions"] for h in second["history"]]
+  assert counts == [h["trainable_questions"] for h in whole["first"]["history"][4:]]
+  for key in ("loss", "reader_loss", "retriever_loss"):
+    np.testing.assert_allclose([h[key] for h in second["history"]],
+                               [h[key] for h in whole["first"]["history"][4:]],
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+  assert second["exact_match"] == pytest.approx(whole["first"]["exact_match"])
+  assert second["recall@20"] == pytest.approx(whole["first"]["recall@20"])
