@@ -7,7 +7,9 @@
 2. "Add N docs -> queries about them retrieve them": people whose only documents are re-added
    profiles are found by queries about them once the index follows the version (a
    bag-of-wordpieces embedder stands in for a trained retriever: no model in the loop).
-3. `--mode=retrieve --index_step=<step>+<c>` parsing, and its error for bad forms.
+3. After `index_update_max_delta_shards` delta versions the trainer's rewrite folds the update
+   shards into the base shard (in memory and published; also after a resume).
+4. `--mode=retrieve --index_step=<step>+<c>` parsing, and its error for bad forms.
 """
 
 import json
@@ -24,6 +26,7 @@ from realm_jax.data import prepare
 from realm_jax.retrieval import in_process
 from realm_jax.retrieval import index_format
 from realm_jax.retrieval import inspect_index
+from realm_jax.retrieval import searcher as searcher_lib
 from realm_jax.train import loop
 from realm_jax.train import partitioning
 from tiny_configs import tiny_config  # pylint: disable=g-bad-import-order
@@ -215,6 +218,65 @@ def test_add_n_docs_then_queries_about_them_retrieve_them(tmp_path):
   assert index_format.latest_step(tmp_path / "index") == VersionKey(0, 2)
   added = recall()
   assert added >= max(original, 0.4), (original, added)
+
+
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+@pytest.mark.parametrize("resumed", [False, True], ids=["in_memory", "resumed"])
+def test_a_rewrite_folds_the_update_shards_into_the_base_shard(tmp_path, kind, resumed):
+  """retrieval.index_update_max_delta_shards=2: two delta versions add one update shard each;
+  the third update rewrites, and the update shards' rows (minus those removed since) and the
+  new blocks are folded into the base shard, in memory and in the published version: one
+  shard, no update shards, every live block once, and the search of an index built from
+  scratch over the live blocks. `resumed`: a new trainer index resumes from the second delta
+  (its update rows read back from the published files) before the third update."""
+  config = tiny_config(tmp_path / "corpus")
+  data = prepare.prepare_data(config, tmp_path)
+  base, corpus_dir = data.corpus, tmp_path / "corpus"
+  mesh = partitioning.make_mesh([("data", -1)])
+  embed = jax.jit(lexical_embedder.bag_of_wordpieces(base.vocab_size, 32, base.special.pad,
+                                                     ignore_ids=base.special.as_tuple()))
+  make = lambda: in_process.InProcessIndex(
+      base, embed, mesh, tmp_path / "index", 64, 10, write=True, searcher_kind=kind,
+      corpus_dir=corpus_dir, corpus_check_every=1, max_delta_shards=2)
+  index = make()
+  index.refresh(None, 0)
+  people = _new_people(9)
+  for version in (1, 2, 3):
+    add = write_jsonl(tmp_path / f"add{version}.jsonl", people[3 * version - 3:3 * version])
+    # Each update removes two original blocks, and the third one also a block the first added.
+    remove = [10 * version, 10 * version + 1] + ([base.num_docs] if version == 3 else [])
+    (tmp_path / f"remove{version}.txt").write_text("".join(f"{i}\n" for i in remove))
+    cv.update_corpus(corpus_dir, add=str(add), remove=str(tmp_path / f"remove{version}.txt"))
+    if version == 3 and resumed:
+      index = make()
+      index.load_or_refresh(None, 0, refresh_every=100)
+      assert index.step == VersionKey(0, 2) and len(index.searcher.shards) == 3
+    assert index.follow_corpus(None, version)
+    manifest = index_format.read_manifest(tmp_path / "index", VersionKey(0, version))
+    if version < 3:
+      assert manifest["incremental"]["mode"] == "delta"
+      assert manifest["delta_shards"] == version and len(index.searcher.shards) == 1 + version
+  assert manifest["incremental"]["mode"] == "rewrite"
+  assert "update shards" in manifest["incremental"]["rewrite_reason"]
+  assert manifest.get("delta_shards", 0) == 0 and len(manifest["shards"]) == 1
+  assert not hasattr(index.searcher, "shards")  # one searcher in memory too
+  live = index.corpus_version.live_ids
+  assert base.num_docs not in live and len(live) == base.num_docs - 7 + 9
+  assert sorted(index.searcher.doc_ids.tolist()) == sorted(live.tolist())
+  # The search: that of an exact index built from scratch over the live blocks.
+  reference = in_process.embed_corpus(None, index.corpus, embed, mesh, 64, rows=live)
+  queries = reference[::7] + 0.01
+  expected, _ = searcher_lib.ExactSearcher(reference, live).search(queries, 10)
+  got, _ = index.searcher.search(queries, 10)
+  recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, expected)])
+  assert recall == 1.0 if kind == "exact" else recall >= 0.95, recall
+  # The published version loads as what the trainer searches.
+  _, loaded = index_format.load_index(tmp_path / "index", VersionKey(0, 3),
+                                      expected_num_docs=index.corpus.num_docs,
+                                      removed=index.corpus_version.removed)
+  assert sorted(np.concatenate([s.doc_ids for s in loaded.shards]).tolist()) == sorted(
+      live.tolist())
+  np.testing.assert_array_equal(loaded.search(queries, 10)[0], got)
 
 
 def test_retrieve_mode_searches_a_step_and_corpus_version(living_run):

@@ -12,8 +12,9 @@ the loop calls `follow_corpus`, which every `retrieval.corpus_check_every` steps
 CORPUS_LATEST and applies a newer version at once: removed blocks leave the searcher, added ones
 are embedded and become one new shard (`index_update.delta_update`; published as a delta
 version that shares the unchanged shards, `index_update.publish_delta`; after
-`retrieval.index_update_max_delta_shards` of them, or with `index_update_mode="rewrite"`, every
-shard is updated in place and written anew, `index_update.apply_update`), and the candidates'
+`retrieval.index_update_max_delta_shards` of them, or with `index_update_mode="rewrite"`, the
+update shards' rows and the added ones are folded into the base shard(s) and every shard is
+written anew, `index_update.rewrite_in_memory`, as the builder's rewrite does), and the candidates'
 tokens and the null id come from that version (`self.corpus`). Added blocks are embedded with the *current*
 parameters (those of the index's own step are not kept), so until the next refresh re-embeds
 everything they are up to refresh_every steps newer than the rest. The result is published as
@@ -133,6 +134,9 @@ class InProcessIndex:
     # What the published version's files hold (`index_update.rewrite_reason`'s inputs): update
     # shards since the last full write, rows stored, rows deleted from them since.
     self._delta_shards = self._stored_rows = self._deleted_rows = 0
+    # The update shards' live rows, as embedded (ids [U], vectors [U, D]): what a rewrite
+    # folds into the base shards (ScaNN keeps no float copy of them to read back).
+    self._update_rows = (np.zeros(0, np.int64), np.zeros((0, 0), np.float32))
 
   # ---- corpus versions --------------------------------------------------------------------
 
@@ -204,8 +208,11 @@ class InProcessIndex:
         parent_corpus_version=old.version, added=int(len(added)), removed=int(len(removed)),
         embedded=int(len(added)), added_param_step=int(step),
         mode="rewrite" if why_rewrite else "delta", rewrite_reason=why_rewrite))
-    if why_rewrite:  # every shard changed in place and written anew
-      host, _, _, _ = index_update.follow_version(self._host, old, new, embed_rows)
+    if why_rewrite:  # the update shards folded into the base shards, every shard written anew
+      embeddings = (np.asarray(embed_rows(added), np.float32) if len(added) else
+                    np.zeros((0, self._host.dim), np.float32))
+      host = index_update.rewrite_in_memory(self._host, *self._update_rows, embeddings, added,
+                                            removed)
       self._use_corpus(new)
       self._set_searcher(host)
       if self._write:
@@ -222,7 +229,13 @@ class InProcessIndex:
       self._set_searcher(host.shards[0] if len(host.shards) == 1 else host)
       if self._write:
         self._publish_delta(parent, added, new_shard, removed, info)
-      self._delta_shards += int(new_shard is not None)
+      ids, rows = self._update_rows
+      keep = ~np.isin(ids, removed)
+      self._update_rows = (np.concatenate([ids[keep], added]),
+                           np.concatenate([rows[keep].reshape(-1, host.dim), embeddings]))
+      # (an update shard left empty by the removals is dropped, as publish_delta drops it)
+      self._delta_shards = sum(bool(np.isin(shard.doc_ids, self._update_rows[0]).any())
+                               for shard in host.shards)
       self._stored_rows += len(added)
       self._deleted_rows += len(removed)
     self.last_refresh_seconds = time.time() - start
@@ -252,6 +265,7 @@ class InProcessIndex:
   def _reset_delta_counts(self):
     """After a full write: no update shards, every stored row live."""
     self._delta_shards, self._deleted_rows = 0, 0
+    self._update_rows = (np.zeros(0, np.int64), np.zeros((0, self._host.dim), np.float32))
     self._stored_rows = len(self.corpus_version.live_ids)
 
   # ---- refreshes --------------------------------------------------------------------------
@@ -302,6 +316,13 @@ class InProcessIndex:
         self._set_searcher(host.shards[0] if len(host.shards) == 1 else host)
         self.step = key
         self._delta_shards = int(manifest.get("delta_shards", 0))
+        update_rows = [index_format.shard_rows(self.root / str(key), entry)
+                       for entry in manifest["shards"][len(manifest["shards"]) -
+                                                       self._delta_shards:]]
+        self._update_rows = (
+            np.concatenate([ids for _, ids in update_rows] + [np.zeros(0, np.int64)]),
+            np.concatenate([rows for rows, _ in update_rows] +
+                           [np.zeros((0, host.dim), np.float32)]))
         self._stored_rows = sum(index_format.stored_num_docs(e) for e in manifest["shards"])
         self._deleted_rows = self._stored_rows - manifest["num_docs"]
         logging.info("index: resumed with version %s", self.step)

@@ -338,6 +338,28 @@ def apply_update(searcher, added_embeddings: np.ndarray, added_ids: np.ndarray,
                   "exact searcher)")
 
 
+def rewrite_in_memory(searcher, update_ids: np.ndarray, update_embeddings: np.ndarray,
+                      added_embeddings: np.ndarray, added_ids: np.ndarray,
+                      removed_ids: np.ndarray):
+  """The in-memory twin of a rewritten version (`_rewrite_plan`): the shards of `searcher`
+  holding none of `update_ids` [U] are its base shards; the update shards' rows
+  (`update_embeddings` [U, D]) and the added ones ([A, D], `added_ids` [A]) are dealt
+  round-robin into them, every id in `removed_ids` dropped. -> the searcher (base shards only;
+  ScaNN ones changed in place)."""
+  update_ids = np.asarray(update_ids, np.int64)
+  removed_ids = np.asarray(removed_ids, np.int64)
+  base = [s for s in getattr(searcher, "shards", [searcher])
+          if not np.isin(s.doc_ids, update_ids).any()]
+  if not base:
+    raise index_format.IndexVersionError("no base shard to fold the update shards into")
+  ids = np.concatenate([update_ids, np.asarray(added_ids, np.int64)])
+  rows = np.concatenate([np.asarray(update_embeddings, np.float32).reshape(-1, searcher.dim),
+                         np.asarray(added_embeddings, np.float32).reshape(-1, searcher.dim)])
+  keep = ~np.isin(ids, removed_ids)
+  return apply_update(base[0] if len(base) == 1 else searcher_lib.ShardedSearcher(base),
+                      rows[keep], ids[keep], removed_ids)
+
+
 def follow_version(searcher, old: corpus_versions.CorpusVersion,
                    new: corpus_versions.CorpusVersion,
                    embed_rows: Callable[[np.ndarray], np.ndarray]):
