@@ -153,7 +153,7 @@ class ScannSearcher:
     doc_ids = np.asarray(doc_ids, np.int64).reshape(-1)
     if self._scann.docids is None:
       raise ValueError("this ScaNN searcher was saved without docids: it cannot be updated")
-    missing = np.setdiff1d(doc_ids, self.doc_ids)
+    missing = doc_ids[~np.isin(doc_ids, self.doc_ids)]  # (setdiff1d: ~1 s at 1M rows)
     if missing.size:
       raise KeyError(f"delete: doc ids not in this shard: {missing[:5].tolist()}")
     if len(doc_ids):
