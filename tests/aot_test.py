@@ -62,6 +62,25 @@ def test_step_report_cross_checks_the_analytic_count_and_ignores_optimal_seconds
   assert "DISAGREE" in aot.format_result(_result({"s": off}))
 
 
+def test_an_xla_count_below_the_analytic_one_raises_the_roofline_to_it():
+  """XLA counts a while loop's body once (the remat scan over layers): 1e9 FLOPs counted, 8e9
+  analytic -> the compute lower bound is 8e9 / 1e12 = 8 ms, above XLA's 1 ms roofline."""
+  fake = FakeCompiled(100, 100, 0, 100, 0, flops=1e9, accessed=1e6)
+  fake.as_text = lambda: "%w = (s32[]) while(%t), condition=%c, body=%b\n" * 2
+  report = aot.step_report("s", fake, SMALL_CHIP, 8e9, compile_seconds=1.0)
+  assert report["roofline_seconds"] == pytest.approx(8e-3)
+  assert report["analytic_compute_seconds"] == pytest.approx(8e-3)
+  assert report["bound"] == "compute (analytic FLOPs)" and report["while_loops"] == 2
+  text = aot.format_result(_result({"s": report}))
+  assert "roofline 1.00 ms" in text and "raised to the analytic FLOPs' compute time 8.00 ms" in text
+  # An analytic count below XLA's (matmuls only, as usual) leaves XLA's roofline alone.
+  agree = aot.step_report("s", fake, SMALL_CHIP, 0.9e9, compile_seconds=1.0)
+  assert agree["roofline_seconds"] == pytest.approx(1e-3) and agree["bound"] == "compute"
+  assert agree["while_loops"] == 2
+  assert aot.step_report("s", FakeCompiled(1, 1, 0, 1, 0, 1e9, 1e6), SMALL_CHIP, None,
+                         1.0)["while_loops"] is None  # no HLO text: unknown
+
+
 def test_negative_cost_analysis_is_rejected():
   with pytest.raises(ValueError, match="no usable flops"):
     aot.cost_report(FakeCompiled(0, 0, 0, 0, 0, flops=-5.0, accessed=10.0))
