@@ -357,3 +357,73 @@ class SpanQuerySource:
     arrays.pop("kept")
     arrays["query_tokens"] = arrays.pop("tokens")
     return arrays
+
+
+class AddedBlockQueries:
+  """Masked salient-span training queries from the blocks a corpus version added.
+
+  A trainer following corpus versions (data/corpus_versions.py) retrieves added blocks, but
+  its query source was built from the first build's text. This mixes queries from the added
+  blocks' stored salient spans into each batch, in proportion to their share of all training
+  queries: each row of the global batch of `step` is replaced with probability
+  `A / (A + num_base_queries)` by a query from one of the A added spans, drawn with
+  replacement. A pure function of (seed, step, corpus version), so processes agree and a resume
+  replays it; rows keep their shape, gold unknown (-1), source = the added block.
+  """
+
+  def __init__(self, corpus: BlockCorpus, spans: Mapping[str, np.ndarray],
+               span_ids: np.ndarray, num_base_queries: int, global_batch_size: int, seed: int,
+               query_len: int, max_masked: int, version: int, process_index: int = 0,
+               process_count: int = 1):
+    self._corpus, self._spans = corpus, spans
+    self.span_ids = np.asarray(span_ids, np.int64)
+    self.version, self._seed = int(version), seed
+    self._query_len, self._max_masked = query_len, max_masked
+    self._global_batch_size = global_batch_size
+    self._local_slice = _local_slice(global_batch_size, process_index, process_count)
+    total = len(self.span_ids) + int(num_base_queries)
+    self.fraction = len(self.span_ids) / total if total else 0.0
+
+  def mix(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+    """`batch` (this process's rows of step `step`) with its drawn rows replaced."""
+    if not len(self.span_ids):
+      return batch
+    rng = np.random.default_rng([self._seed, step, self.version, 0x11AD])
+    replace = rng.random(self._global_batch_size)[self._local_slice] < self.fraction  # [B]
+    chosen = self.span_ids[rng.integers(len(self.span_ids),
+                                        size=self._global_batch_size)[self._local_slice]]
+    rows = np.flatnonzero(replace)
+    if not len(rows):
+      return batch
+    sentences = self._spans["span_sentence"][chosen[rows]]
+    offsets = self._corpus.sentence_offsets
+    wordpieces = [np.asarray(self._corpus.sentence_token_ids[offsets[i]:offsets[i + 1]])
+                  for i in sentences.tolist()]
+    docs = np.searchsorted(np.asarray(self._corpus.doc_sentence_offsets), sentences,
+                           side="right") - 1
+    spans = list(zip(self._spans["span_start"][chosen[rows]].tolist(),
+                     self._spans["span_end"][chosen[rows]].tolist()))
+    added = span_masked_queries(wordpieces, spans, self._corpus.special, self._query_len,
+                                self._max_masked, source_ids=docs)
+    if len(added["kept"]) != len(rows):
+      raise AssertionError("an added-block span query was dropped (span_ids not filtered?)")
+    added["query_tokens"] = added.pop("tokens")
+    out = {name: np.array(array) for name, array in batch.items()}
+    for name, array in added.items():
+      if name in out:
+        out[name][rows] = array.astype(out[name].dtype)
+    return out
+
+
+def added_block_span_ids(corpus: BlockCorpus, spans: Mapping[str, np.ndarray],
+                         first_added: int, removed: np.ndarray, query_len: int,
+                         max_masked: int) -> np.ndarray:
+  """[A] the stored spans of live blocks with doc id >= `first_added` (the build's num_docs:
+  every block a corpus version added) that fit a query: what AddedBlockQueries draws from."""
+  sentence = np.asarray(spans["span_sentence"])
+  docs = np.searchsorted(np.asarray(corpus.doc_sentence_offsets), sentence, side="right") - 1
+  start, end = np.asarray(spans["span_start"]), np.asarray(spans["span_end"])
+  live = (docs >= first_added) & (docs < len(removed))
+  live[live] = ~np.asarray(removed)[docs[live]]
+  return np.flatnonzero(live & (end <= query_len - 2) & (end - start <= max_masked) &
+                        (end > start)).astype(np.int64)

@@ -28,6 +28,7 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import corpus_versions
 from realm_jax.data import pipeline
 from realm_jax.data import prepare
+from realm_jax.data import wiki_corpus
 from realm_jax.models import hf_weights
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import device_searcher
@@ -123,6 +124,15 @@ class Retriever:
     """Where candidates' tokens come from: the corpus version the index in use was built for
     (a builder version over an updated corpus), else `default`, the run's corpus."""
     return getattr(self.index, "corpus", None) or default
+
+
+def _indexed_corpus_version(index):
+  """The CorpusVersion the index in use was built for (trainer-held or builder-published);
+  None when it is the build itself as loaded by the run."""
+  version = getattr(index, "corpus_version", None)  # InProcessIndex
+  if version is None and hasattr(index, "watcher"):  # WatchedIndex
+    version = index.watcher.corpus_of.get(index.step)
+  return version
 
 
 def _local_slice(arrays: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
@@ -527,11 +537,40 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         scalars[f"train_{gold_recall}"] = hits / known
     return _realm_device_batch(batch, retriever.candidate_corpus(corpus), ids, mask), scalars
 
+  added_queries: dict[str, Any] = {}  # the AddedBlockQueries of the indexed corpus version
+
+  def added_block_queries() -> pipeline.AddedBlockQueries | None:
+    """Queries from the salient spans of blocks the indexed corpus version added (wiki
+    corpora, salient masking; None for the build itself or without stored spans)."""
+    version = _indexed_corpus_version(index)
+    if (version is None or version.version == 0 or data.train_span_ids is None or
+        config.data.masking != "salient"):
+      return None
+    if added_queries.get("version") != version.version:
+      spans = wiki_corpus.load_salient_spans(version.directory)
+      span_ids = pipeline.added_block_span_ids(version.corpus, spans, corpus.num_docs,
+                                               version.removed, config.data.query_len,
+                                               config.data.max_masked)
+      added_queries["version"] = version.version
+      added_queries["source"] = pipeline.AddedBlockQueries(
+          version.corpus, spans, span_ids, len(data.train_span_ids), batch_size, config.seed,
+          config.data.query_len, config.data.max_masked, version.version,
+          jax.process_index(), jax.process_count())
+      logging.info("data: corpus version %d: %d training span queries from added blocks "
+                   "(%.2f%% of each batch)", version.version, len(span_ids),
+                   100 * added_queries["source"].fraction)
+    return added_queries["source"]
+
   def train_batch(step: int) -> dict[str, np.ndarray]:
     """Batch `step` of the source; REALM: queries from documents removed in the indexed
-    corpus version made inert (`corpus_versions.live_queries`)."""
+    corpus version made inert (`corpus_versions.live_queries`), and queries from the blocks
+    it added mixed in (`pipeline.AddedBlockQueries`)."""
     batch = source.batch_at(step)
-    return corpus_versions.live_queries(batch, index.removed) if retrieval_on else batch
+    if not retrieval_on:
+      return batch
+    batch = corpus_versions.live_queries(batch, index.removed)
+    added = added_block_queries()
+    return batch if added is None else added.mix(batch, step)
 
   def inputs_at(step: int) -> tuple[dict[str, np.ndarray], dict]:
     """Batch `step` retrieved now, with the current parameters and index."""
