@@ -275,6 +275,9 @@ def test_builder_publishes_incremental_versions_and_the_watcher_swaps_them(tmp_p
     index = watcher_lib.WatchedIndex(watcher, base.null_id)
     index.wait_for_first(30)
     assert index.step == 3 and index.corpus is None
+    from realm_jax.train import loop  # pylint: disable=g-import-not-at-top
+    # What the trainer's added-block queries follow (loop.added_block_queries): nothing yet.
+    assert getattr(loop._indexed_corpus_version(index), "version", 0) == 0  # pylint: disable=protected-access
 
     new_people = [dict(title=f"Zed Person {i}",
                        text=f"Zed Person {i} works as a pilot. Zed Person {i} plays the harp.")
@@ -295,6 +298,12 @@ def test_builder_publishes_incremental_versions_and_the_watcher_swaps_them(tmp_p
       assert time.time() < deadline, f"no swap: rejected {watcher.rejected}"
       time.sleep(0.05)
     assert index.step == key and index.corpus.num_docs == n0 + 6
+    # The builder's version is the one the trainer draws added-block queries from: version 1,
+    # its corpus, tombstones and folder (where its salient spans are stored).
+    indexed = loop._indexed_corpus_version(index)  # pylint: disable=protected-access
+    assert indexed.version == 1 and indexed.corpus is index.corpus
+    np.testing.assert_array_equal(np.flatnonzero(indexed.removed), [0, 1, 2])
+    assert indexed.directory == cv.load_version(tmp_path / "corpus", 1).directory
     # Query with a new block's own tokens: the new block comes first; removed ones never.
     version = cv.load_version(tmp_path / "corpus", 1)
     rows = np.arange(n0, n0 + 6)
