@@ -223,6 +223,11 @@ FIELDS: dict[str, Field] = {
                                            0.0, _DAY, lo_open=True),
     "retrieval.builder_poll_seconds": _float(
         "how often the index builder looks for a new checkpoint", 0.0, _DAY, lo_open=True),
+    "retrieval.builder_sync_lag": _int(
+        "index_source=builder: 0 swaps each version in as soon as it is loaded (as fast as "
+        "the builder, not reproducible); n > 0 retrieves batch t from the version of "
+        "checkpoint refresh_every * floor((t - n) / refresh_every), waiting for it if need be "
+        "(reproducible run to run)", 0, _STEPS_MAX),
     "retrieval.rebalance_on_update": Field(
         "index builder: retrain (ScaNN rebalance) each shard after an incremental corpus "
         "update instead of only upsert/delete"),
@@ -384,6 +389,11 @@ def add_training_sections(config: ml_collections.ConfigDict, s: dict[str, Any],
       first_index_timeout=900.0,  # seconds the trainer waits for the builder's first version
       watch_poll_seconds=1.0,  # how often the trainer looks for a new version
       builder_poll_seconds=5.0,  # how often the index builder looks for a new checkpoint
+      # 0: swap a builder version in as soon as it is loaded (asynchronous: which step it
+      # lands at depends on the builder's speed). n > 0: batch t is retrieved from the version
+      # of checkpoint refresh_every * floor((t - n) / refresh_every), waited for if late, so a
+      # run with the separate builder is reproducible (retrieval/watcher.py `swap_when_due`).
+      builder_sync_lag=0,
       # Incremental versions (a corpus update, no newer checkpoint): ScaNN rebalance after
       # upsert/delete (a full retrain of each shard's tree) instead of updating in place.
       rebalance_on_update=False,
@@ -486,6 +496,17 @@ def validate(config: ml_collections.ConfigDict, num_data_shards: int,
                f"train.checkpoint_every={config.train.checkpoint_every} > retrieval."
                f"refresh_every={config.retrieval.refresh_every}: the index builder embeds "
                "saved checkpoints, so it could refresh only every checkpoint_every steps")
+      lag = config.retrieval.get("builder_sync_lag", 0)
+      if lag:
+        _require(lag < config.retrieval.refresh_every,
+                 f"retrieval.builder_sync_lag={lag} must be below retrieval.refresh_every="
+                 f"{config.retrieval.refresh_every} (each version is used from n steps after "
+                 "its checkpoint until the next one's turn)")
+        _require(config.train.checkpoint_every == config.retrieval.refresh_every,
+                 f"retrieval.builder_sync_lag={lag} needs train.checkpoint_every == "
+                 f"retrieval.refresh_every (now {config.train.checkpoint_every} and "
+                 f"{config.retrieval.refresh_every}): the builder embeds the newest checkpoint, "
+                 "so with more frequent ones which step it embeds would depend on timing")
   batches = {"train.batch_size": config.train.batch_size, "eval.batch_size": config.eval.batch_size}
   if config.objective == "ict":
     batches["ict.batch_size"] = config.ict.batch_size
@@ -668,7 +689,7 @@ _NO_RETRIEVAL_IGNORES = (
 _TRAINER_INDEX_IGNORES = tuple(
     (f"retrieval.{name}", "read only with retrieval.index_source=builder")
     for name in ("first_index_timeout", "watch_poll_seconds", "builder_poll_seconds",
-                 "builder_shard_timeout"))
+                 "builder_shard_timeout", "builder_sync_lag"))
 _ALWAYS_IGNORES = (
     ("eval.recall_k", "not read: recall is reported over the retrieval.k - 1 real candidates"),
 )

@@ -144,6 +144,20 @@ def test_builder_needs_a_checkpoint_every_refresh(tmp_path):
   _fails_at_startup(config, tmp_path, r"train.checkpoint_every=25 > retrieval.refresh_every=10")
 
 
+@pytest.mark.parametrize("lag, checkpoint_every, message", [
+    (10, 10, r"builder_sync_lag=10 must be below retrieval.refresh_every=10"),
+    (4, 5, r"builder_sync_lag=4 needs train.checkpoint_every == retrieval.refresh_every"),
+])
+def test_a_sync_lag_needs_a_checkpoint_per_refresh_and_a_lag_below_it(
+    tmp_path, lag, checkpoint_every, message):
+  config = tiny_config()
+  config.retrieval.index_source = "builder"
+  config.retrieval.refresh_every = 10
+  config.retrieval.builder_sync_lag = lag
+  config.train.checkpoint_every = checkpoint_every
+  _fails_at_startup(config, tmp_path, message)
+
+
 def test_run_config_round_trips_through_the_workdir(tmp_path):
   """The builder started with --workdir alone gets the trainer's exact config back."""
   config = realm_facts.get_config("size=tiny")

@@ -117,8 +117,9 @@ def test_checkpoint_steps_ignore_unfinished_saves(tmp_path):
   assert index_builder.finished_checkpoint_steps(tmp_path / "missing") == []
 
 
-def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
-  """Two real processes share a workdir: the builder publishes, the trainer swaps (>= 2)."""
+def _train_beside_a_builder_process(tmp_path, num_steps: int, sync_lag: int = 0):
+  """Two real processes share a workdir: the builder publishes, the trainer swaps. Returns
+  the trainer's result and the builder's log."""
   tests_dir = pathlib.Path(__file__).parent
   config_file = tmp_path / "two_process_config.py"
   config_file.write_text(textwrap.dedent(f"""
@@ -130,10 +131,11 @@ def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
         config = tiny_config()
         config.retrieval.index_source = "builder"
         config.retrieval.refresh_every = 10
+        config.retrieval.builder_sync_lag = {sync_lag}
         config.retrieval.watch_poll_seconds = 0.1
         config.retrieval.builder_poll_seconds = 0.1
         config.retrieval.first_index_timeout = 120.0
-        config.train.num_steps = 200
+        config.train.num_steps = {num_steps}
         config.train.checkpoint_every = 10
         config.train.keep_checkpoints = 5
         return config
@@ -154,7 +156,12 @@ def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
     finally:
       builder.kill()
       builder.wait()
-  output = log_path.read_text()
+  return result, log_path.read_text()
+
+
+def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
+  """Asynchronous swaps (builder_sync_lag 0): each version as soon as it is loaded (>= 2)."""
+  result, output = _train_beside_a_builder_process(tmp_path, num_steps=200)
   history = result["history"]
   swaps = max((h.get("index_swaps", 0) for h in history), default=0)
   assert swaps >= 2, output[-3000:]
@@ -162,6 +169,20 @@ def test_trainer_hot_swaps_versions_from_a_builder_process(tmp_path):
   index_steps = [h["index_step"] for h in history]
   assert index_steps == sorted(index_steps) and index_steps[-1] > 0
   assert all(h["staleness"] >= 0 for h in history)
+
+
+def test_with_a_sync_lag_every_batch_uses_the_version_it_is_due(tmp_path):
+  """builder_sync_lag = 4, refresh_every = 10: batch t is retrieved from the version of
+  checkpoint 10 * floor((t - 4) / 10) at every logged step, however fast the builder is (the
+  trainer waits when it is late), so the run does not depend on the builder's timing."""
+  result, output = _train_beside_a_builder_process(tmp_path, num_steps=60, sync_lag=4)
+  history = result["history"]
+  assert len(history) >= 5, history
+  for record in history:  # record "step" t + 1 is the one after batch t
+    due = max(0, (record["step"] - 1 - 4) // 10 * 10)
+    assert record["index_step"] == due, (record, output[-3000:])
+  assert {h["index_step"] for h in history} >= {0, 20, 40}  # versions came and were used
+  assert np.all(np.isfinite([h["loss"] for h in history]))
 
 
 def _run_dir(source, path, steps):

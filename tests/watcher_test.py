@@ -228,3 +228,37 @@ def test_wait_for_first_says_what_it_waits_for(tmp_path, caplog):
     watcher.stop()
   assert len(_lines(caplog, "still waiting")) >= 2
   assert "not finite" in _lines(caplog, "still waiting")[-1].getMessage()
+
+
+def test_sync_swaps_hold_a_version_back_until_it_is_due_and_wait_for_a_late_one(tmp_path, caplog):
+  """retrieval.builder_sync_lag: `swap_when_due` takes only the version a step is due to use."""
+  watcher, index = _watched(tmp_path)
+  _publish(tmp_path, 0)
+  watcher._poll_once()  # pylint: disable=protected-access
+  index.start_at_due(0, timeout=1)
+  assert index.step == 0 and index.swaps == 0
+  _publish(tmp_path, 10, seed=1)
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert not index.swap_when_due(0, timeout=1) and index.step == 0  # loaded, held back
+  assert index.swap_when_due(10, timeout=1) and index.step == 10 and index.swaps == 1
+  assert not index.swap_when_due(10, timeout=1)
+  with pytest.raises(TimeoutError, match="version of checkpoint 20 did not appear"):
+    index.swap_when_due(20, timeout=0.2)  # the builder is late: the trainer waits, then says so
+  _publish(tmp_path, 30, seed=2)  # the builder embedded a later checkpoint instead of 20
+  watcher._poll_once()  # pylint: disable=protected-access
+  assert index.swap_when_due(20, timeout=1) and index.step == 30
+  assert "version 20 is due but the builder published 30" in caplog.text
+
+
+def test_sync_start_of_a_resumed_run_uses_the_version_due_at_its_step(tmp_path):
+  """A run resumed at step 15 with lag 8 is due version 0 although 10 is newer; 10 follows
+  when due."""
+  watcher, index = _watched(tmp_path)
+  _publish(tmp_path, 0)
+  _publish(tmp_path, 10, seed=1)
+  watcher._poll_once()  # pylint: disable=protected-access
+  index.start_at_due(watcher_lib.due_version_step(15, refresh_every=10, lag=8), timeout=1)
+  assert index.step == 0
+  assert not index.swap_when_due(watcher_lib.due_version_step(17, 10, 8), timeout=1)
+  assert index.swap_when_due(watcher_lib.due_version_step(18, 10, 8), timeout=1)
+  assert index.step == 10

@@ -217,8 +217,19 @@ class IndexWatcher:
                        + (f" ({self._rejections()})" if self.rejected else ""))
 
 
+def due_version_step(step: int, refresh_every: int, lag: int) -> int:
+  """`retrieval.builder_sync_lag` = lag > 0: the checkpoint step whose version batch `step` is
+  retrieved from (each version is in use from `lag` steps after its checkpoint on)."""
+  return max(0, (step - lag) // refresh_every * refresh_every)
+
+
 class WatchedIndex:
-  """The trainer's view of builder-published versions; same interface as InProcessIndex."""
+  """The trainer's view of builder-published versions; same interface as InProcessIndex.
+
+  Two ways to swap: `maybe_swap` takes each version as soon as the watcher has loaded it
+  (asynchronous), `swap_when_due` only the version of the checkpoint a step is due to use,
+  waiting for it if the builder is late (reproducible: `retrieval.builder_sync_lag`).
+  """
 
   def __init__(self, watcher: IndexWatcher, null_id: int):
     self.watcher, self._null_id, self._base_null_id = watcher, null_id, null_id
@@ -228,6 +239,8 @@ class WatchedIndex:
     self.step: int | None = None
     self.last_refresh_seconds = 0.0  # here: the last version's load time (off-thread)
     self.swaps = 0
+    # swap_when_due: a loaded version of a later checkpoint than the one due, held back.
+    self._held: tuple[int, searcher_lib.Searcher, float] | None = None
 
   @property
   def removed(self) -> np.ndarray | None:
@@ -253,6 +266,74 @@ class WatchedIndex:
     self._take_corpus()
     self.swaps += 1
     return True
+
+  def _use(self, loaded: tuple[int, searcher_lib.Searcher, float]) -> None:
+    self.step, self.searcher, self.last_refresh_seconds = loaded
+    self._take_corpus()
+    self.swaps += 1
+
+  def swap_when_due(self, due: int, timeout: float, poll_seconds: float = 0.05,
+                    log_every: float = 60.0) -> bool:
+    """Makes the version in use the newest loaded one of checkpoint step <= `due`, waiting
+    (up to `timeout` s, saying so every `log_every`) while none of step `due` is in use yet.
+
+    A version of a later checkpoint loaded early is held back until it is due. One that
+    arrives while `due` is still missing means the builder embedded a later checkpoint
+    instead (a preemption's, or after a resume) and `due` will never come: it is taken with
+    a warning (that stretch of the run is then not reproducible). Returns whether it swapped.
+    """
+    start = time.time()
+    next_log = start + log_every
+    swapped = False
+    while True:
+      new = self.watcher.take_new()
+      if (new is not None and (self.step is None or new[0] > self.step) and
+          (self._held is None or new[0] > self._held[0])):
+        self._held = new  # newer than the one in use (an older one is dropped)
+      if self._held is not None and int(self._held[0]) <= due:
+        held, self._held = self._held, None
+        self._use(held)
+        swapped = True
+      if self.step is not None and int(self.step) >= due:
+        return swapped
+      if self._held is not None:  # a later checkpoint's version, and `due` is not in use
+        logging.warning("index: version %s is due but the builder published %s (a later "
+                        "checkpoint) instead; using it from here", due, self._held[0])
+        held, self._held = self._held, None
+        self._use(held)
+        return True
+      now = time.time()
+      if now - start > timeout:
+        raise TimeoutError(f"retrieval.builder_sync_lag: the index version of checkpoint "
+                           f"{due} did not appear in {self.watcher.root} within {timeout:.0f}s "
+                           f"(in use: {self.step}); is the index-builder job running?")
+      if now >= next_log:
+        next_log += log_every
+        logging.info("index: waiting (%.0fs) for the version of checkpoint %d (in use: %s)",
+                     now - start, due, self.step)
+      time.sleep(poll_seconds)
+
+  def start_at_due(self, due: int, timeout: float) -> None:
+    """The first version of a run in sync mode: the one of checkpoint `due` (a resumed run
+    continues on the version its predecessor used at that step, if still published), else
+    the first the builder offers, with a warning."""
+    first = self.watcher.wait_for_first(timeout)
+    if int(first[0]) < due:  # the builder is behind a resumed run: wait for `due`
+      self.step, self.searcher, self.last_refresh_seconds = first
+      self._take_corpus()
+      self.swap_when_due(due, timeout)
+      self.swaps = 0
+      return
+    keys = [k for k in index_format.list_versions(self.watcher.root) if int(k) == due]
+    if int(first[0]) > due and keys:
+      self._held = first  # in use once it is due
+      first = self.watcher.load_now(keys[-1])
+    elif int(first[0]) > due:
+      logging.warning("index: version %s is due at the start but is not published (pruned?); "
+                      "starting from %s (not reproducible until the next version)", due,
+                      first[0])
+    self.step, self.searcher, self.last_refresh_seconds = first
+    self._take_corpus()
 
   def swap_to(self, step: int) -> None:
     """Swaps in exactly version `step` (multi-host: the version process 0 swapped in): the

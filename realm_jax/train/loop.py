@@ -219,8 +219,12 @@ def index_recall(params, queries: dict[str, np.ndarray], retriever: Retriever,
   return hits / max(known, 1)
 
 
-def _agreed_swap(index: watcher_lib.WatchedIndex, first_timeout: float | None = None) -> bool:
+def _agreed_swap(index: watcher_lib.WatchedIndex, first_timeout: float | None = None,
+                 due: int | None = None, timeout: float = 0.0) -> bool:
   """Swaps in a newer builder version (with `first_timeout`: waits for the first one).
+
+  With `due` (retrieval.builder_sync_lag > 0) only the version of checkpoint `due` is taken,
+  waited for up to `timeout` s (`WatchedIndex.swap_when_due`), instead of whatever is newest.
 
   With several processes, process 0's watcher decides and every process swaps in that very
   version at the same step (each process's watcher polls on its own clock; candidates that
@@ -229,8 +233,13 @@ def _agreed_swap(index: watcher_lib.WatchedIndex, first_timeout: float | None = 
   """
   def decide() -> int:
     if first_timeout is not None:
-      index.wait_for_first(first_timeout)
+      if due is None:
+        index.wait_for_first(first_timeout)
+      else:
+        index.start_at_due(due, first_timeout)
       return index.step
+    if due is not None:
+      return index.step if index.swap_when_due(due, timeout) else -1
     return index.step if index.maybe_swap() else -1
   if jax.process_count() == 1:
     return decide() >= 0
@@ -511,9 +520,16 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
     if drops and drops[-1][2] == step:
       logging.warning("index: %s", metrics_lib.recall_drop_warning(drops[-1:], gold_recall))
 
+  # retrieval.builder_sync_lag > 0: batch t is retrieved from the version of checkpoint
+  # due_version(t), so which version a step sees does not depend on the builder's speed.
+  sync_lag = config.retrieval.get("builder_sync_lag", 0) if from_builder else 0
+  due_version = (None if not sync_lag else functools.partial(
+      watcher_lib.due_version_step, refresh_every=config.retrieval.refresh_every, lag=sync_lag))
+  sync_timeout = config.retrieval.first_index_timeout
   if from_builder:
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)
-    _agreed_swap(index, config.retrieval.first_index_timeout)  # checkpoint: it must be there
+    _agreed_swap(index, config.retrieval.first_index_timeout,  # checkpoint: it must be there
+                 due=due_version and due_version(start_step))
     log_index_recall(index.step)
   elif retrieval_on and start_step < num_steps:
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
@@ -665,7 +681,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         break
       step_start = time.time()
       scalars: dict[str, float] = {}
-      if from_builder and _agreed_swap(index):  # between two steps, never inside one
+      # Between two steps, never inside one; in sync mode the version the next batch to be
+      # retrieved is due (with prefetch that is batch step + 1, retrieved during this step).
+      due = due_version and due_version(step + 1 if prefetch else step)
+      if from_builder and _agreed_swap(index, due=due, timeout=sync_timeout):
         scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
         log_index_recall(index.step)
       inputs, retrieval_scalars = pending if pending is not None else inputs_at(step)
@@ -731,8 +750,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       if not writer.has_record("eval", stop):
         writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
-      if from_builder:
-        _agreed_swap(index)
+      if from_builder:  # sync mode: the final checkpoint's version, waited for
+        _agreed_swap(index, due=stop if due_version else None, timeout=sync_timeout)
       elif retrieval_on:
         index.refresh(state.params, stop)
         log_index_recall(stop)
