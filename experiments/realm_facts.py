@@ -23,7 +23,7 @@ from realm_jax import config_lib
 # Per size: model, corpus and schedule. tiny: CPU demo/CI; small: a workstation GPU; base: paper.
 _SIZES = {
     # tiny: the CPU demo and CI budget (k=4 instead of REALM's 8 to fit 2 cores; the demo,
-    # QA included, took 14.5 min on 2 idle cores on 2026-12-04: EXPERIMENTS.md "Demo runs").
+    # QA included, took 13-14.5 min on 2 idle cores on 2026-12-04: EXPERIMENTS.md "Demo runs").
     "tiny": dict(model="tiny", num_entities=5000, vocab_size=2000, batch_size=16, k=4,
                  realm_steps=800, ict_steps=600, refresh_every=100,
                  eval_every=0),
