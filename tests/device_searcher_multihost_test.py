@@ -57,8 +57,8 @@ def _replay_swaps(monkeypatch, schedule):
   start-up), as the 2-process run recorded it; returns the versions swapped in."""
   calls, taken = [0], []
 
-  def agreed_swap(index, first_timeout=None):
-    del first_timeout
+  def agreed_swap(index, first_timeout=None, due=None, timeout=0.0):
+    del first_timeout, due, timeout  # the recorded schedule decides (builder_sync_lag is 0)
     target = schedule[min(calls[0] - 1, len(schedule) - 1)] if calls[0] else schedule[0]
     calls[0] += 1
     if index.step is not None and int(index.step) == target:
