@@ -33,7 +33,10 @@ REPO_DIR = os.path.dirname(TESTS_DIR)
 CHAIN_STEPS = 40
 
 _CHILD = """
-import json, logging, sys
+import json, logging, signal, sys
+# A foreground job's Ctrl-C: a shell starting the suite in the background (`make test &` without
+# job control) makes SIGINT ignored, and children inherit that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests_dir!r})
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(levelname)s %(name)s] %(message)s")
