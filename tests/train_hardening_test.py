@@ -117,8 +117,8 @@ def test_sigkill_then_sigint_then_resume_logs_every_step_once(corpus_dir, tmp_pa
 
   # 2. Resume in a second child, Ctrl-C it mid-run: it saves the step it reached.
   interrupted = start_child(workdir, corpus_dir, overrides, tmp_path / "interrupted.log")
-  # Past the killed run's own records (records are flushed in groups, so it may have left 8 or
-  # more): the Ctrl-C must reach the resumed loop, not a child still starting up.
+  # Past the killed run's own records (it may have left 8 or more): the Ctrl-C must reach the
+  # resumed loop, not a child still starting up.
   wait_for_step(interrupted, workdir, max(8, steps_before[-1] + 2))
   interrupted.send_signal(signal.SIGINT)
   returncode = interrupted.wait(120)

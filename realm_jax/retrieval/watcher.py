@@ -248,29 +248,31 @@ class WatchedIndex:
     version = self.watcher.corpus_of.get(self.step)
     return None if version is None else version.removed
 
+  def _set(self, loaded: tuple[int, searcher_lib.Searcher, float]) -> None:
+    """Makes `loaded` (step, searcher, load seconds) the version in use, with its corpus."""
+    self.step, self.searcher, self.last_refresh_seconds = loaded
+    self._take_corpus()
+
+  def _use(self, loaded: tuple[int, searcher_lib.Searcher, float]) -> None:
+    """`_set`, counted as a swap."""
+    self._set(loaded)
+    self.swaps += 1
+
   def _take_corpus(self):
     version = self.watcher.corpus_of.get(self.step)
     self.corpus = None if version is None else version.corpus
     self._null_id = self._base_null_id if version is None else version.corpus.null_id
 
   def wait_for_first(self, timeout: float):
-    self.step, self.searcher, self.last_refresh_seconds = self.watcher.wait_for_first(timeout)
-    self._take_corpus()
+    self._set(self.watcher.wait_for_first(timeout))
 
   def maybe_swap(self) -> bool:
     """Swaps in a newer loaded version, if any; call between two steps."""
     new = self.watcher.take_new()
     if new is None or (self.step is not None and new[0] <= self.step):
       return False
-    self.step, self.searcher, self.last_refresh_seconds = new
-    self._take_corpus()
-    self.swaps += 1
+    self._use(new)
     return True
-
-  def _use(self, loaded: tuple[int, searcher_lib.Searcher, float]) -> None:
-    self.step, self.searcher, self.last_refresh_seconds = loaded
-    self._take_corpus()
-    self.swaps += 1
 
   def swap_when_due(self, due: int, timeout: float, poll_seconds: float = 0.05,
                     log_every: float = 60.0) -> bool:
@@ -319,10 +321,10 @@ class WatchedIndex:
     the first the builder offers, with a warning."""
     first = self.watcher.wait_for_first(timeout)
     if int(first[0]) < due:  # the builder is behind a resumed run: wait for `due`
-      self.step, self.searcher, self.last_refresh_seconds = first
-      self._take_corpus()
+      self._set(first)
+      swaps = self.swaps
       self.swap_when_due(due, timeout)
-      self.swaps = 0
+      self.swaps = swaps  # still the start, not a swap
       return
     keys = [k for k in index_format.list_versions(self.watcher.root) if int(k) == due]
     if int(first[0]) > due and keys:
@@ -332,8 +334,7 @@ class WatchedIndex:
       logging.warning("index: version %s is due at the start but is not published (pruned?); "
                       "starting from %s (not reproducible until the next version)", due,
                       first[0])
-    self.step, self.searcher, self.last_refresh_seconds = first
-    self._take_corpus()
+    self._set(first)
 
   def swap_to(self, step: int) -> None:
     """Swaps in exactly version `step` (multi-host: the version process 0 swapped in): the
@@ -343,9 +344,7 @@ class WatchedIndex:
     new = self.watcher.take_new()
     if new is None or str(new[0]) != str(step):
       new = self.watcher.load_now(step)
-    self.step, self.searcher, self.last_refresh_seconds = new
-    self._take_corpus()
-    self.swaps += 1
+    self._use(new)
 
   def retrieve(self, query_emb: np.ndarray, source_ids: np.ndarray, k: int, margin: int
                ) -> tuple[np.ndarray, np.ndarray]:

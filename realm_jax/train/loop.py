@@ -529,7 +529,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
   if from_builder:
     ckpt.wait(CHECKPOINT_WAIT_SECONDS)  # the builder embeds the step-0 (or resumed)
     _agreed_swap(index, config.retrieval.first_index_timeout,  # checkpoint: it must be there
-                 due=due_version and due_version(start_step))
+                 due=None if due_version is None else due_version(start_step))
     log_index_recall(index.step)
   elif retrieval_on and start_step < num_steps:
     index.load_or_refresh(state.params, start_step, config.retrieval.refresh_every)
@@ -683,7 +683,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
       scalars: dict[str, float] = {}
       # Between two steps, never inside one; in sync mode the version the next batch to be
       # retrieved is due (with prefetch that is batch step + 1, retrieved during this step).
-      due = due_version and due_version(step + 1 if prefetch else step)
+      due = None if due_version is None else due_version(step + 1 if prefetch else step)
       if from_builder and _agreed_swap(index, due=due, timeout=sync_timeout):
         scalars.update(index_swaps=index.swaps, index_load_seconds=index.last_refresh_seconds)
         log_index_recall(index.step)
@@ -751,7 +751,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         writer.write(stop, {gold_recall: final[gold_recall]}, phase="eval")
     else:
       if from_builder:  # sync mode: the final checkpoint's version, waited for
-        _agreed_swap(index, due=stop if due_version else None, timeout=sync_timeout)
+        _agreed_swap(index, due=None if due_version is None else stop, timeout=sync_timeout)
       elif retrieval_on:
         index.refresh(state.params, stop)
         log_index_recall(stop)
