@@ -85,8 +85,14 @@ def test_add_remove_replace_publishes_versions_with_stable_ids(corpus_dir, tmp_p
       s.tolist() for s in ref.sentence_ids(1)]
   texts = [json.loads(line) for line in (cv.version_dir(corpus_dir, 1) /
                                          wc.TEXTS_FILE).open()]
-  assert [t["doc_id"] for t in texts] == list(range(n0 + 2))
-  assert texts[3]["removed"] and not texts[5]["removed"] and texts[n0]["version"] == 1
+  # Delta storage: the version holds the added rows only (texts, blocks), not a copy.
+  assert [t["doc_id"] for t in texts] == [n0, n0 + 1] and texts[0]["version"] == 1
+  stored = corpus_lib.load_block_corpus(cv.version_dir(corpus_dir, 1) / "blocks")
+  assert stored.num_docs == 2 and manifest["storage"] == "delta"
+  base_bytes = sum(f.stat().st_size for f in (corpus_dir / "blocks").iterdir())
+  assert manifest["bytes_written"] < base_bytes / 4
+  assert cv.text_files(v1) == [(corpus_dir / wc.TEXTS_FILE, 0, n0),
+                               (cv.version_dir(corpus_dir, 1) / wc.TEXTS_FILE, n0, n0 + 2)]
   # The older version is untouched: a reader of it keeps working.
   again = cv.load_version(corpus_dir, 0, mmap=False)
   assert again.corpus.num_docs == n0 and not again.removed.any()
@@ -104,6 +110,104 @@ def test_add_remove_replace_publishes_versions_with_stable_ids(corpus_dir, tmp_p
   added, removed = cv.changes(v0, v2)
   assert added.tolist() == [n0 + 1, n0 + 2] and removed.tolist() == [3, 7]
   assert v2.live_ids.size == n0 + 3 - 3
+
+
+PER_DOC = ("retriever_tokens", "retriever_segments", "reader_tokens", "reader_lengths")
+
+
+def materialized(corpus):
+  """A BlockCorpus of plain arrays holding what `corpus` (perhaps a chained view) reads."""
+  arrays = {name: np.asarray(getattr(corpus, name)) for name in corpus_lib._ARRAY_NAMES}  # pylint: disable=protected-access
+  return corpus_lib.BlockCorpus(**arrays, titles=list(corpus.titles),
+                                vocab_size=corpus.vocab_size, special=corpus.special,
+                                fingerprint=corpus.fingerprint)
+
+
+def expected_rows(v0, removed_ids, added_ref, name):
+  """What a version must read for a per-doc array: the build's rows with the tombstoned ones
+  as the null row, the added blocks (a full build of their records), the null row."""
+  base = np.array(getattr(v0.corpus, name))
+  null = base[v0.corpus.null_id]
+  rows = np.concatenate([base[:-1], np.asarray(getattr(added_ref, name))[:-1], null[None]])
+  rows[list(removed_ids)] = null
+  return rows
+
+
+def test_a_chain_of_delta_versions_reads_as_the_whole_corpus(corpus_dir, tmp_path):
+  v0 = cv.load_version(corpus_dir, 0, mmap=False)
+  n0 = v0.corpus.num_docs
+  cv.update_corpus(corpus_dir, add=str(write_jsonl(tmp_path / "a1.jsonl", NEW_PEOPLE[:1])))
+  remove = tmp_path / "remove.txt"
+  remove.write_text(f"{v0.corpus.titles[2]}\n{n0}\n")  # a build doc and version 1's doc
+  only_removes = cv.update_corpus(corpus_dir, remove=str(remove))
+  cv.update_corpus(corpus_dir, add=str(write_jsonl(tmp_path / "a3.jsonl", NEW_PEOPLE[1:])))
+  v3 = cv.load_version(corpus_dir)
+  assert [number for number, *_ in v3.chain] == [0, 1, 2, 3]
+  assert [(first, stop) for *_, first, stop in v3.chain] == [
+      (0, n0), (n0, n0 + 1), (n0 + 1, n0 + 1), (n0 + 1, n0 + 2)]
+  # Each version stored its change only: one block, none, one.
+  assert [corpus_lib.load_block_corpus(cv.version_dir(corpus_dir, n) / "blocks").num_docs
+          for n in (1, 2, 3)] == [1, 0, 1]
+  assert only_removes["bytes_written"] < 20_000
+  ref = reference_blocks(corpus_dir, NEW_PEOPLE, v0.corpus.doc_len)
+  removed = [2, n0]
+  np.testing.assert_array_equal(np.flatnonzero(v3.removed), removed)
+  for name in PER_DOC:
+    np.testing.assert_array_equal(np.asarray(getattr(v3.corpus, name)),
+                                  expected_rows(v0, removed, ref, name), err_msg=name)
+  ids = np.array([[n0 + 1, 2, 0], [n0 + 2, n0, 5]])  # the gather a training step does
+  gathered = corpus_lib.gather_candidates(v3.corpus, ids)
+  for name, values in gathered.items():
+    np.testing.assert_array_equal(values, expected_rows(v0, removed, ref, name)[ids])
+  assert list(v3.corpus.titles) == list(v0.corpus.titles) + [p["title"] for p in NEW_PEOPLE]
+  for doc, ref_doc in ((n0, 0), (n0 + 1, 1)):
+    assert [s.tolist() for s in v3.corpus.sentence_ids(doc)] == [
+        s.tolist() for s in ref.sentence_ids(ref_doc)]
+    assert v3.corpus.title_ids(doc).tolist() == ref.title_ids(ref_doc).tolist()
+  assert [s.tolist() for s in v3.corpus.sentence_ids(4)] == [
+      s.tolist() for s in v0.corpus.sentence_ids(4)]
+  # Fingerprints chain: every version's differs, and a reload reads the same one.
+  prints = [cv.load_version(corpus_dir, n).corpus.fingerprint for n in range(4)]
+  assert len(set(prints)) == 4 and prints[3] == v3.corpus.fingerprint
+
+  # A parent that is gone breaks the chain: a clear error, not a shorter corpus.
+  (corpus_dir / cv.VERSIONS_DIR / "000002").rename(tmp_path / "moved")
+  with pytest.raises(cv.CorpusVersionError, match="corpus version 2 is not published"):
+    cv.load_version(corpus_dir, 3)
+
+
+def test_a_version_stored_whole_still_loads_and_parents_a_delta(corpus_dir, tmp_path):
+  """Versions written before delta storage (format 1: a whole copy, tombstones blanked)."""
+  v0 = cv.load_version(corpus_dir, 0, mmap=False)
+  n0 = v0.corpus.num_docs
+  remove = tmp_path / "remove.txt"
+  remove.write_text("4\n")
+  cv.update_corpus(corpus_dir, add=str(write_jsonl(tmp_path / "a.jsonl", NEW_PEOPLE[:1])),
+                   remove=str(remove))
+  folder = cv.version_dir(corpus_dir, 1)
+  whole = materialized(cv.load_version(corpus_dir, 1).corpus)
+  manifest = json.loads((folder / cv.MANIFEST).read_text())
+  for name in ("storage", "fingerprint", "bytes_written"):
+    manifest.pop(name)
+  (folder / "blocks").rename(tmp_path / "delta_blocks")
+  corpus_lib.save_block_corpus(whole, folder / "blocks")  # rows 0..n0 and the null row
+  (folder / cv.MANIFEST).write_text(json.dumps(dict(manifest, format_version=1)))
+  v1 = cv.load_version(corpus_dir, 1)
+  assert v1.chain == ((1, folder, 0, n0 + 1),) and v1.corpus.num_docs == n0 + 1
+  cv.update_corpus(corpus_dir, add=str(write_jsonl(tmp_path / "b.jsonl", NEW_PEOPLE[1:])))
+  v2 = cv.load_version(corpus_dir)
+  assert [number for number, *_ in v2.chain] == [1, 2]
+  ref = reference_blocks(corpus_dir, NEW_PEOPLE, v0.corpus.doc_len)
+  for name in PER_DOC:
+    np.testing.assert_array_equal(np.asarray(getattr(v2.corpus, name)),
+                                  expected_rows(v0, [4], ref, name), err_msg=name)
+  assert [s.tolist() for s in v2.corpus.sentence_ids(n0 + 1)] == [
+      s.tolist() for s in ref.sentence_ids(1)]
+  manifest_path = cv.version_dir(corpus_dir, 2) / cv.MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  manifest_path.write_text(json.dumps(dict(manifest, format_version=9)))
+  with pytest.raises(cv.CorpusVersionError, match="format_version 9"):
+    cv.load_version(corpus_dir, 2)
 
 
 @pytest.mark.parametrize("remove, message", [
@@ -236,6 +340,10 @@ def test_wiki_update_tags_spans_and_matches_a_full_build(tmp_path):
   for name in corpus_lib._ARRAY_NAMES:  # pylint: disable=protected-access
     np.testing.assert_array_equal(getattr(v1.corpus, name), getattr(full, name), err_msg=name)
   assert v1.corpus.titles == full.titles
-  spans = wc.load_salient_spans(cv.version_dir(corpus_dir, 1))
+  # The build's spans then the added blocks' (stored alone, global sentence index): the full
+  # build's spans.
+  base, added = wc.load_salient_spans(corpus_dir), cv.added_spans(v1)
+  assert len(added["span_sentence"]) and cv.added_spans(v0)["span_sentence"].size == 0
   for name, values in wc.load_salient_spans(full_dir).items():
-    np.testing.assert_array_equal(spans[name], values, err_msg=name)
+    np.testing.assert_array_equal(np.concatenate([base[name], added[name]]), values,
+                                  err_msg=name)

@@ -13,17 +13,28 @@ publishes a new version of a prepared corpus (facts or wiki, `data.corpus_dir`):
   but their rows stay, so every other doc id keeps its meaning;
 - a replaced record (same title as live blocks) removes those blocks and adds its new ones.
 
-Layout (version 0 is the build itself, `<corpus_dir>/blocks/`, never changed):
+Layout (version 0 is the build itself, `<corpus_dir>/blocks/`, never changed). A version
+stores only what it changed (delta storage: O(change) bytes per update, however big the corpus):
 ```
-<corpus_dir>/versions/000001/blocks/          the whole BlockCorpus of version 1 (old rows,
-                                              removed ones blanked, then the added rows, then
-                                              the null document: null_id grows with num_docs)
-<corpus_dir>/versions/000001/removed.npy      [num_docs] bool tombstones (cumulative)
-<corpus_dir>/versions/000001/block_texts.jsonl {"doc_id","record","title","text","removed"}
-<corpus_dir>/versions/000001/salient_spans.npz the parent's spans plus the added blocks' ones
-<corpus_dir>/versions/000001/VERSION.json     written last: the manifest (see `_manifest`)
+<corpus_dir>/versions/000001/blocks/          a BlockCorpus of the rows version 1 added (doc
+                                              ids added[0]..added[1]-1, offsets counting from
+                                              0, plus a copy of the null row)
+<corpus_dir>/versions/000001/removed.npy      [num_docs] bool tombstones (cumulative: 1 byte
+                                              per doc, 13 MB at Wikipedia scale)
+<corpus_dir>/versions/000001/block_texts.jsonl {"doc_id","record","title","text","version"} of
+                                              the added rows
+<corpus_dir>/versions/000001/salient_spans.npz the added blocks' spans (global sentence index)
+<corpus_dir>/versions/000001/VERSION.json     written last: the manifest (see `_update`)
 <corpus_dir>/CORPUS_LATEST                    the newest published version number
 ```
+A reader of version n sees one corpus (`load_version`): the build's rows, then the rows each
+version 1..n added, read in place from their memory-mapped files (`data/chained.py`), with
+tombstoned rows reading as the null block, so nothing of a removed text is retrievable and
+every other doc id keeps its meaning. The null document is the last row (null_id grows with
+num_docs). A version's fingerprint chains its parent's, its added rows' and its tombstones', so
+it is O(change) to compute. Versions written before delta storage (format_version 1: a
+whole copy of the corpus per version) still load, and can be the parent of delta versions.
+
 Publishing follows the index format's discipline: everything is written into a hidden tmp
 folder, VERSION.json last, the folder is renamed into place, and only then is CORPUS_LATEST
 replaced (write-then-rename). On object storage (no atomic rename) the files go straight into
@@ -39,9 +50,8 @@ still being built (no build_config.json), a removed id or title that does not ex
 already removed, a replaced title that is not in the corpus, an added title that is already
 live (that is a --replace) or one named twice, an update with nothing to do, an add file
 without one usable record, a config whose doc_len or vocabulary differs from the
-corpus's, and (when loading) a version whose vocabulary or block length differs from the base.
-
-Each version copies the corpus arrays (O(corpus) bytes per update); delta storage is future work.
+corpus's, and (when loading) a version whose vocabulary or block length differs from the base,
+or whose chain of parents is broken.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from etils import epath
 
 from realm_jax import lease as lease_lib
 from realm_jax import storage
+from realm_jax.data import chained
 from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import tokenizer as tokenizer_lib
 from realm_jax.data import wiki_corpus
@@ -72,7 +83,7 @@ LATEST = "CORPUS_LATEST"
 MANIFEST = "VERSION.json"
 REMOVED = "removed.npy"
 BUILD_CONFIG = "build_config.json"  # prepare.BUILD_CONFIG (not imported: prepare imports us)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: every version a whole copy of the corpus (still loads); 2: deltas
 LEASE_ROLE = "corpus_update"
 TMP_PREFIX = ".tmp-"
 # Test hook: an update whose environment names this point pauses there (for kill tests).
@@ -93,6 +104,10 @@ class CorpusVersion:
   removed: np.ndarray  # [num_docs] bool, True: tombstoned (never to be retrieved)
   manifest: dict[str, Any]
   directory: epath.Path  # the folder holding blocks/ (the corpus dir itself for version 0)
+  # (version, folder, first doc id, stop doc id) of each stored part of `corpus`, in doc id
+  # order: the build (or a format-1 whole copy), then each delta version's added rows. Their
+  # texts and spans are in those folders.
+  chain: tuple[tuple[int, epath.Path, int, int], ...] = ()
 
   @property
   def live_ids(self) -> np.ndarray:
@@ -104,8 +119,9 @@ def build_version(corpus: corpus_lib.BlockCorpus, directory: epath.PathLike | No
                   ) -> CorpusVersion:
   """Version 0 (the build itself, no tombstones) of an already loaded corpus: what a reader
   holds before any update, without loading the blocks again."""
-  return CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool), dict(version=0),
-                       None if directory is None else epath.Path(directory))
+  directory = None if directory is None else epath.Path(directory)
+  return CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool), dict(version=0), directory,
+                       () if directory is None else ((0, directory, 0, corpus.num_docs),))
 
 
 def version_dir(corpus_dir: epath.PathLike, version: int) -> epath.Path:
@@ -149,7 +165,8 @@ def load_version(corpus_dir: epath.PathLike, version: int | None = None, mmap: b
   """Loads `version` (default: CORPUS_LATEST) and checks it fits the base build.
 
   The version's vocabulary (sha256 of vocab.txt) and block lengths must be the base's: a
-  version tokenized otherwise would feed the model ids it was not trained on.
+  version tokenized otherwise would feed the model ids it was not trained on. A delta version
+  reads the rows of every version before it (`_parts`); none is copied.
   """
   corpus_dir = epath.Path(corpus_dir)
   version = latest_version(corpus_dir) if version is None else int(version)
@@ -157,7 +174,28 @@ def load_version(corpus_dir: epath.PathLike, version: int | None = None, mmap: b
   if version == 0:
     corpus = corpus_lib.load_block_corpus(corpus_dir / "blocks", mmap=mmap)
     return CorpusVersion(0, corpus, np.zeros(corpus.num_docs, bool),
-                         dict(version=0, num_docs=corpus.num_docs), corpus_dir)
+                         dict(version=0, num_docs=corpus.num_docs), corpus_dir,
+                         ((0, corpus_dir, 0, corpus.num_docs),))
+  manifest = _checked_manifest(corpus_dir, version)
+  with (directory / REMOVED).open("rb") as f:
+    removed = np.load(f).astype(bool)
+  parts = _parts(corpus_dir, version, mmap)
+  if len(parts) == 1:  # a format-1 version: one whole copy, its tombstones already blanked
+    corpus = parts[0][2]
+  else:
+    corpus = _chained_corpus([part for _, _, part in parts], removed, manifest["fingerprint"])
+  if corpus.num_docs != manifest["num_docs"] or removed.shape != (corpus.num_docs,):
+    raise CorpusVersionError(f"{directory}: {corpus.num_docs} blocks and {removed.shape} "
+                             f"tombstones, the manifest says {manifest['num_docs']} docs")
+  starts = np.cumsum([0] + [part.num_docs for _, _, part in parts]).tolist()
+  chain = tuple((number, folder, starts[i], starts[i + 1])
+                for i, (number, folder, _) in enumerate(parts))
+  return CorpusVersion(version, corpus, removed, manifest, directory, chain)
+
+
+def _checked_manifest(corpus_dir: epath.Path, version: int) -> dict[str, Any]:
+  """VERSION.json of a published version, checked against the base build."""
+  directory = version_dir(corpus_dir, version)
   if not (directory / MANIFEST).exists():
     raise CorpusVersionError(f"corpus version {version} is not published in {corpus_dir} "
                              f"(no {directory / MANIFEST})")
@@ -167,16 +205,99 @@ def load_version(corpus_dir: epath.PathLike, version: int | None = None, mmap: b
               for key in ("doc_len", "body_len", "vocab_size") if manifest.get(key) != base[key]]
   if manifest.get("vocab_sha256") != vocab_sha256(corpus_dir):
     problems.append("its vocabulary (vocab_sha256) is not the corpus's vocab.txt")
+  if manifest.get("format_version", 1) not in (1, FORMAT_VERSION):
+    problems.append(f"format_version {manifest.get('format_version')} is not 1 or "
+                    f"{FORMAT_VERSION} (written by a newer realm_jax?)")
   if problems:
     raise CorpusVersionError(f"corpus version {version} in {directory} does not fit the corpus "
                              f"{corpus_dir}: {'; '.join(problems)}")
-  corpus = corpus_lib.load_block_corpus(directory / "blocks", mmap=mmap)
-  with (directory / REMOVED).open("rb") as f:
-    removed = np.load(f).astype(bool)
-  if corpus.num_docs != manifest["num_docs"] or removed.shape != (corpus.num_docs,):
-    raise CorpusVersionError(f"{directory}: {corpus.num_docs} blocks and {removed.shape} "
-                             f"tombstones, the manifest says {manifest['num_docs']} docs")
-  return CorpusVersion(version, corpus, removed, manifest, directory)
+  return manifest
+
+
+def _parts(corpus_dir: epath.Path, version: int, mmap: bool
+           ) -> list[tuple[int, epath.Path, corpus_lib.BlockCorpus]]:
+  """(version, folder, stored BlockCorpus) of every part of `version`, in doc id order: the
+  build or a format-1 copy first, then each delta version's added rows."""
+  parts, firsts = [], []  # firsts: the first doc id each part holds, as its manifest says
+  while True:
+    folder = version_dir(corpus_dir, version)
+    if version == 0:
+      parts.append((0, corpus_dir, corpus_lib.load_block_corpus(corpus_dir / "blocks", mmap)))
+      firsts.append(0)
+      break
+    manifest = _checked_manifest(corpus_dir, version)
+    part = corpus_lib.load_block_corpus(folder / "blocks", mmap=mmap)
+    parts.append((version, folder, part))
+    if manifest.get("format_version", 1) == 1:
+      firsts.append(0)
+      break
+    first, stop = manifest["added"]
+    firsts.append(first)
+    if part.num_docs != stop - first:
+      raise CorpusVersionError(f"{folder}: {part.num_docs} added blocks stored, the manifest "
+                               f"says ids {first}..{stop - 1}")
+    parent = int(manifest["parent"])
+    if not 0 <= parent < version:
+      raise CorpusVersionError(f"{folder}: parent version {parent} is not older than {version}")
+    version = parent
+  parts.reverse()
+  firsts.reverse()
+  expected = 0
+  for (number, folder, part), first in zip(parts, firsts):
+    if first != expected:
+      raise CorpusVersionError(f"corpus version {number} in {folder} adds ids from {first}, "
+                               f"but the versions before it end at {expected}")
+    expected += part.num_docs
+  return parts
+
+
+def _chained_corpus(parts: Sequence[corpus_lib.BlockCorpus], removed: np.ndarray,
+                    fingerprint: str | None) -> corpus_lib.BlockCorpus:
+  """One BlockCorpus reading the parts' rows in place: their docs in order, then the first
+  part's null row; tombstoned rows (`removed` [num_docs]) read as the null row."""
+  first = parts[0]
+  rows = {}
+  for name in ("retriever_tokens", "retriever_segments", "reader_tokens", "reader_lengths"):
+    null = getattr(first, name)[first.null_id:first.null_id + 1]
+    rows[name] = chained.ChainedRows(
+        [getattr(p, name)[:p.num_docs] for p in parts] + [null], masked=removed,
+        fill=np.array(null[0]))
+  return corpus_lib.BlockCorpus(
+      **rows,
+      sentence_token_ids=chained.ChainedRows([p.sentence_token_ids for p in parts]),
+      sentence_offsets=chained.chained_offsets([p.sentence_offsets for p in parts]),
+      doc_sentence_offsets=chained.chained_offsets([p.doc_sentence_offsets for p in parts]),
+      title_token_ids=chained.ChainedRows([p.title_token_ids for p in parts]),
+      title_offsets=chained.chained_offsets([p.title_offsets for p in parts]),
+      titles=chained.ChainedTitles([p.titles for p in parts]), vocab_size=first.vocab_size,
+      special=first.special, fingerprint=fingerprint)
+
+
+def text_files(version: CorpusVersion) -> list[tuple[epath.Path, int, int]]:
+  """(block_texts.jsonl, first doc id, stop doc id) of each part of this version: where the
+  display texts of its blocks are (the build's file, then each delta's added rows')."""
+  return [(folder / wiki_corpus.TEXTS_FILE, first, stop)
+          for _, folder, first, stop in version.chain]
+
+
+def added_spans(version: CorpusVersion) -> dict[str, np.ndarray]:
+  """Salient spans of the blocks versions 1..n added (span_sentence: global sentence index in
+  `version.corpus`); empty for the build. May include the build's spans when the chain starts
+  at a format-1 copy (whose file held all): callers keep spans of added docs only."""
+  found = [wiki_corpus.load_salient_spans(folder) for number, folder, _, _ in version.chain
+           if number and (folder / wiki_corpus.SPANS_FILE).exists()]
+  if not found:
+    return dict(span_sentence=np.zeros(0, np.int64), span_start=np.zeros(0, np.int32),
+                span_end=np.zeros(0, np.int32))
+  return {name: np.concatenate([spans[name] for spans in found]) for name in found[0]}
+
+
+def chained_fingerprint(parent: str | None, added: str | None, removed: np.ndarray) -> str:
+  """A version's fingerprint from its parent's, its added rows' and its tombstones [num_docs]:
+  O(change) to compute; differs when any of the three does."""
+  text = json.dumps([parent, added, hashlib.sha256(
+      np.ascontiguousarray(removed, bool).tobytes()).hexdigest()])
+  return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def changes(old: CorpusVersion, new: CorpusVersion) -> tuple[np.ndarray, np.ndarray]:
@@ -322,55 +443,36 @@ def _read_all(shard_dir: epath.Path, name: str, widths: dict[str, int]) -> np.nd
   return np.concatenate(chunks)
 
 
-def _offsets_after(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  """offsets [n+1] extended by lengths [m] -> [n+m+1] int64."""
-  return np.concatenate([np.asarray(offsets, np.int64),
-                         int(offsets[-1]) + np.cumsum(lengths, dtype=np.int64)])
-
-
-def _append(parent: CorpusVersion, shard_dir: epath.Path, removed_now: np.ndarray
-            ) -> tuple[corpus_lib.BlockCorpus, int]:
-  """The parent's corpus with removed rows blanked and the shard's blocks appended."""
+def _added_part(parent: CorpusVersion, shard_dir: epath.Path | None
+                ) -> tuple[corpus_lib.BlockCorpus, list[dict], dict[str, np.ndarray]]:
+  """What the update stores: a BlockCorpus of the shard's blocks (offsets from 0, then a copy
+  of the null row), their block_texts lines and salient spans (sentence index not yet global).
+  No shard: nothing added (a removal-only update)."""
   base = parent.corpus
   widths = dict(doc_len=base.doc_len, body_len=base.body_len)
-  new = {name: _read_all(shard_dir, name, widths) for name in wiki_corpus._STREAMS}  # pylint: disable=protected-access
-  num_new = len(new["reader_lengths"])
-  special = base.special
-  null = lambda name: np.asarray(getattr(base, name)[base.null_id:base.null_id + 1])
+  names = wiki_corpus._STREAMS  # pylint: disable=protected-access
+  if shard_dir is None:
+    new = {name: np.zeros((0,) if width is None else (0, widths[width]), dtype)
+           for name, (dtype, width) in names.items()}
+    texts = []
+  else:
+    new = {name: _read_all(shard_dir, name, widths) for name in names}
+    with (shard_dir / wiki_corpus.TEXTS_FILE).open("r") as f:
+      texts = [json.loads(line) for line in f]
   rows = {}
   for name in ("retriever_tokens", "retriever_segments", "reader_tokens", "reader_lengths"):
-    old = np.array(getattr(base, name)[:base.num_docs])  # a copy: blanked below
-    old[removed_now] = null(name)  # tombstoned: nothing of the removed text stays retrievable
-    rows[name] = np.concatenate([old, new[name].astype(old.dtype), null(name)])
-  with (shard_dir / wiki_corpus.TEXTS_FILE).open("r") as f:
-    new_titles = [json.loads(line)["title"] for line in f]
-  corpus = corpus_lib.BlockCorpus(
-      **rows,
-      sentence_token_ids=np.concatenate([base.sentence_token_ids, new["sentence_token_ids"]]),
-      sentence_offsets=_offsets_after(base.sentence_offsets, new["sentence_lengths"]),
-      doc_sentence_offsets=_offsets_after(base.doc_sentence_offsets,
-                                          new["doc_sentence_counts"]),
-      title_token_ids=np.concatenate([base.title_token_ids, new["title_token_ids"]]),
-      title_offsets=_offsets_after(base.title_offsets, new["title_lengths"]),
-      titles=list(base.titles) + new_titles, vocab_size=base.vocab_size, special=special)
-  return corpus, num_new
-
-
-def _parent_texts(parent: CorpusVersion) -> list[dict]:
-  path = parent.directory / wiki_corpus.TEXTS_FILE
-  if not path.exists():
-    return [dict(doc_id=i, record=i, title=t, text="") for i, t in enumerate(
-        parent.corpus.titles)]
-  with path.open("r") as f:
-    return [json.loads(line) for line in f]
-
-
-def _parent_spans(parent: CorpusVersion) -> dict[str, np.ndarray]:
-  path = parent.directory / wiki_corpus.SPANS_FILE
-  if not path.exists():
-    return dict(span_sentence=np.zeros(0, np.int64), span_start=np.zeros(0, np.int32),
-                span_end=np.zeros(0, np.int32))
-  return wiki_corpus.load_salient_spans(parent.directory)
+    null = np.asarray(getattr(base, name)[base.null_id:base.null_id + 1])
+    rows[name] = np.concatenate([new[name].astype(null.dtype), null])
+  offsets = lambda lengths: np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+  part = corpus_lib.BlockCorpus(
+      **rows, sentence_token_ids=new["sentence_token_ids"].astype(np.int32),
+      sentence_offsets=offsets(new["sentence_lengths"]),
+      doc_sentence_offsets=offsets(new["doc_sentence_counts"]),
+      title_token_ids=new["title_token_ids"].astype(np.int32),
+      title_offsets=offsets(new["title_lengths"]), titles=[t["title"] for t in texts],
+      vocab_size=base.vocab_size, special=base.special)
+  spans = {name: new[name] for name in ("span_sentence", "span_start", "span_end")}
+  return part, texts, spans
 
 
 def _sha256_file(path: epath.Path) -> str:
@@ -440,7 +542,6 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
                              f"in {corpus_dir} was built with ({vocab_path})")
   tokenizer = tokenizer_lib.load_tokenizer(vocab_path)
 
-  texts = _parent_texts(parent)
   add_lines, replace_lines = _read_lines(add), _read_lines(replace)
   removed_now = _resolve_removals(_read_lines(remove), parent, remove)
   replaced_titles = [t for t in _titles_of(replace_lines) if t is not None]
@@ -473,58 +574,43 @@ def _update(corpus_dir: epath.Path, add, remove, replace, span_fn, max_span_word
           raise CorpusVersionError(
               f"{wiki_corpus.no_usable_records(f'update records ({add}, {replace})', report)}"
               "; nothing was published")
-        shard = work / wiki_corpus.SHARDS_DIR / wiki_corpus.shard_name(0, 1)
-        corpus, num_new = _append(parent, shard, removed_now)
-        with (shard / wiki_corpus.TEXTS_FILE).open("r") as f:
-          new_texts = [json.loads(line) for line in f]
-        new_spans = {name: _read_all(shard, name, {})
-                     for name in ("span_sentence", "span_start", "span_end")}
+        part, new_texts, new_spans = _added_part(
+            parent, work / wiki_corpus.SHARDS_DIR / wiki_corpus.shard_name(0, 1))
       finally:
         work.rmtree()
     else:
       if not len(removed_now):
         raise CorpusVersionError("the update removes nothing and adds nothing")
-      empty = epath.Path(tempfile.mkdtemp(prefix="realm-corpus-update-"))
-      try:
-        writer = wiki_corpus._ShardWriter(empty, dict(doc_len=base["doc_len"],  # pylint: disable=protected-access
-                                                      body_len=base["body_len"]))
-        writer.close()
-        corpus, num_new = _append(parent, empty, removed_now)
-      finally:
-        empty.rmtree()
-      new_texts, new_spans = [], None
-    first_new = parent.corpus.num_docs
-    removed = np.zeros(corpus.num_docs, bool)
+      part, new_texts, new_spans = _added_part(parent, None)
+    first_new, num_new = parent.corpus.num_docs, part.num_docs
+    num_docs = first_new + num_new
+    removed = np.zeros(num_docs, bool)
     removed[:first_new] = parent.removed
     removed[removed_now] = True
 
-    corpus_lib.save_block_corpus(corpus, tmp / "blocks")
+    corpus_lib.save_block_corpus(part, tmp / "blocks")  # only the added rows: O(change) bytes
+    part_fingerprint = json.loads((tmp / "blocks" / corpus_lib.METADATA_FILENAME).read_text()
+                                  )["fingerprint"]
     with (tmp / REMOVED).open("wb") as f:
       np.save(f, removed)
     with (tmp / wiki_corpus.TEXTS_FILE).open("w") as f:
-      for doc_id, line in enumerate(texts + new_texts):
-        entry = dict(line, doc_id=doc_id, removed=bool(removed[doc_id]))
-        if doc_id >= first_new:
-          entry["version"] = version
-        f.write(json.dumps(entry) + "\n")
-    spans = _parent_spans(parent)
-    if new_spans is not None:
-      offset = int(parent.corpus.sentence_offsets.shape[0] - 1)
-      spans = dict(span_sentence=np.concatenate([spans["span_sentence"],
-                                                 new_spans["span_sentence"] + offset]),
-                   span_start=np.concatenate([spans["span_start"], new_spans["span_start"]]),
-                   span_end=np.concatenate([spans["span_end"], new_spans["span_end"]]))
+      for doc_id, line in enumerate(new_texts, start=first_new):
+        f.write(json.dumps(dict(line, doc_id=doc_id, version=version)) + "\n")
+    offset = int(len(parent.corpus.sentence_offsets) - 1)  # sentences before the added ones
+    new_spans["span_sentence"] = np.asarray(new_spans["span_sentence"], np.int64) + offset
     with (tmp / wiki_corpus.SPANS_FILE).open("wb") as f:
-      np.savez(f, **spans)
+      np.savez(f, **new_spans)
     files = {name: _sha256_file(tmp / name) for name in storage.list_files(tmp)}
     manifest = dict(
-        format_version=FORMAT_VERSION, version=version, parent=parent_version,
-        created=time.time(), num_docs=corpus.num_docs, num_live=int((~removed).sum()),
-        doc_len=corpus.doc_len, body_len=corpus.body_len, vocab_size=corpus.vocab_size,
-        vocab_sha256=vocab_sha256(corpus_dir), added=[first_new, first_new + num_new],
+        format_version=FORMAT_VERSION, storage="delta", version=version, parent=parent_version,
+        created=time.time(), num_docs=num_docs, num_live=int((~removed).sum()),
+        doc_len=part.doc_len, body_len=part.body_len, vocab_size=part.vocab_size,
+        vocab_sha256=vocab_sha256(corpus_dir), added=[first_new, num_docs],
         removed=removed_now.tolist(), num_removed=int(removed.sum()),
+        fingerprint=chained_fingerprint(parent.corpus.fingerprint, part_fingerprint, removed),
         inputs=dict(add=add, remove=remove, replace=replace), report=report.to_dict(),
-        files=files, seconds=round(time.time() - start_time, 3))
+        files=files, bytes_written=sum(int((tmp / name).stat().length) for name in files),
+        seconds=round(time.time() - start_time, 3))
     held.check()  # another updater took over (--force): publish nothing
     _pause("before_manifest")
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -14,6 +14,7 @@ import grain
 import numpy as np
 import tokenizers
 
+from realm_jax.data import chained
 from realm_jax.data.corpus import BlockCorpus, pack_block
 from realm_jax.data.facts_corpus import Query
 from realm_jax.data.tokenizer import SpecialIds, special_ids
@@ -338,7 +339,7 @@ class SpanQuerySource:
     offsets = self._corpus.sentence_offsets
     wordpieces = [np.asarray(self._corpus.sentence_token_ids[offsets[i]:offsets[i + 1]])
                   for i in sentences.tolist()]
-    docs = np.searchsorted(np.asarray(self._corpus.doc_sentence_offsets), sentences,
+    docs = chained.searchsorted(self._corpus.doc_sentence_offsets, sentences,
                            side="right") - 1
     if self._masking == "salient":
       spans = list(zip(self._spans["span_start"][chosen].tolist(),
@@ -399,7 +400,7 @@ class AddedBlockQueries:
     offsets = self._corpus.sentence_offsets
     wordpieces = [np.asarray(self._corpus.sentence_token_ids[offsets[i]:offsets[i + 1]])
                   for i in sentences.tolist()]
-    docs = np.searchsorted(np.asarray(self._corpus.doc_sentence_offsets), sentences,
+    docs = chained.searchsorted(self._corpus.doc_sentence_offsets, sentences,
                            side="right") - 1
     spans = list(zip(self._spans["span_start"][chosen[rows]].tolist(),
                      self._spans["span_end"][chosen[rows]].tolist()))
@@ -421,7 +422,7 @@ def added_block_span_ids(corpus: BlockCorpus, spans: Mapping[str, np.ndarray],
   """[A] the stored spans of live blocks with doc id >= `first_added` (the build's num_docs:
   every block a corpus version added) that fit a query: what AddedBlockQueries draws from."""
   sentence = np.asarray(spans["span_sentence"])
-  docs = np.searchsorted(np.asarray(corpus.doc_sentence_offsets), sentence, side="right") - 1
+  docs = chained.searchsorted(corpus.doc_sentence_offsets, sentence, side="right") - 1
   start, end = np.asarray(spans["span_start"]), np.asarray(spans["span_end"])
   live = (docs >= first_added) & (docs < len(removed))
   live[live] = ~np.asarray(removed)[docs[live]]

@@ -169,9 +169,10 @@ class Inspector:
     self.corpus_dir = data.directory
     self.tokenizer = tokenizer_lib.load_tokenizer(data.directory / tokenizer_lib.VOCAB_FILENAME)
     self.query_len = int(config.data.query_len)
-    self.texts_path = data.directory / TEXTS_FILE
-    if not self.texts_path.exists():
-      self.warnings.append(f"{self.texts_path} is missing: titles from the corpus, text "
+    # (block_texts.jsonl, first id, stop id) per stored part (several for a corpus version)
+    self.texts_paths = [(data.directory / TEXTS_FILE, 0, self.corpus.num_docs)]
+    if not self.texts_paths[0][0].exists():
+      self.warnings.append(f"{self.texts_paths[0][0]} is missing: titles from the corpus, text "
                            "decoded from its tokens")
     self._load_index(index_step)
     self._load_embedder(devices)
@@ -231,7 +232,7 @@ class Inspector:
                                      removed=version.removed,
                                      expected_fingerprint=version.corpus.fingerprint)
     self.corpus = version.corpus
-    self.texts_path = version.directory / TEXTS_FILE
+    self.texts_paths = corpus_versions.text_files(version)
     return loaded
 
   def _load_embedder(self, devices):
@@ -283,7 +284,11 @@ class Inspector:
 
   def _texts(self, doc_ids: Iterable[int]) -> dict[int, dict[str, str]]:
     doc_ids = set(int(i) for i in doc_ids)
-    found = read_block_texts(self.texts_path, doc_ids) if self.texts_path.exists() else {}
+    found = {}
+    for path, first, stop in self.texts_paths:  # each id read from the part that holds it
+      wanted = {i for i in doc_ids if first <= i < stop}
+      if wanted and path.exists():
+        found.update(read_block_texts(path, wanted))
     for doc_id in doc_ids - set(found):  # no block_texts line: the corpus's own title/tokens
       body = np.asarray(self.corpus.reader_tokens[doc_id])
       body = body[:int(self.corpus.reader_lengths[doc_id])]

@@ -28,7 +28,6 @@ from realm_jax.data import corpus as corpus_lib
 from realm_jax.data import corpus_versions
 from realm_jax.data import pipeline
 from realm_jax.data import prepare
-from realm_jax.data import wiki_corpus
 from realm_jax.models import hf_weights
 from realm_jax.retrieval import candidates as candidates_lib
 from realm_jax.retrieval import device_searcher
@@ -563,7 +562,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh,
         config.data.masking != "salient"):
       return None
     if added_queries.get("version") != version.version:
-      spans = wiki_corpus.load_salient_spans(version.directory)
+      spans = corpus_versions.added_spans(version)
       span_ids = pipeline.added_block_span_ids(version.corpus, spans, corpus.num_docs,
                                                version.removed, config.data.query_len,
                                                config.data.max_masked)
