@@ -99,12 +99,22 @@ class ChainedRows:
   def _rows(self, rows: np.ndarray) -> np.ndarray:
     """Rows at arbitrary indices [R] -> [R, *row_shape], read part by part."""
     rows = self._check(rows)
-    out = np.empty((len(rows), *self.shape[1:]), self.dtype)
     which = np.searchsorted(self.starts, rows, side="right") - 1
+    # The biggest part (the build, in a corpus version) answers in one fancy read, no mask;
+    # rows of the other parts are then overwritten from theirs.
+    big = int(np.argmax([len(p) for p in self.parts]))
+    if len(self.parts[big]) == 0:
+      out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+    else:
+      local = np.clip(rows - self.starts[big], 0, len(self.parts[big]) - 1)
+      out = np.asarray(self.parts[big][local]).astype(self.dtype, copy=False)  # memmap: only these rows
+      if self.adds is not None:
+        out = out + self.adds[big]
     for i in np.unique(which).tolist():
+      if i == big:
+        continue
       here = which == i
-      local = rows[here] - self.starts[i]
-      values = np.asarray(self.parts[i][local])  # memmap fancy index: reads only these rows
+      values = np.asarray(self.parts[i][rows[here] - self.starts[i]])
       out[here] = values + self.adds[i] if self.adds is not None else values
     return self._apply(out, rows)
 
