@@ -122,7 +122,7 @@ def main(argv):
     v1 = corpus_versions.load_version(work, 1)
     load_seconds = time.time() - start
     row = dict(change=change, added=count, removed=count, seconds=round(seconds, 2),
-               bytes_written=manifest["bytes_written"],
+               bytes_written=manifest.get("bytes_written"),  # None before delta storage
                version_folder_bytes=_folder_bytes(corpus_versions.version_dir(work, 1)),
                whole_copy_bytes=build_bytes, load_seconds=round(load_seconds, 3),
                gather_ms_build=round(_gather_ms(v0.corpus, rng), 2),
