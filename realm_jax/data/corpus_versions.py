@@ -9,7 +9,7 @@ publishes a new version of a prepared corpus (facts or wiki, `data.corpus_dir`):
   for wiki, none for facts, whose full build tags nothing); their blocks get new doc ids after
   every existing one, so a doc id is never reused;
 - removed blocks (a `--remove` line is a doc id or a title: every live block of that title)
-  are tombstoned: `removed.npy` marks them and their token rows are blanked to the null block,
+  are tombstoned: `removed.npy` marks them and their token rows read as the null block,
   but their rows stay, so every other doc id keeps its meaning;
 - a replaced record (same title as live blocks) removes those blocks and adds its new ones.
 

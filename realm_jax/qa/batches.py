@@ -107,7 +107,7 @@ class AnswerMatcher:
 
   def use_corpus(self, corpus: corpus_lib.BlockCorpus) -> None:
     """Matches against `corpus` (a newer corpus version) from now on. The caches stay valid: a
-    version never changes a row it keeps (ids only grow; removed rows are blanked but never
+    version never changes a row it keeps (ids only grow; removed rows read as the null block, never
     retrieved again), so a cached (question, block) answer is still that block's."""
     self.corpus = corpus
 
