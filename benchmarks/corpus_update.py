@@ -100,8 +100,8 @@ def main(argv):
   print(f"stand-in build: {_NUM_DOCS.value} blocks, {build_bytes / 1e6:.1f} MB of blocks, "
         f"{time.time() - start:.1f} s", flush=True)
   rng = np.random.default_rng(1)
-  results = dict(cpu=machine.cpu_model(), git=machine.git_state(), num_docs=_NUM_DOCS.value, doc_len=_DOC_LEN.value,
-                 build_bytes=build_bytes, rows=[])
+  results = dict(cpu=machine.cpu_model(), git=machine.git_state(), num_docs=_NUM_DOCS.value,
+                 doc_len=_DOC_LEN.value, build_bytes=build_bytes, rows=[])
   for change in (float(c) for c in _CHANGES.value):
     work = os.path.join(_DIR.value, f"change_{change}")
     subprocess.run(["cp", "-r", base, work], check=True)

@@ -107,7 +107,8 @@ class ChainedRows:
       out = np.empty((len(rows), *self.shape[1:]), self.dtype)
     else:
       local = np.clip(rows - self.starts[big], 0, len(self.parts[big]) - 1)
-      out = np.asarray(self.parts[big][local]).astype(self.dtype, copy=False)  # memmap: only these rows
+      # a memmap fancy read touches only these rows
+      out = np.asarray(self.parts[big][local]).astype(self.dtype, copy=False)
       if self.adds is not None:
         out = out + self.adds[big]
     for i in np.unique(which).tolist():
