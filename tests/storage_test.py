@@ -21,7 +21,9 @@ from realm_jax.data import prepare
 from realm_jax.data import tokenizer as tokenizer_lib
 from realm_jax.retrieval import index_builder
 from realm_jax.retrieval import index_format
+from realm_jax.retrieval import searcher as searcher_lib
 import fake_bucket  # pylint: disable=g-bad-import-order
+import index_delta_test  # pylint: disable=g-bad-import-order
 import tiny_configs  # pylint: disable=g-bad-import-order
 from data_corpus_versions_test import NEW_PEOPLE  # pylint: disable=g-bad-import-order
 from data_wiki_corpus_test import write_jsonl  # pylint: disable=g-bad-import-order
@@ -192,6 +194,38 @@ def test_index_publish_on_a_bucket_never_renames_and_loads(bucket):
   assert not bucket.renames
 
 
+@pytest.mark.parametrize("kind", ["exact", "scann"])
+def test_delta_index_versions_on_a_bucket_share_shards_and_search_the_live_docs(bucket, kind):
+  """Incremental index versions whose base shards stay in the parent's folder (`stored_at`)
+  on object storage: no rename, shares resolved and loaded through gs://, pruning keeps the
+  version whose shards a kept one reads."""
+  root = epath.Path("gs://bkt/run/index")
+  table, versions, keys = index_delta_test._chain(root, kind, 2)  # pylint: disable=protected-access
+  assert not bucket.renames
+  manifest, searcher = index_format.load_index(
+      root, keys[2], expected_dim=index_delta_test.DIM,
+      expected_num_docs=versions[2].corpus.num_docs, removed=versions[2].removed)
+  assert [e.get("stored_at") for e in manifest["shards"]][:2] == [
+      "5/shard-00000-of-00002", "5/shard-00001-of-00002"]
+  # Only the change was written under 5+2/: of a base shard, its deleted ids and done marker.
+  base_shard = "bkt/run/index/5+2/shard-00000-of-00004/"
+  assert {k[len(base_shard):] for k in _objects(bucket) if k.startswith(base_shard)} == {
+      "SHARD_DONE.json", "deleted_ids.npy"}
+  live = versions[2].live_ids
+  queries = table[np.r_[0:10, index_delta_test.N0:index_delta_test.N0 + 20]]
+  ids, _ = searcher.search(queries, 10)
+  assert not np.isin(ids, np.flatnonzero(versions[2].removed)).any()
+  exact_ids, _ = searcher_lib.ExactSearcher(table[live], live).search(queries, 10)
+  overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
+  assert overlap == 1.0 if kind == "exact" else overlap >= 0.95, overlap
+  index_format.prune_versions(root, keep_last=1)
+  assert (root / "5" / index_format.MANIFEST).exists()  # 5+2 reads its shards
+  assert index_format.load_index(root, keys[2], expected_dim=index_delta_test.DIM,
+                                 expected_num_docs=versions[2].corpus.num_docs,
+                                 removed=versions[2].removed)[1] is not None
+  assert not bucket.renames
+
+
 def test_index_writer_killed_before_the_manifest_publishes_nothing(bucket, monkeypatch):
   root = epath.Path("gs://bkt/run/index")
   rng = np.random.default_rng(1)
@@ -295,6 +329,18 @@ def test_corpus_version_on_a_bucket_publishes_without_rename(bucket, gs_corpus, 
   assert bucket.writes.index(f"bkt/corpus/{cv.LATEST}") > bucket.writes.index(
       f"bkt/corpus/versions/000001/{cv.MANIFEST}")
   assert not (gs_corpus / lease_lib.lease_path(gs_corpus, cv.LEASE_ROLE).name).exists()
+  # A delta on the delta: version 2 reads the build's and version 1's rows from the bucket.
+  remove = tmp_path / "remove.txt"
+  remove.write_text(f"{n0}\n1\n")
+  cv.update_corpus(gs_corpus, remove=str(remove))
+  v2 = cv.load_version(gs_corpus)
+  assert [number for number, *_ in v2.chain] == [0, 1, 2] and not bucket.renames
+  np.testing.assert_array_equal(np.flatnonzero(v2.removed), [1, n0])
+  v0 = cv.load_version(gs_corpus, 0)
+  null = np.asarray(v0.corpus.retriever_tokens[n0])
+  for doc, expected in ((0, v0.corpus.retriever_tokens[0]), (1, null), (n0, null),
+                        (n0 + 1, v1.corpus.retriever_tokens[n0 + 1])):
+    np.testing.assert_array_equal(v2.corpus.retriever_tokens[doc], expected)
 
 
 def test_corpus_update_killed_before_the_manifest_publishes_nothing(bucket, gs_corpus, tmp_path,
