@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from realm_jax.data.corpus import TitleList
+
 
 class ChainedRows:
   """Rows of `parts` concatenated along axis 0: shape [sum(len(p)), *row_shape].
@@ -153,12 +155,12 @@ def chained_offsets(parts: Sequence[np.ndarray]) -> ChainedRows:
   array [sum(n_i) + 1]: part i's values shifted by the totals of the parts before it."""
   totals = [int(p[-1]) - int(p[0]) for p in parts]
   before = np.concatenate([[0], np.cumsum(totals)]).astype(np.int64)  # [len(parts) + 1]
-  pieces = [np.asarray(p[:-1]) if len(p) < 2 else p[:-1] for p in parts]
+  pieces = [p[:-1] for p in parts]
   adds = [int(before[i]) - int(p[0]) for i, p in enumerate(parts)]
   return ChainedRows(pieces + [np.asarray([int(before[-1])], np.int64)], adds=adds + [0])
 
 
-class ChainedTitles(Sequence):
+class ChainedTitles(TitleList):
   """The titles of several corpus parts read as one list (each part a Sequence of str)."""
 
   def __init__(self, parts: Sequence[Sequence[str]]):
@@ -168,25 +170,13 @@ class ChainedTitles(Sequence):
   def __len__(self) -> int:
     return int(self.starts[-1])
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return [self[i] for i in range(*index.indices(len(self)))]
-    index = int(index)
-    if index < 0:
-      index += len(self)
-    if not 0 <= index < len(self):
-      raise IndexError(f"title {index} out of range for {len(self)} documents")
+  def _title(self, index: int) -> str:
     part = int(np.searchsorted(self.starts, index, side="right")) - 1
     return self.parts[part][index - int(self.starts[part])]
 
   def __iter__(self):
     for part in self.parts:
       yield from part
-
-  def __eq__(self, other) -> bool:
-    if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
-      return False
-    return all(a == b for a, b in zip(self, other))
 
   def __repr__(self) -> str:
     return f"ChainedTitles({len(self)} titles in {len(self.parts)} parts)"

@@ -53,7 +53,30 @@ TITLE_TEXT_FILE = "title_text.npy"  # [total bytes] uint8: every title's UTF-8, 
 TITLE_TEXT_OFFSETS_FILE = "title_text_offsets.npy"  # [N+1] int64: title i is bytes o[i]:o[i+1]
 
 
-class Titles(Sequence):
+class TitleList(Sequence):
+  """A read-only list of document titles decoded on access: subclasses give `__len__` and
+  `_title(i)` for 0 <= i < len; slicing, negative indices, bounds and equality are here."""
+
+  def _title(self, index: int) -> str:
+    raise NotImplementedError
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    index = int(index)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"title {index} out of range for {len(self)} documents")
+    return self._title(index)
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+      return False
+    return all(a == b for a, b in zip(self, other))
+
+
+class Titles(TitleList):
   """The N document titles, decoded on access from a UTF-8 blob [bytes] and offsets [N+1]
   (both memory-mapped when loaded from disk): a list's read-only interface, not its memory."""
 
@@ -74,21 +97,9 @@ class Titles(Sequence):
   def __len__(self) -> int:
     return len(self.offsets) - 1
 
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return [self[i] for i in range(*index.indices(len(self)))]
-    index = int(index)
-    if index < 0:
-      index += len(self)
-    if not 0 <= index < len(self):
-      raise IndexError(f"title {index} out of range for {len(self)} documents")
+  def _title(self, index: int) -> str:
     start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
     return bytes(self.text[start:stop]).decode("utf-8")
-
-  def __eq__(self, other) -> bool:
-    if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
-      return False
-    return all(a == b for a, b in zip(self, other))
 
   def __repr__(self) -> str:
     return f"Titles({len(self)} titles, {len(self.text)} bytes)"
